@@ -1,0 +1,89 @@
+"""Convolutional VAE networks: an encoder to a diagonal Gaussian and a decoder back.
+
+Each downsampling halves the image side, so the side must be divisible by
+2 ** len(channels) (8x8 digits: two levels; 28x28 MNIST: two; 32x32: up to five).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class VAEOutput(NamedTuple):
+    decoded: torch.Tensor  # Bernoulli logits or Gaussian means
+    mean: torch.Tensor
+    log_var: torch.Tensor
+    log_scale: torch.Tensor | None  # Gaussian decoder's log-std (None for Bernoulli)
+
+
+class _Blocks(nn.Module):
+    """A stack of blocks that can trade compute for memory (gradient checkpointing)."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class ConvVAE(nn.Module):
+    def __init__(self, shape: tuple[int, int, int], latent_dim: int, channels: list[int],
+                 likelihood: str):
+        super().__init__()
+        in_channels, height, width = shape
+        factor = 2 ** len(channels)
+        if height % factor or width % factor:
+            raise ValueError(f"job.config.channels: {len(channels)} downsampling levels need an "
+                             f"image side divisible by {factor}, got {height}x{width}; "
+                             "use fewer channels entries")
+        self.shape = tuple(shape)
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.bottom = (channels[-1], height // factor, width // factor)
+        widths = [in_channels] + list(channels)
+        self.encoder = _Blocks([
+            nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU())
+            for c_in, c_out in zip(widths[:-1], widths[1:])
+        ])
+        flat = channels[-1] * self.bottom[1] * self.bottom[2]
+        self.to_posterior = nn.Linear(flat, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, flat)
+        up = list(reversed(widths[1:]))
+        self.decoder = _Blocks([
+            nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            for c_in, c_out in zip(up, up[1:] + [up[-1]])
+        ])
+        self.to_pixels = nn.Sequential(nn.SiLU(), nn.Conv2d(up[-1], in_channels, 3, padding=1))
+        # Gaussian decoder: one learned log-std shared by all pixels.
+        self.log_scale = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
+
+    def enable_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.grad_checkpointing = enabled
+        self.decoder.grad_checkpointing = enabled
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x).flatten(1)
+        mean, log_var = self.to_posterior(h).chunk(2, dim=1)
+        return mean, log_var.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output: Bernoulli logits, or Gaussian means."""
+        h = self.from_latent(z).view(-1, *self.bottom)
+        return self.to_pixels(self.decoder(h))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        mean, log_var = self.encode(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * log_var) * noise
+        return VAEOutput(self.decode(z), mean, log_var, self.log_scale)

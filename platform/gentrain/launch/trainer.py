@@ -1,0 +1,31 @@
+"""Assemble Ray Train's TorchTrainer from a spec: scaling, failure and checkpoint config."""
+
+from __future__ import annotations
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from gentrain.loop import train_loop_per_worker
+from gentrain.spec import JobSpec
+
+
+def scaling_config(spec: JobSpec) -> ScalingConfig:
+    resources = dict(spec.scaling.resources_per_worker) or None
+    return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                         resources_per_worker=resources)
+
+
+def build_trainer(spec: JobSpec, run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+    run_config = RunConfig(
+        name=spec.name,
+        storage_path=spec.storage_path,
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(spec),
+        run_config=run_config,
+    )

@@ -1,0 +1,305 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+    batch -> job.train_step(ctx, batch) -> metrics
+    every train.log_every steps: all-reduce metrics, rank 0 prints and logs to MLflow
+    every checkpoint.every steps and at the end: save, ray.train.report(checkpoint=...)
+    every eval.every steps, at step 0 and at the end: held-out metrics and a sample grid
+
+The job type owns what happens inside a step; this file owns when things happen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+
+from gentrain.checkpoint import read_meta, step_dir_name, write_meta
+from gentrain.data.index import load_index
+from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
+from gentrain.registry import DataInfo, get_job_type
+from gentrain.spec import JobSpec, from_dict, job_config
+from gentrain.strategies import make_strategy
+from gentrain.strategies.base import make_optimizer
+from gentrain.visual import save_image_grid
+
+
+class StepContext:
+    """What a job type's train_step sees: its modules, precision and optimizer steps."""
+
+    def __init__(self, strategy, config):
+        self.strategy = strategy
+        self.config = config
+        self.global_step = 0
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.strategy.module(name)
+
+    def autocast(self):
+        return self.strategy.autocast()
+
+    def backward(self, loss: torch.Tensor, name: str) -> None:
+        self.strategy.backward(loss, name)
+
+    def step(self, name: str) -> dict[str, float]:
+        stepped = self.strategy.step(name)
+        return {f"{key}/{name}": value for key, value in stepped.items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ray.train.torch.TorchTrainer (config from launch.trainer)."""
+    worker = Worker(from_dict(config["spec"]), config.get("run_id"), config.get("tracking_uri"))
+    try:
+        worker.run()
+    finally:
+        worker.close()
+
+
+class Worker:
+    def __init__(self, spec: JobSpec, run_id: str | None, tracking_uri: str | None):
+        context = ray.train.get_context()
+        self.spec = spec
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+        self.run_id = run_id
+        self.logger = None
+        if self.rank == 0 and run_id and tracking_uri:
+            from gentrain.tracking import RunLogger
+
+            spool = None if "://" in spec.storage_path else os.path.join(spec.run_dir, "mlflow-spool")
+            self.logger = RunLogger(tracking_uri, run_id, spool_dir=spool)
+        self.index = load_index(spec.data.source)
+        self.job = get_job_type(spec.job.type)
+        self.config = job_config(spec)
+        torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+        modules = self.job.build(self.config, DataInfo(tuple(self.index.shape), self.index.num_classes))
+        if spec.strategy.grad_checkpointing:
+            for module in modules.values():
+                if hasattr(module, "enable_grad_checkpointing"):
+                    module.enable_grad_checkpointing(True)
+        self.strategy = make_strategy(spec, self.device)
+        self.strategy.setup(modules, self._optimizers(modules))
+        self.ctx = StepContext(self.strategy, self.config)
+        self.step = 0
+        self.batches_consumed = 0
+
+    def _optimizers(self, modules):
+        section = self.spec.train.optimizer
+        if self.job.optimizers is not None:
+            return self.job.optimizers(self.config, modules, lambda params: make_optimizer(params, section))
+        return {name: make_optimizer(module.parameters(), section)
+                for name, module in modules.items() if any(True for _ in module.parameters())}
+
+    # -- resume -------------------------------------------------------------------
+    def restore(self) -> bool:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as directory:
+            self.strategy.load(directory)
+            meta = read_meta(directory) or {}
+        self.step = int(meta.get("step", 0))
+        self.batches_consumed = int(meta.get("batches_consumed", 0))
+        self._print(f"resumed from step {self.step} ({checkpoint.path})")
+        return True
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self) -> None:
+        spec = self.spec
+        resumed = self.restore()
+        if self.step >= spec.train.steps:
+            self._print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
+            return
+        if not resumed:
+            self.evaluate()
+        per_epoch = batches_per_epoch(self.index, spec.data.train_split, spec.train.batch_size,
+                                      self.world_size)
+        epoch, skip = divmod(self.batches_consumed, per_epoch)
+        batches = train_batches(self.index, spec.data.train_split, spec.train.batch_size,
+                                self.rank, self.world_size, spec.train.seed,
+                                loader_workers=spec.data.loader_workers,
+                                shuffle_buffer=spec.data.shuffle_buffer, start_epoch=epoch,
+                                start_batch=skip)  # continue mid-epoch where the checkpoint stopped
+        window = _Window()
+        while self.step < spec.train.steps:
+            metrics = self._optimizer_step(batches)
+            self.step += 1
+            window.add(metrics)
+            if self.step % spec.train.log_every == 0 or self.step == spec.train.steps:
+                self._log_window(window)
+                window = _Window()
+            if spec.eval.every and self.step % spec.eval.every == 0 and self.step != spec.train.steps:
+                self.evaluate()
+            if self.step % spec.checkpoint.every == 0 or self.step == spec.train.steps:
+                self.save_checkpoint()
+        self.evaluate()
+
+    def _optimizer_step(self, batches) -> dict[str, float]:
+        accum = self.spec.train.grad_accum
+        totals: dict[str, float] = {}
+        # Seeded per (seed, rank, step): noise is the same with or without a restart.
+        torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank * 10_007 + self.step)
+        for micro in range(accum):
+            batch = _to_device(next(batches), self.device)
+            self.batches_consumed += 1
+            self.ctx.global_step = self.step
+            with self.strategy.micro_step(is_last=micro == accum - 1):
+                metrics = self.job.train_step(self.ctx, batch)
+            loss = metrics.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {self.step} on rank {self.rank}; checkpoints up to "
+                    f"the last good one are kept in {self.spec.run_dir}. Lower "
+                    "train.optimizer.lr, set train.grad_clip, or try strategy.precision=fp32")
+            for key, value in metrics.items():
+                weight = 1.0 if "/" in key else 1.0 / accum  # step outputs come once
+                totals[key] = totals.get(key, 0.0) + value * weight
+        return totals
+
+    def _log_window(self, window: "_Window") -> None:
+        spec = self.spec
+        means = window.means()
+        keys = sorted(means)
+        reduced = self.strategy.all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+        metrics = {f"train/{k}": float(v) for k, v in zip(keys, reduced)}
+        elapsed = max(window.elapsed(), 1e-9)
+        samples = window.count * spec.train.batch_size * spec.train.grad_accum * self.world_size
+        metrics["train/samples_per_second"] = samples / elapsed
+        for name in self.strategy.names:
+            metrics[f"train/lr/{name}"] = self.strategy.lr(name)
+        eta = (spec.train.steps - self.step) * elapsed / window.count
+        loss = metrics.get("train/loss", float("nan"))
+        self._print(f"step {self.step}/{spec.train.steps} | loss {loss:.4f} | "
+                    f"{metrics['train/samples_per_second']:,.0f} samples/s | eta {_clock(eta)}")
+        if self.logger:
+            self.logger.log_metrics(metrics, step=self.step)
+
+    # -- evaluation and samples -----------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        spec = self.spec
+        modules = {name: self.strategy.unwrap(name) for name in self.strategy.names}
+        for module in modules.values():
+            module.eval()
+        try:
+            if self.job.evaluate is not None:
+                self._evaluate_metrics(modules)
+            if self.rank == 0:
+                generator = torch.Generator().manual_seed(spec.train.seed)
+                images = self.job.sample(modules, spec.eval.num_samples, generator)
+                self._save_samples(images)
+        finally:
+            for module in modules.values():
+                module.train()
+
+    def _evaluate_metrics(self, modules) -> None:
+        spec = self.spec
+        sums: dict[str, float] = {}
+        count = 0
+        batches = eval_batches(self.index, spec.data.eval_split, spec.train.batch_size,
+                               self.rank, self.world_size)
+        for i, batch in enumerate(batches):
+            if i >= spec.eval.max_batches:
+                break
+            batch = _to_device(batch, self.device)
+            size = len(batch["image"]) if "image" in batch else len(next(iter(batch.values())))
+            for key, value in self.job.evaluate(modules, batch).items():
+                sums[key] = sums.get(key, 0.0) + value * size
+            count += size
+        keys = self._all_keys(sums)
+        vector = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64)
+        total = self.strategy.all_reduce(vector, op="sum")
+        if total[-1] == 0:
+            return
+        metrics = {f"eval/{k}": float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        self._print("eval at step %d | %s" % (self.step, " | ".join(
+            f"{k[5:]} {v:.4f}" for k, v in metrics.items())))
+        if self.logger:
+            self.logger.log_metrics(metrics, step=self.step)
+
+    def _all_keys(self, sums: dict) -> list[str]:
+        # Every rank must reduce the same keys, even one whose eval share was empty.
+        if not torch.distributed.is_initialized():
+            return sorted(sums)
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, sorted(sums))
+        return sorted(set().union(*gathered))
+
+    def _save_samples(self, images: torch.Tensor) -> None:
+        name = f"{step_dir_name(self.step)}.png"
+        if "://" in self.spec.storage_path:
+            folder = Path(tempfile.mkdtemp())
+        else:
+            folder = Path(self.spec.run_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        save_image_grid(images.cpu(), path)
+        if self.logger:
+            self.logger.log_artifact(str(path), "samples")
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            self.strategy.save(directory, self.rank)
+            if self.rank == 0:
+                write_meta(directory, {
+                    "step": self.step,
+                    "batches_consumed": self.batches_consumed,
+                    "world_size": self.world_size,
+                    "mlflow_run_id": self.run_id,
+                    "job_type": self.spec.job.type,
+                    "spec": self.spec.to_dict(),
+                    "time": time.time(),
+                })
+            has_files = any(os.scandir(directory))
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
+            ray.train.report({"step": self.step}, checkpoint=checkpoint,
+                             checkpoint_dir_name=step_dir_name(self.step))
+        if self.logger:
+            self.logger.set_tag("gentrain.last_checkpoint_step", str(self.step))
+
+    def _print(self, message: str) -> None:
+        if self.rank == 0:
+            # Not print(): Ray Train patches it and, in workers, tees it (lines twice).
+            sys.stdout.write(f"[gentrain] {message}\n")
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+
+class _Window:
+    """Metrics summed over the steps since the last log line."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.count += 1
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        return {key: value / self.count for key, value in self.sums.items()}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

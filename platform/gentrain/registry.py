@@ -1,0 +1,141 @@
+"""Job types (model families) and how the platform finds them.
+
+A job type is a small frozen dataclass of builders. A package makes one known by an
+entry point in the group `gentrain.jobs`, exactly as the built-in ones do:
+
+    [project.entry-points."gentrain.jobs"]
+    my_family = "my_package.family:JOB"
+
+The core never imports a family by name; it asks this registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from gentrain.spec import JobSpec
+
+ENTRY_POINT_GROUP = "gentrain.jobs"
+ALL_STRATEGIES = ("ddp", "deepspeed", "accelerate")
+ALL_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a family needs to know about its data to build networks."""
+
+    shape: tuple[int, ...]  # one sample, e.g. (1, 28, 28)
+    num_classes: int = 0
+
+
+@dataclass(frozen=True)
+class Supports:
+    strategies: tuple[str, ...] = ("ddp",)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class JobType:
+    """A model family: builders the training loop calls, and nothing else.
+
+    - build(config, data_info) -> {name: nn.Module}
+    - train_step(ctx, batch) -> {metric: float}; calls ctx.backward(loss, name) and
+      ctx.step(name) as often and in whatever order the family needs.
+    - sample(modules, n, generator) -> Tensor in data space ([0, 1] for images)
+    - evaluate(modules, batch) -> {metric: per-sample mean} (optional)
+    - optimizers(config, modules, make_optimizer) -> {name: Optimizer} (optional;
+      default: one optimizer per module, from the spec's train.optimizer)
+    """
+
+    name: str
+    config: type
+    build: Callable[[Any, DataInfo], dict[str, "torch.nn.Module"]]
+    train_step: Callable[[Any, dict], dict[str, float]]
+    sample: Callable[[dict, int, "torch.Generator"], "torch.Tensor"]
+    evaluate: Callable[[dict, dict], dict[str, float]] | None = None
+    optimizers: Callable | None = None
+    supports: Supports = field(default_factory=Supports)
+    spec_dir: str | None = None
+    description: str = ""
+
+    def check(self, spec: "JobSpec") -> list[str]:
+        """Problems with running this family under the spec's strategy and precision."""
+        problems = []
+        strategy, precision = spec.strategy.name, spec.strategy.precision
+        if strategy not in self.supports.strategies:
+            problems.append(f"strategy.name: {strategy!r} is not supported by job type "
+                            f"{self.name!r}; use one of {', '.join(self.supports.strategies)}")
+        if precision not in self.supports.precisions:
+            problems.append(f"strategy.precision: {precision!r} is not supported by job type "
+                            f"{self.name!r}; use one of {', '.join(self.supports.precisions)}")
+        return problems
+
+
+class UnknownJobType(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0])
+
+
+class Registry:
+    """Name -> JobType. Registering a name twice is an error, never a silent override."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, JobType] = {}
+        self._origins: dict[str, str] = {}
+
+    def register(self, job_type: JobType, origin: str = "code") -> None:
+        if not isinstance(job_type, JobType):
+            raise TypeError(f"{origin}: expected a gentrain.registry.JobType, got {type(job_type).__name__}")
+        if job_type.name in self._types:
+            raise ValueError(f"job type {job_type.name!r} is registered twice "
+                             f"({self._origins[job_type.name]} and {origin}); rename one of them")
+        self._types[job_type.name] = job_type
+        self._origins[job_type.name] = origin
+
+    def get(self, name: str) -> JobType:
+        if name not in self._types:
+            known = ", ".join(sorted(self._types)) or "none"
+            close = difflib.get_close_matches(name, list(self._types), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownJobType(f"unknown job type {name!r}{hint} (known: {known})")
+        return self._types[name]
+
+    def all(self) -> dict[str, JobType]:
+        return dict(self._types)
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        for entry_point in importlib.metadata.entry_points(group=group):
+            job_type = entry_point.load()
+            if job_type.name != entry_point.name:
+                raise ValueError(f"entry point {entry_point.name!r} ({entry_point.value}) "
+                                 f"points at job type named {job_type.name!r}; make them match")
+            self.register(job_type, origin=f"entry point {entry_point.value}")
+
+
+_default: Registry | None = None
+_lock = threading.Lock()
+
+
+def default_registry() -> Registry:
+    global _default
+    with _lock:
+        if _default is None:
+            registry = Registry()
+            registry.load_entry_points()
+            _default = registry
+    return _default
+
+
+def get_job_type(name: str) -> JobType:
+    return default_registry().get(name)
+
+
+def job_types() -> dict[str, JobType]:
+    return default_registry().all()

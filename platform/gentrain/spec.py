@@ -1,0 +1,290 @@
+"""JobSpec: the one input of a gentrain job, loaded from YAML with safe_load only.
+
+    gentrain validate vae/debug train.steps=200 scaling.num_workers=1
+
+A spec names a bundled spec (`vae/debug`, i.e. jobs/gentrain_jobs/vae/specs/debug.yaml)
+or a file. `key=value` overrides are parsed as YAML scalars (`train.lr=3e-4`,
+`strategy.grad_checkpointing=true`). Validation reports every problem at once; see
+`gentrain.schema` for how fields are checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gentrain.schema import SpecError, bounds, build, to_dict
+
+Precision = Literal["fp32", "bf16", "fp16"]
+StrategyName = Literal["ddp", "deepspeed", "accelerate"]
+
+
+@dataclass
+class JobSection:
+    type: str = "vae"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # A packed data set: a folder or URL holding index.json, or `builtin:NAME`
+    # (packed into the cache on first use; see `gentrain data pack`).
+    source: str = "builtin:digits"
+    train_split: str = "train"
+    eval_split: str = "test"
+    shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
+    loader_workers: int = field(default=0, metadata=bounds(ge=0))
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
+    momentum: float = field(default=0.9, metadata=bounds(ge=0))
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
+@dataclass
+class ScheduleSection:
+    name: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = field(default=0, metadata=bounds(ge=0))
+    min_lr_ratio: float = field(default=0.0, metadata=bounds(ge=0, le=1))
+
+
+@dataclass
+class TrainSection:
+    steps: int = field(default=1000, metadata=bounds(ge=1))
+    batch_size: int = field(default=64, metadata=bounds(ge=1, help="samples per worker per step"))
+    grad_accum: int = field(default=1, metadata=bounds(ge=1))
+    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, help="null disables clipping"))
+    seed: int = 0
+    log_every: int = field(default=10, metadata=bounds(ge=1))
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+
+
+@dataclass
+class StrategySection:
+    name: StrategyName = "ddp"
+    precision: Precision = "fp32"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = field(default=2, metadata=bounds(ge=1))
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingSection:
+    # null: $MLFLOW_TRACKING_URI, else a local SQLite file ./mlflow.db.
+    uri: str | None = None
+    experiment: str = "gentrain"
+    enabled: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    every: int = field(default=100, metadata=bounds(ge=1))
+    keep: int = field(default=3, metadata=bounds(ge=1))
+    max_failures: int = field(default=0, metadata=bounds(ge=-1, help="-1 retries forever"))
+
+
+@dataclass
+class EvalSection:
+    every: int = field(default=0, metadata=bounds(ge=0, help="0 evaluates only at the end"))
+    num_samples: int = field(default=64, metadata=bounds(ge=1))
+    max_batches: int = field(default=20, metadata=bounds(ge=1))
+
+
+@dataclass
+class JobSpec:
+    name: str = "gentrain"
+    job: JobSection = field(default_factory=JobSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    storage_path: str = "./runs"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.storage_path, self.name)
+
+
+def _cross_checks(spec: JobSpec) -> list[str]:
+    """Rules that span fields (each says how to fix it)."""
+    problems = []
+    if not spec.name or any(c in spec.name for c in "/\\ ") or spec.name.startswith("."):
+        problems.append(f"name: {spec.name!r} must be non-empty without '/', '\\' or spaces "
+                        "(it names the run folder under storage_path)")
+    gpus = spec.scaling.resources_per_worker.get("GPU", 0)
+    if gpus and not spec.scaling.use_gpu:
+        problems.append(f"scaling.resources_per_worker.GPU: {gpus} is set but scaling.use_gpu is "
+                        "false; either set scaling.use_gpu=true or remove GPU from resources_per_worker")
+    if spec.strategy.precision == "fp16" and not spec.scaling.use_gpu:
+        problems.append("strategy.precision: 'fp16' needs GPU workers (CPUs here have no fp16 "
+                        "units and engines would either fail or silently run fp32); use 'bf16' "
+                        "on CPU, or set scaling.use_gpu=true")
+    if spec.train.schedule.warmup_steps >= spec.train.steps:
+        problems.append(f"train.schedule.warmup_steps: {spec.train.schedule.warmup_steps} must be "
+                        f"< train.steps ({spec.train.steps})")
+    for key in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if key.lower() in str(spec.tracking.uri or "").lower():
+            problems.append(f"tracking.uri: secrets never go in a spec; set {key} in the environment")
+    return problems
+
+
+def bundled_spec_dir() -> Path:
+    import gentrain_jobs
+
+    return Path(gentrain_jobs.__file__).resolve().parent
+
+
+def find_spec_file(ref: str) -> Path:
+    """`vae/debug` -> the bundled spec file; anything that exists on disk -> itself."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if "/" in ref and not ref.endswith((".yaml", ".yml")):
+        family, _, name = ref.partition("/")
+        for root in _spec_roots():
+            candidate = root / family / "specs" / f"{name}.yaml"
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(bundled_specs()) or "none"
+    raise FileNotFoundError(f"spec {ref!r}: no such file and no bundled spec by that name "
+                            f"(bundled specs: {known}; `gentrain list` shows them)")
+
+
+def _spec_roots() -> list[Path]:
+    from gentrain.registry import job_types
+
+    roots = []
+    for job_type in job_types().values():
+        if job_type.spec_dir is not None:
+            roots.append(Path(job_type.spec_dir).parent.parent)
+    return list(dict.fromkeys(roots))
+
+
+def bundled_specs() -> list[str]:
+    """Short names of every bundled spec, e.g. `vae/debug`."""
+    from gentrain.registry import job_types
+
+    names = []
+    for type_name, job_type in sorted(job_types().items()):
+        if job_type.spec_dir is not None and Path(job_type.spec_dir).is_dir():
+            names += [f"{type_name}/{p.stem}" for p in sorted(Path(job_type.spec_dir).glob("*.yaml"))]
+    return names
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected key=value, e.g. train.steps=200")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            problems.append(f"override {item!r}: value is not valid YAML ({exc.problem})")
+            continue
+        parsed.append((key.split("."), value))
+    if problems:
+        raise SpecError(problems, "overrides")
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for keys, value in parse_overrides(overrides):
+        node = data
+        for part in keys[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)  # safe: a spec never constructs Python objects
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: the top level must be a mapping of sections"], str(path))
+    return data
+
+
+def from_dict(data: dict, source: str = "spec") -> JobSpec:
+    """Validate a spec mapping, including the job type's own config; raise SpecError."""
+    from gentrain.registry import UnknownJobType, get_job_type
+
+    problems: list[str] = []
+    spec = build(JobSpec, data, "", problems)
+    if spec is not None:
+        problems += _cross_checks(spec)
+        try:
+            job_type = get_job_type(spec.job.type)
+        except UnknownJobType as exc:
+            problems.append(f"job.type: {exc}")
+        else:
+            config = build(job_type.config, spec.job.config, "job.config", problems)
+            if config is not None:
+                spec.job.config = to_dict(config)  # resolved: defaults filled in
+                problems += [f"{p}" for p in job_type.check(spec)]
+    if problems:
+        raise SpecError(problems, source)
+    spec.storage_path = _absolute_storage(spec.storage_path)
+    return spec
+
+
+def _absolute_storage(path: str) -> str:
+    # Ray workers run in another cwd: a relative path must be resolved on the driver.
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def load_spec(ref: str, overrides: list[str] | None = None) -> JobSpec:
+    path = find_spec_file(ref)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return from_dict(data, source=str(path))
+
+
+def job_config(spec: JobSpec):
+    """The job type's config dataclass instance for a validated spec."""
+    from gentrain.registry import get_job_type
+
+    problems: list[str] = []
+    config = build(get_job_type(spec.job.type).config, spec.job.config, "job.config", problems)
+    if problems:
+        raise SpecError(problems)
+    return config
+
+
+def dump_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)

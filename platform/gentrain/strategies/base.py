@@ -1,0 +1,138 @@
+"""The strategy interface: how modules are wrapped, stepped, reduced and saved.
+
+A job type never knows which strategy runs it. It calls, through its step context:
+
+    with ctx.autocast():
+        loss = ...(ctx.module("vae")(batch))
+    ctx.backward(loss, "vae")
+    ctx.step("vae")          # clip, optimizer step, lr schedule, zero grads
+
+Gradient accumulation lives here too: the loop opens `micro_step(is_last)` around each
+micro-batch; `backward` scales the loss and `step` only steps on the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from gentrain.spec import JobSpec, OptimizerSection, ScheduleSection
+
+
+def make_optimizer(params, section: OptimizerSection) -> torch.optim.Optimizer:
+    if section.name == "adamw":
+        return torch.optim.AdamW(params, lr=section.lr, betas=tuple(section.betas),
+                                 weight_decay=section.weight_decay)
+    if section.name == "adam":
+        return torch.optim.Adam(params, lr=section.lr, betas=tuple(section.betas),
+                                weight_decay=section.weight_decay)
+    return torch.optim.SGD(params, lr=section.lr, momentum=section.momentum,
+                           weight_decay=section.weight_decay)
+
+
+def lr_multiplier(step: int, total_steps: int, schedule: ScheduleSection) -> float:
+    """Pure function: the factor on the base lr at optimizer step `step` (0-based)."""
+    warmup = schedule.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = schedule.min_lr_ratio
+    if schedule.name == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, total_steps: int, schedule: ScheduleSection):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, schedule))
+
+
+class Strategy(ABC):
+    """One interface for DDP, DeepSpeed and Accelerate."""
+
+    def __init__(self, spec: JobSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.grad_accum = spec.train.grad_accum
+        self.grad_clip = spec.train.grad_clip
+        self._last_micro = True
+
+    # -- set-up -----------------------------------------------------------------
+    @abstractmethod
+    def setup(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Move, wrap and own the modules and their optimizers."""
+
+    @abstractmethod
+    def module(self, name: str) -> nn.Module:
+        """The module to call forward on (possibly wrapped)."""
+
+    @abstractmethod
+    def unwrap(self, name: str) -> nn.Module:
+        """The plain module (for sampling, evaluation and export)."""
+
+    @property
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Names of the trained modules."""
+
+    # -- one step ---------------------------------------------------------------
+    @abstractmethod
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes."""
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        self._last_micro = is_last
+        with self._no_sync(not is_last):
+            yield
+
+    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, name: str) -> None:
+        """Backward for `name`'s loss (scaled for accumulation)."""
+
+    @abstractmethod
+    def step(self, name: str) -> dict[str, float]:
+        """Clip, step optimizer and schedule, zero grads; returns {'grad_norm': ...}."""
+
+    @abstractmethod
+    def lr(self, name: str) -> float:
+        """The current learning rate of `name`'s optimizer."""
+
+    # -- collectives ------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        if not torch.distributed.is_initialized():
+            return tensor
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= torch.distributed.get_world_size()
+        return tensor
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # -- checkpoints ------------------------------------------------------------
+    @abstractmethod
+    def save(self, directory: str, rank: int) -> None:
+        """Write this rank's share of the training state into `directory`."""
+
+    @abstractmethod
+    def load(self, directory: str) -> None:
+        """Restore what `save` wrote (all ranks read)."""
+
+    def export_state_dicts(self) -> dict[str, dict[str, Any]]:
+        """Plain fp32 state_dicts of every network, on CPU."""
+        return {name: {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                       for k, v in self.unwrap(name).state_dict().items()}
+                for name in self.names}

@@ -1,0 +1,106 @@
+"""DDP: torch DistributedDataParallel (gloo on CPU, nccl on GPU) with torch autocast.
+
+fp16 uses a GradScaler (GPU only; the spec check refuses fp16 on CPU workers), bf16
+uses autocast alone, fp32 neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gentrain.strategies.base import Strategy, make_scheduler
+
+STATE_FILE = "ddp_state.pt"
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DDPStrategy(Strategy):
+    def setup(self, modules, optimizers):
+        self._plain = {name: module.to(self.device) for name, module in modules.items()}
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self._wrapped = {}
+        for name, module in self._plain.items():
+            has_params = any(p.requires_grad for p in module.parameters())
+            if distributed and has_params:
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                self._wrapped[name] = DistributedDataParallel(module, device_ids=device_ids)
+            else:
+                self._wrapped[name] = module
+        self._optimizers = dict(optimizers)
+        self._schedulers = {name: make_scheduler(opt, self.spec.train.steps, self.spec.train.schedule)
+                            for name, opt in self._optimizers.items()}
+        precision = self.spec.strategy.precision
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    @property
+    def names(self):
+        return list(self._plain)
+
+    def module(self, name: str) -> nn.Module:
+        return self._wrapped[name]
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self._plain[name]
+
+    def autocast(self):
+        dtype = _AUTOCAST_DTYPES.get(self.spec.strategy.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _no_sync(self, skip_sync: bool):
+        if not skip_sync:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for module in self._wrapped.values():
+            if isinstance(module, DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+        return stack
+
+    def backward(self, loss, name):
+        self._scaler.scale(loss / self.grad_accum).backward()
+
+    def step(self, name):
+        if not self._last_micro:
+            return {}
+        optimizer = self._optimizers[name]
+        self._scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # DDP has all-reduced the gradients: this norm is the true global norm.
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self._schedulers[name].step()
+        return {"grad_norm": float(grad_norm)}
+
+    def lr(self, name):
+        return self._optimizers[name].param_groups[0]["lr"]
+
+    def save(self, directory, rank):
+        if rank != 0:  # replicas are identical: one copy is enough
+            return
+        state = {
+            "modules": {name: m.state_dict() for name, m in self._plain.items()},
+            "optimizers": {name: o.state_dict() for name, o in self._optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in self._schedulers.items()},
+            "scaler": self._scaler.state_dict(),
+        }
+        torch.save(state, os.path.join(directory, STATE_FILE))
+
+    def load(self, directory):
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location=self.device,
+                           weights_only=True)
+        for name, module in self._plain.items():
+            module.load_state_dict(state["modules"][name])
+        for name, optimizer in self._optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self._schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self._scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,583 @@
+"""MLflow tracking: the driver owns one run, rank 0 logs into it, outages never stop training.
+
+The driver opens (or continues) the run and records the resolved spec:
+
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    run_id = open_run(uri, "vae-mnist", "debug", run_id=run_id_from_checkpoint)
+    log_params_flat(uri, run_id, spec_as_dict)
+    ...
+    finish_run(uri, run_id, "FINISHED")
+
+Rank 0 logs through a RunLogger, whose calls only enqueue. A background thread sends,
+retries while the server is away and spools to disk meanwhile, so tracking can neither
+stall nor crash training; a later RunLogger for the same run sends what was spooled:
+
+    run_logger = RunLogger(uri, run_id, spool_dir=run_dir / "mlflow-spool")
+    run_logger.log_metrics({"loss": 0.31}, step=100)
+    run_logger.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import logging
+import math
+import os
+import posixpath
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+_log = logging.getLogger(__name__)
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+CHANGED_PARAM_TAG = "gentrain.changed_param."
+# MLflow's limits (mlflow.utils.validation, 3.x): longer values are rejected, not cut.
+_PARAM_VALUE_LIMIT = 6000
+_TAG_VALUE_LIMIT = 8000
+_KEY_LIMIT = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+# MLflow's own client retries a dead server for about 4 minutes before raising. RunLogger
+# has its own retry loop and spool, so one attempt should fail in seconds.
+_FAST_FAIL_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_RETRY_MIN_S, _RETRY_MAX_S = 1.0, 30.0
+# How long the sender waits for more calls, so one request carries many steps' metrics.
+_LINGER_S = 0.5
+# MLflow's rule for metric names; checked at the call so that one bad name is dropped
+# there with a clear warning instead of getting its whole batch rejected by the server.
+_METRIC_NAME = re.compile(r"[/\w.\- :]+")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI if set, else an absolute SQLite file ./mlflow.db."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if from_env:
+        return from_env
+    # Absolute: Ray workers run in another cwd and must open the same file.
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(spec_uri: str | None) -> str:
+    """The spec's `tracking.uri` if given, else default_tracking_uri(); never one with secrets."""
+    if spec_uri and spec_uri.strip():
+        uri, source = spec_uri.strip(), "tracking.uri"
+    else:
+        uri, source = default_tracking_uri(), "MLFLOW_TRACKING_URI"
+    _refuse_embedded_credentials(uri, source)
+    return _absolute_sqlite_uri(uri)
+
+
+def _refuse_embedded_credentials(uri: str, source: str) -> None:
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return
+    # The URI is logged with the spec and shipped to every worker: a secret in it leaks.
+    redacted = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    if parts.scheme in ("http", "https"):
+        fix = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+               "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
+    else:
+        fix = "give the database its credentials through its own environment (e.g. PGPASSWORD)"
+    raise ValueError(f"{source}: {redacted} embeds credentials in the URI; remove them and {fix}")
+
+
+def _sqlite_path(uri: str) -> tuple[str, str] | None:
+    """(path, query) of a file-backed SQLite URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path, separator, query = uri[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:":
+        return None
+    return path, separator + query
+
+
+def _absolute_sqlite_uri(uri: str) -> str:
+    parsed = _sqlite_path(uri)
+    if parsed is None or os.path.isabs(parsed[0]):
+        return uri
+    # A relative file would resolve against each Ray worker's own cwd: pin it here.
+    return f"sqlite:///{Path.cwd() / parsed[0]}{parsed[1]}"
+
+
+def _local_artifact_location(uri: str) -> str | None:
+    parsed = _sqlite_path(uri)
+    if parsed is None:
+        return None
+    # Beside the database, absolute: MLflow's default is relative to the process's cwd,
+    # which would scatter artifacts into Ray workers' working folders.
+    return (Path(parsed[0]).resolve().parent / "mlartifacts").as_uri()
+
+
+def open_run(uri: str, experiment: str, run_name: str, run_id: str | None = None,
+             tags: Mapping[str, Any] | None = None) -> str:
+    """Continue `run_id` (status RUNNING again) if it exists, else start a new run; its id."""
+    local_db = _sqlite_path(uri)
+    if local_db is not None:
+        Path(local_db[0]).parent.mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
+    client = MlflowClient(tracking_uri=uri)
+    tag_values = {str(key): str(value)[:_TAG_VALUE_LIMIT] for key, value in (tags or {}).items()}
+    if run_id and _existing_run(client, uri, run_id):
+        client.update_run(run_id, status="RUNNING")
+        if tag_values:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tag_values.items()])
+        return run_id
+    experiment_id = _experiment_id(client, uri, experiment)
+    return client.create_run(experiment_id, run_name=run_name, tags=tag_values).info.run_id
+
+
+def _existing_run(client: MlflowClient, uri: str, run_id: str) -> bool:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        _log.warning("run %s is not in %s; starting a new run instead", run_id, uri)
+        return False
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(f"run {run_id} in {uri} was deleted: restore it with "
+                         f"`mlflow runs restore --run-id {run_id}`, or start without its id")
+    return True
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_local_artifact_location(uri))
+        except MlflowException as error:
+            # Another driver may have created it between the lookup and the create.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"experiment {name!r} in {uri} was deleted: restore it with `mlflow experiments "
+            f"restore --experiment-id {experiment.experiment_id}`, or choose another name")
+    return experiment.experiment_id
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    """Mark the run terminated with `status`: FINISHED, FAILED or KILLED."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"finish_run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+
+
+def flatten_params(nested: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """{"train": {"steps": 10}} -> {"train.steps": "10"}; values cut to MLflow's limit."""
+    if is_dataclass(nested) and not isinstance(nested, type):
+        nested = asdict(nested)
+    flat: dict[str, str] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_PARAM_VALUE_LIMIT]
+    return flat
+
+
+def log_params_flat(uri: str, run_id: str, nested: Mapping[str, Any] | Any) -> None:
+    """Log a nested dict (or dataclass) as dotted params, in batches.
+
+    MLflow params are immutable, which matters on resume: a key already logged with the
+    same value is skipped; a key logged with a different value keeps its original param,
+    the new value is logged as tag `gentrain.changed_param.<key>`, and one warning names
+    the changed keys.
+    """
+    client = MlflowClient(tracking_uri=uri)
+    logged = client.get_run(run_id).data.params
+    flat = flatten_params(nested)
+    params = [Param(key, value) for key, value in flat.items() if key not in logged]
+    changed = {key: value for key, value in flat.items() if key in logged and logged[key] != value}
+    if changed:
+        _log.warning("run %s already has different values for %s; params are immutable, so the "
+                     "new values are logged as tags %s<key>", run_id,
+                     ", ".join(f"{key} ({logged[key]!r} -> {value!r})" for key, value in
+                               changed.items()), CHANGED_PARAM_TAG)
+    tags = [RunTag(CHANGED_PARAM_TAG + key, value) for key, value in changed.items()]
+    for start in range(0, max(len(params), len(tags)), _PARAMS_PER_BATCH):
+        end = start + _PARAMS_PER_BATCH
+        client.log_batch(run_id, params=params[start:end], tags=tags[start:end])
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """Where a human finds the run: a UI link for servers, the `mlflow ui` command for SQLite."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        base = uri.rstrip("/")
+        try:
+            experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+        except MlflowException:
+            return f"{base} (run {run_id})"
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if scheme == "sqlite":
+        return f"mlflow ui --backend-store-uri {uri}  (run {run_id})"
+    return f"{uri} (run {run_id})"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _is_rejection(error: Exception) -> bool:
+    """The server answered and refused these data: retrying would never succeed."""
+    if isinstance(error, _Rejected):
+        return True
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        # 401/403 are a credentials problem to fix while the spool keeps the data;
+        # 408/429 say "later".
+        return 400 <= status < 500 and status not in (401, 403, 408, 429)
+    return False
+
+
+class _Rejected(Exception):
+    pass
+
+
+@dataclass
+class _Flush:
+    """Queue marker: set `done` once everything enqueued before it is sent or spooled."""
+    done: threading.Event
+    stop: bool = False
+
+
+class _Spool:
+    """A run's unsent records on disk, one JSON object a line, oldest first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def append(self, records: list[dict]) -> None:
+        if records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as spool_file:
+                spool_file.writelines(json.dumps(record) + "\n" for record in records)
+
+    def read(self) -> list[dict]:
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a crash mid-append tears the last line; the lines before it are whole
+        return records
+
+    def rewrite(self, records: list[dict]) -> None:
+        if not records:
+            self.path.unlink(missing_ok=True)
+            return
+        partial = self.path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records),
+                           encoding="utf-8")
+        os.replace(partial, self.path)
+
+
+def _units(records: list[dict]):
+    """(records consumed so far, one request's worth): consecutive metrics merge into one."""
+    items: list[list] = []
+    for index, record in enumerate(records):
+        if record["op"] == "metrics":
+            if items and len(items) + len(record["items"]) > _METRICS_PER_BATCH:
+                yield index, {"op": "metrics", "items": items}
+                items = []
+            items.extend(record["items"])
+            continue
+        if items:
+            yield index, {"op": "metrics", "items": items}
+            items = []
+        yield index + 1, record
+    if items:
+        yield len(records), {"op": "metrics", "items": items}
+
+
+class _Sender:
+    """The background thread's side: batch, send, spool while the server is away, replay."""
+
+    def __init__(self, uri: str, run_id: str, inbox: queue.SimpleQueue, spool: _Spool):
+        self.uri, self.run_id, self.inbox, self.spool = uri, run_id, inbox, spool
+        self.client: MlflowClient | None = None
+        self.offline = False
+        self.backoff_s = _RETRY_MIN_S
+        self.next_retry = 0.0  # a spool left by an earlier logger is replayed at once
+
+    def run(self) -> None:
+        while True:
+            records, flushes = self._take()
+            stop = any(flush.stop for flush in flushes)
+            try:
+                if stop:
+                    # On disk first: if the process exits before the send, nothing is lost.
+                    self.spool.append(records)
+                    records = []
+                self._deliver(records, force=bool(flushes))
+            except Exception:
+                _log.warning("MLflow logging for run %s dropped %d records", self.run_id,
+                             len(records), exc_info=True)
+                # Whatever broke (a full disk?) may break again: do not spin on it.
+                self.next_retry = time.monotonic() + _RETRY_MAX_S
+            for flush in flushes:
+                flush.done.set()
+            if stop:
+                return
+
+    def _take(self) -> tuple[list[dict], list[_Flush]]:
+        wait = max(0.0, self.next_retry - time.monotonic()) if self.spool.exists() else None
+        try:
+            taken = [self.inbox.get(timeout=wait)]
+        except queue.Empty:
+            return [], []
+        deadline = time.monotonic() + _LINGER_S
+        while not isinstance(taken[-1], _Flush):
+            try:
+                taken.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return ([item for item in taken if isinstance(item, dict)],
+                [item for item in taken if isinstance(item, _Flush)])
+
+    def _deliver(self, records: list[dict], force: bool) -> None:
+        if self.spool.exists():
+            # Older records wait on disk: nothing new may overtake them.
+            self.spool.append(records)
+            if force or time.monotonic() >= self.next_retry:
+                self._replay()
+            return
+        sent, error = self._send(records)
+        if error is not None:
+            self.spool.append(records[sent:])
+            self._went_away(error)
+
+    def _replay(self) -> None:
+        pending = self.spool.read()
+        sent, error = self._send(pending)
+        self.spool.rewrite(pending[sent:])
+        if error is not None:
+            self._went_away(error)
+            return
+        if sent:
+            # A warning when it ends an outage that was announced with one.
+            _log.log(logging.WARNING if self.offline else logging.INFO,
+                     "MLflow at %s reachable: sent %d spooled records for run %s",
+                     self.uri, sent, self.run_id)
+        self.offline, self.backoff_s = False, _RETRY_MIN_S
+
+    def _went_away(self, error: Exception) -> None:
+        if not self.offline:
+            _log.warning("MLflow at %s unreachable (%s); training goes on, logs for run %s are "
+                         "spooled to %s and retried in the background", self.uri,
+                         _first_line(error), self.run_id, self.spool.path)
+        self.offline = True
+        self.next_retry = time.monotonic() + self.backoff_s
+        self.backoff_s = min(2 * self.backoff_s, _RETRY_MAX_S)
+
+    def _send(self, records: list[dict]) -> tuple[int, Exception | None]:
+        """Send in order; (records done, the transient error that stopped it, if any)."""
+        done = 0
+        for consumed, unit in _units(records):
+            try:
+                self._send_unit(unit)
+            except Exception as error:
+                if not _is_rejection(error):
+                    return done, error
+                _log.warning("MLflow at %s rejected %s for run %s, dropped: %s", self.uri,
+                             unit["op"], self.run_id, _first_line(error))
+            if unit["op"] == "artifact":
+                shutil.rmtree(Path(unit["local"]).parent, ignore_errors=True)
+            done = consumed
+        return done, None
+
+    def _send_unit(self, unit: dict) -> None:
+        if self.client is None:
+            self.client = MlflowClient(tracking_uri=self.uri)
+        if unit["op"] == "metrics":
+            metrics = [Metric(key, value, timestamp, step)
+                       for key, value, timestamp, step in unit["items"]]
+            for start in range(0, len(metrics), _METRICS_PER_BATCH):
+                chunk = metrics[start:start + _METRICS_PER_BATCH]
+                self.client.log_batch(self.run_id, metrics=chunk)
+        elif unit["op"] == "tag":
+            self.client.set_tag(self.run_id, unit["key"], unit["value"])
+        elif not os.path.exists(unit["local"]):
+            raise _Rejected(f"its staged copy {unit['local']} is gone")
+        else:
+            self.client.log_artifact(self.run_id, unit["local"], unit["artifact_path"])
+
+
+def _never_raises(method):
+    @functools.wraps(method)
+    def guarded(self: RunLogger, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            # Tracking must never take training down: say so once per method, with the cause.
+            self._warn_once(method.__name__, "RunLogger.%s failed; training goes on without it",
+                            method.__name__, exc_info=True)
+            return None
+    return guarded
+
+
+class RunLogger:
+    """Rank 0's handle on the run. Calls return at once and never raise.
+
+    Logging is queued to a background thread that sends in batches, retries with backoff
+    while the server is away, and meanwhile spools to `<spool_dir>/<run_id>/pending.jsonl`;
+    a later RunLogger for the same run (after a restart) sends what is there first. The
+    default spool_dir is in the temp folder: pass one that survives the restart. Keep one
+    RunLogger per run at a time. Artifacts are copied when logged, so the caller may
+    overwrite the file at once. Non-finite or non-numeric metric values, and invalid
+    names, are dropped with one warning per metric name. A batch whose reply was lost
+    in an outage is sent again, so a point may appear twice in a metric's history.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool_dir: str | os.PathLike | None = None):
+        for name, value in _FAST_FAIL_HTTP_ENV.items():
+            os.environ.setdefault(name, value)  # only where the user has not chosen
+        self.uri, self.run_id = uri, run_id
+        root = Path(spool_dir) if spool_dir is not None else (
+            Path(tempfile.gettempdir()) / "gentrain-mlflow-spool")
+        self._run_dir = root / run_id
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / "pending.jsonl"))
+        self._thread = threading.Thread(target=self._sender.run, daemon=True,
+                                        name=f"mlflow-run-{run_id[:8]}")
+        self._closed = False
+        self._warned: set[str] = set()
+        self._thread.start()
+        atexit.register(self._close_at_exit)
+
+    @_never_raises
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self._accepting("log_metrics"):
+            return
+        timestamp_ms, step = int(time.time() * 1000), int(step)
+        items = []
+        for key, value in metrics.items():
+            number = self._checked_metric(str(key), value, step)
+            if number is not None:
+                items.append([str(key), number, timestamp_ms, step])
+        if items:
+            self._inbox.put({"op": "metrics", "items": items})
+
+    def _checked_metric(self, key: str, value: Any, step: int) -> float | None:
+        problem = None
+        try:
+            number = float(value)
+            if not math.isfinite(number):
+                problem = f"is {number} at step {step}"
+        except (TypeError, ValueError):
+            problem = f"is not a number ({type(value).__name__}) at step {step}"
+        if (not _METRIC_NAME.fullmatch(key) or len(key) > _KEY_LIMIT
+                or posixpath.normpath(key) != key or key.startswith(("/", ".."))):
+            problem = ("is not a valid MLflow name (letters, digits, _ - . : / and spaces; "
+                       f"a relative path of at most {_KEY_LIMIT} characters)")
+        if problem is None:
+            return number
+        self._warn_once(f"metric:{key}", "metric %r %s: dropped (said once per metric)",
+                        key, problem)
+        return None
+
+    @_never_raises
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if not self._accepting("log_artifact"):
+            return
+        source = Path(local_path)
+        if not source.exists():
+            self._warn_once(f"artifact:{source}", "log_artifact: %s does not exist; skipped",
+                            source)
+            return
+        staged = self._staging_dir() / source.name
+        if source.is_dir():
+            shutil.copytree(source, staged)
+        else:
+            shutil.copy2(source, staged)
+        self._inbox.put({"op": "artifact", "local": str(staged), "artifact_path": artifact_path})
+
+    @_never_raises
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self._accepting("log_text"):
+            return
+        target = PurePosixPath(artifact_file)
+        staged = self._staging_dir() / target.name
+        staged.write_text(text, encoding="utf-8")
+        folder = str(target.parent)
+        self._inbox.put({"op": "artifact", "local": str(staged),
+                         "artifact_path": None if folder in ("", ".") else folder})
+
+    @_never_raises
+    def set_tag(self, key: str, value: Any) -> None:
+        if self._accepting("set_tag"):
+            self._inbox.put({"op": "tag", "key": str(key), "value": str(value)[:_TAG_VALUE_LIMIT]})
+
+    @_never_raises
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait up to `timeout` s for what was logged so far; True when all of it was sent."""
+        if not self._closed and self._thread.is_alive():
+            done = threading.Event()
+            self._inbox.put(_Flush(done))
+            if not done.wait(timeout):
+                return False
+        return not self._sender.spool.exists()
+
+    @_never_raises
+    def close(self, timeout: float = 30.0) -> bool:
+        """Send what is left (spooled to disk first) and stop; True when all of it was sent."""
+        if not self._closed:
+            self._closed = True
+            atexit.unregister(self._close_at_exit)
+            self._inbox.put(_Flush(threading.Event(), stop=True))
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            _log.warning("MLflow at %s still busy after %ss; unsent logs for run %s stay in %s "
+                         "for the next RunLogger", self.uri, timeout, self.run_id,
+                         self._sender.spool.path)
+            return False
+        return not self._sender.spool.exists()
+
+    def _close_at_exit(self) -> None:
+        # Unsent records are on disk before the last send, so exit need not wait long.
+        self.close(timeout=5.0)
+
+    def _staging_dir(self) -> Path:
+        folder = self._run_dir / "staged" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder
+
+    def _accepting(self, method: str) -> bool:
+        if self._closed:
+            self._warn_once("closed", "RunLogger for run %s is closed; %s dropped",
+                            self.run_id, method)
+        return not self._closed
+
+    def _warn_once(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning(message, *args, exc_info=exc_info)

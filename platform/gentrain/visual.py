@@ -1,0 +1,39 @@
+"""Image grids for sample artifacts (PIL only; torchvision does not import beside our torch)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MIN_TILE = 32  # upscale tiny images (8x8 digits) so a grid is readable
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """[N, C, H, W] floats in [0, 1] -> one uint8 HxWxC (or HxW) array."""
+    if images.dim() != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    n, channels, height, width = images.shape
+    scale = max(1, math.ceil(MIN_TILE / max(height, width)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        height, width = height * scale, width * scale
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
+    for i in range(n):
+        top = padding + (i // columns) * (height + padding)
+        left = padding + (i % columns) * (width + padding)
+        grid[:, top:top + height, left:left + width] = images[i].clamp(0, 1)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[..., 0] if channels == 1 else array
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images.float(), columns)).save(path)
+    return path

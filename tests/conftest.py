@@ -1,0 +1,25 @@
+"""Shared test setup.
+
+    PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/unit -q
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The source roots, so the suite also runs from a checkout that is not pip-installed.
+for source_root in (ROOT / "platform", ROOT / "jobs"):
+    if str(source_root) not in sys.path:
+        sys.path.insert(0, str(source_root))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gentrain_cache(tmp_path_factory):
+    """Keep `builtin:NAME` packs in a temporary cache, never in the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("gentrain-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENTRAIN_CACHE", os.fspath(cache))
+        yield cache
