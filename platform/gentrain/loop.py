@@ -51,6 +51,11 @@ class StepContext:
         stepped = self.strategy.step(name)
         return {f"{key}/{name}": value for key, value in stepped.items()}
 
+    def ema_update(self, name: str, decay: float) -> None:
+        """Keep EMA weights of `name` (used for samples and evaluation); call after step."""
+        if self.strategy.at_boundary:
+            self.strategy.ema_update(name, decay)
+
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ray.train.torch.TorchTrainer (config from launch.trainer)."""
@@ -185,19 +190,13 @@ class Worker:
     @torch.no_grad()
     def evaluate(self) -> None:
         spec = self.spec
-        modules = {name: self.strategy.unwrap(name) for name in self.strategy.names}
-        for module in modules.values():
-            module.eval()
-        try:
+        with self.strategy.evaluation() as modules:
             if self.job.evaluate is not None:
                 self._evaluate_metrics(modules)
             if self.rank == 0:
                 generator = torch.Generator().manual_seed(spec.train.seed)
                 images = self.job.sample(modules, spec.eval.num_samples, generator)
                 self._save_samples(images)
-        finally:
-            for module in modules.values():
-                module.train()
 
     def _evaluate_metrics(self, modules) -> None:
         spec = self.spec

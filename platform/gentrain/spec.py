@@ -78,6 +78,13 @@ class StrategySection:
     name: StrategyName = "ddp"
     precision: Precision = "fp32"
     grad_checkpointing: bool = False
+    # deepspeed only
+    zero_stage: int = field(default=0, metadata=bounds(ge=0, le=3))
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    deepspeed_config: dict[str, Any] = field(default_factory=dict)  # merged under gentrain's
+    # accelerate only
+    accelerate_mode: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -140,6 +147,19 @@ def _cross_checks(spec: JobSpec) -> list[str]:
     if gpus and not spec.scaling.use_gpu:
         problems.append(f"scaling.resources_per_worker.GPU: {gpus} is set but scaling.use_gpu is "
                         "false; either set scaling.use_gpu=true or remove GPU from resources_per_worker")
+    strategy = spec.strategy
+    if strategy.name != "deepspeed":
+        for key in ("zero_stage", "offload_optimizer", "offload_param", "deepspeed_config"):
+            if getattr(strategy, key):
+                problems.append(f"strategy.{key}: only applies to strategy.name=deepspeed "
+                                f"(got {strategy.name!r}); remove it or switch strategy")
+    if strategy.offload_param and strategy.zero_stage != 3:
+        problems.append(f"strategy.offload_param: needs strategy.zero_stage=3 (got {strategy.zero_stage})")
+    if strategy.offload_optimizer and strategy.zero_stage == 0:
+        problems.append("strategy.offload_optimizer: needs strategy.zero_stage >= 1 (got 0)")
+    if strategy.accelerate_mode != "ddp" and strategy.name != "accelerate":
+        problems.append(f"strategy.accelerate_mode: only applies to strategy.name=accelerate "
+                        f"(got {strategy.name!r})")
     if spec.strategy.precision == "fp16" and not spec.scaling.use_gpu:
         problems.append("strategy.precision: 'fp16' needs GPU workers (CPUs here have no fp16 "
                         "units and engines would either fail or silently run fp32); use 'bf16' "

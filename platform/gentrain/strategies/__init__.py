@@ -14,5 +14,12 @@ def make_strategy(spec: JobSpec, device: torch.device) -> Strategy:
         from gentrain.strategies.ddp import DDPStrategy
 
         return DDPStrategy(spec, device)
-    # Validation refuses these until a job type lists them in `supports`.
-    raise NotImplementedError(f"strategy.name: {name!r} is not available yet; use 'ddp'")
+    if name == "deepspeed":
+        from gentrain.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(spec, device)
+    if name == "accelerate":
+        from gentrain.strategies.accelerate import AccelerateStrategy
+
+        return AccelerateStrategy(spec, device)
+    raise ValueError(f"strategy.name: {name!r} is not one of ddp, deepspeed, accelerate")

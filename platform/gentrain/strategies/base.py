@@ -14,6 +14,7 @@ micro-batch; `backward` scales the loss and `step` only steps on the last micro-
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import Any, Iterator
@@ -93,6 +94,11 @@ class Strategy(ABC):
         with self._no_sync(not is_last):
             yield
 
+    @property
+    def at_boundary(self) -> bool:
+        """True in the micro-batch whose `step` really steps the optimizer."""
+        return self._last_micro
+
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -121,6 +127,57 @@ class Strategy(ABC):
     def barrier(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    # -- EMA weights and evaluation ---------------------------------------------------
+    def gathered(self, name: str) -> contextlib.AbstractContextManager:
+        """Full parameters of `name` readable inside (ZeRO-3 overrides this to gather)."""
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def ema_update(self, name: str, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, kept in fp32 beside the network."""
+        if not hasattr(self, "_ema"):
+            self._ema: dict[str, nn.Module] = {}
+        with self.gathered(name):
+            module = self.unwrap(name)
+            if name not in self._ema:
+                self._ema[name] = copy.deepcopy(module).float().eval().requires_grad_(False)
+                return
+            ema = self._ema[name]
+            for ema_param, param in zip(ema.parameters(), module.parameters()):
+                ema_param.lerp_(param.detach().float(), 1.0 - decay)
+            for ema_buffer, buffer in zip(ema.buffers(), module.buffers()):
+                ema_buffer.copy_(buffer)
+
+    def ema(self, name: str) -> nn.Module | None:
+        return getattr(self, "_ema", {}).get(name)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[dict[str, nn.Module]]:
+        """Modules for sampling and evaluation: EMA weights where kept, in eval mode."""
+        with contextlib.ExitStack() as stack:
+            modules = {}
+            for name in self.names:
+                stack.enter_context(self.gathered(name))
+                modules[name] = self.ema(name) or self.unwrap(name)
+            was_training = {name: m.training for name, m in modules.items()}
+            for module in modules.values():
+                module.eval()
+            try:
+                yield modules
+            finally:
+                for name, module in modules.items():
+                    module.train(was_training[name])
+
+    def ema_state(self) -> dict[str, dict]:
+        return {name: module.state_dict() for name, module in getattr(self, "_ema", {}).items()}
+
+    def load_ema_state(self, state: dict[str, dict]) -> None:
+        for name, ema_state in state.items():
+            with self.gathered(name):
+                self._ema = getattr(self, "_ema", {})
+                self._ema[name] = copy.deepcopy(self.unwrap(name)).float().eval().requires_grad_(False)
+            self._ema[name].load_state_dict(ema_state)
 
     # -- checkpoints ------------------------------------------------------------
     @abstractmethod

@@ -91,6 +91,7 @@ class DDPStrategy(Strategy):
             "optimizers": {name: o.state_dict() for name, o in self._optimizers.items()},
             "schedulers": {name: s.state_dict() for name, s in self._schedulers.items()},
             "scaler": self._scaler.state_dict(),
+            "ema": self.ema_state(),
         }
         torch.save(state, os.path.join(directory, STATE_FILE))
 
@@ -104,3 +105,4 @@ class DDPStrategy(Strategy):
         for name, scheduler in self._schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self._scaler.load_state_dict(state["scaler"])
+        self.load_ema_state(state.get("ema", {}))
