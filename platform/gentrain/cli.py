@@ -77,11 +77,20 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from ray.train import TrainingFailedError
+
     from gentrain.launch.local import run
     from gentrain.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    summary = run(spec)
+    try:
+        summary = run(spec)
+    except TrainingFailedError as exc:
+        print(f"error: training {spec.name} failed: {exc}\n"
+              f"Checkpoints written before the failure are kept in {spec.run_dir}; "
+              "fix the cause and run the same command to continue from the latest.",
+              file=sys.stderr)
+        return 1
     print()
     print(f"[gentrain] done: {spec.name}")
     print(f"  checkpoints : {summary.checkpoint or 'none'}")

@@ -68,6 +68,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 class Worker:
     def __init__(self, spec: JobSpec, run_id: str | None, tracking_uri: str | None):
+        if not spec.scaling.use_gpu:
+            # DeepSpeed picks its accelerator when first imported; say CPU before it guesses.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         context = ray.train.get_context()
         self.spec = spec
         self.rank = context.get_world_rank()
