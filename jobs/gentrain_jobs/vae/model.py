@@ -82,8 +82,11 @@ class ConvVAE(nn.Module):
         h = self.from_latent(z).view(-1, *self.bottom)
         return self.to_pixels(self.decoder(h))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None):
+        """Reparameterised pass; `noise` (standard normal, [N, latent]) may be given."""
         mean, log_var = self.encode(x)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * noise
         return VAEOutput(self.decode(z), mean, log_var, self.log_scale)

@@ -33,12 +33,13 @@ def log_likelihood(x: torch.Tensor, decoded: torch.Tensor, likelihood: str,
 
 
 def elbo_terms(model, x: torch.Tensor, likelihood: str, beta: float = 1.0,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample reconstruction log-likelihood, KL and the (beta-weighted) loss.
 
     `model` is the network as called (possibly wrapped by DDP or an engine).
     """
-    decoded, mean, log_var, log_scale = model(x, generator=generator)
+    decoded, mean, log_var, log_scale = model(x, generator=generator, noise=noise)
     reconstruction = log_likelihood(x, decoded.float(), likelihood, log_scale)
     kl = gaussian_kl(mean.float(), log_var.float()).sum(dim=1)
     return {

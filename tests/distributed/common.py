@@ -1,0 +1,99 @@
+"""Shared pieces of the distributed tests: a tiny VAE job on fixed data, any strategy.
+
+Every function here runs inside `harness.run_world` ranks (module level, picklable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gentrain.spec import JobSpec, from_dict
+from gentrain.strategies import make_strategy
+from gentrain.strategies.base import make_optimizer
+from gentrain_jobs.vae.model import ConvVAE
+from gentrain_jobs.vae.objective import elbo_terms
+
+SHAPE = (1, 8, 8)
+GLOBAL_BATCH = 8
+LATENT = 4
+
+
+def make_spec(strategy: dict | None = None, **train) -> JobSpec:
+    """A validated spec (as the VAE) with the given strategy section and train overrides."""
+    spec = from_dict({"train": {"steps": 100, "batch_size": GLOBAL_BATCH, "grad_clip": 1.0,
+                                "optimizer": {"name": "adamw", "lr": 3e-3},
+                                "schedule": {"name": "cosine", "warmup_steps": 2}, **train}})
+    # Strategy sections are applied after validation: these tests exercise strategies the
+    # VAE may not list in `supports` yet.
+    return dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, **(strategy or {})))
+
+
+def global_batches(steps: int, micro: int) -> list[torch.Tensor]:
+    """The same data for every run: one [GLOBAL_BATCH] tensor per micro-step."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.rand(GLOBAL_BATCH, *SHAPE, generator=generator) for _ in range(steps * micro)]
+
+
+def build_strategy(spec: JobSpec):
+    torch.manual_seed(0)  # identical initial weights on every rank and in every run
+    model = ConvVAE(SHAPE, LATENT, [8, 16], "bernoulli")
+    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy.setup({"vae": model}, {"vae": make_optimizer(model.parameters(), spec.train.optimizer)})
+    return strategy
+
+
+def train(strategy, spec: JobSpec, rank: int, world: int, first: int, last: int) -> list[float]:
+    """Optimizer steps first..last-1; returns the global mean loss of each step."""
+    accum = spec.train.grad_accum
+    batches = global_batches(last, accum)
+    share = GLOBAL_BATCH // world
+    losses = []
+    for step in range(first, last):
+        step_loss = torch.zeros(())
+        for micro in range(accum):
+            x = batches[step * accum + micro][rank * share:(rank + 1) * share]
+            with strategy.micro_step(is_last=micro == accum - 1):
+                # The global batch's noise, sliced like the data: any world size compares.
+                noise = torch.randn(GLOBAL_BATCH, LATENT, generator=torch.Generator().manual_seed(
+                    1000 * step + micro))[rank * share:(rank + 1) * share]
+                with strategy.autocast():
+                    loss = elbo_terms(strategy.module("vae"), x.to(_input_dtype(strategy)),
+                                      "bernoulli", noise=noise.to(_input_dtype(strategy)))
+                    loss = loss["loss"].float().mean()
+                strategy.backward(loss, "vae")
+                strategy.step("vae")
+            step_loss += loss.detach() / accum
+        losses.append(float(strategy.all_reduce(step_loss)))
+    return losses
+
+
+def _input_dtype(strategy) -> torch.dtype:
+    return getattr(strategy, "input_dtype", torch.float32)
+
+
+def flat_params(strategy) -> torch.Tensor:
+    state = strategy.export_state_dicts()["vae"]
+    return torch.cat([value.flatten().float() for _, value in sorted(state.items())])
+
+
+def run_losses(rank: int, world: int, strategy_section: dict, train_overrides: dict, steps: int):
+    spec = make_spec(strategy_section, **train_overrides)
+    strategy = build_strategy(spec)
+    return train(strategy, spec, rank, world, 0, steps), flat_params(strategy)
+
+
+def run_resume(rank: int, world: int, strategy_section: dict, steps: int, directory: str):
+    """2N steps straight vs N steps, save, a fresh strategy, load, N more."""
+    spec = make_spec(strategy_section)
+    straight = build_strategy(spec)
+    train(straight, spec, rank, world, 0, 2 * steps)
+    first = build_strategy(spec)
+    train(first, spec, rank, world, 0, steps)
+    first.save(directory, rank)
+    first.barrier()
+    resumed = build_strategy(spec)
+    resumed.load(directory)
+    train(resumed, spec, rank, world, steps, 2 * steps)
+    return float((flat_params(straight) - flat_params(resumed)).abs().max())
