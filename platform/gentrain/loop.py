@@ -152,11 +152,12 @@ class Worker:
     def _optimizer_step(self, batches) -> dict[str, float]:
         accum = self.spec.train.grad_accum
         totals: dict[str, float] = {}
-        # Seeded per (seed, rank, step): noise is the same with or without a restart.
+        micro_batches = [_to_device(next(batches), self.device) for _ in range(accum)]
+        self.batches_consumed += accum
+        # Seeded per (seed, rank, step), after the data is drawn: noise is the same with
+        # or without a restart.
         torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank * 10_007 + self.step)
-        for micro in range(accum):
-            batch = _to_device(next(batches), self.device)
-            self.batches_consumed += 1
+        for micro, batch in enumerate(micro_batches):
             self.ctx.global_step = self.step
             with self.strategy.micro_step(is_last=micro == accum - 1):
                 metrics = self.job.train_step(self.ctx, batch)

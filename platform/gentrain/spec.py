@@ -160,6 +160,11 @@ def _cross_checks(spec: JobSpec) -> list[str]:
     if strategy.accelerate_mode != "ddp" and strategy.name != "accelerate":
         problems.append(f"strategy.accelerate_mode: only applies to strategy.name=accelerate "
                         f"(got {strategy.name!r})")
+    elif strategy.accelerate_mode == "fsdp":
+        problems.append("strategy.accelerate_mode: 'fsdp' is not supported yet (Accelerate 1.15 "
+                        "silently keeps DDP on CPUs, and gentrain's GPU FSDP path is not built); "
+                        "use strategy.accelerate_mode=ddp, or strategy.name=deepspeed with "
+                        "strategy.zero_stage=3 to shard parameters")
     if spec.strategy.precision == "fp16" and not spec.scaling.use_gpu:
         problems.append("strategy.precision: 'fp16' needs GPU workers (CPUs here have no fp16 "
                         "units and engines would either fail or silently run fp32); use 'bf16' "

@@ -97,3 +97,44 @@ def run_resume(rank: int, world: int, strategy_section: dict, steps: int, direct
     resumed.load(directory)
     train(resumed, spec, rank, world, steps, 2 * steps)
     return float((flat_params(straight) - flat_params(resumed)).abs().max())
+
+
+def run_gan(rank: int, world: int, strategy_section: dict, steps: int):
+    """A GAN-shaped pair: two networks, two optimizers, alternating steps on 2-D data."""
+    spec = make_spec(strategy_section, grad_clip=None)
+    torch.manual_seed(0)
+    networks = {
+        "generator": torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)),
+        "discriminator": torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)),
+    }
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
+    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy.setup(networks, {name: make_optimizer(net.parameters(), spec.train.optimizer)
+                              for name, net in networks.items()})
+    generator = torch.Generator().manual_seed(100 + rank)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    dtype = _input_dtype(strategy)
+    d_losses, g_losses = [], []
+    for _ in range(steps):
+        real = (torch.randn(16, 2, generator=generator) * 0.1 + 2.0).to(dtype)
+        z = torch.randn(16, 4, generator=generator).to(dtype)
+        with strategy.micro_step(is_last=True):
+            with strategy.autocast():
+                fake = strategy.module("generator")(z).detach()
+                real_logits = strategy.module("discriminator")(real).float()
+                fake_logits = strategy.module("discriminator")(fake).float()
+                d_loss = bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
+            strategy.backward(d_loss, "discriminator")
+            strategy.step("discriminator")
+            with strategy.autocast():
+                logits = strategy.module("discriminator")(strategy.module("generator")(z)).float()
+                g_loss = bce(logits, torch.ones_like(logits))
+            strategy.backward(g_loss, "generator")
+            strategy.step("generator")
+        d_losses.append(float(d_loss))
+        g_losses.append(float(g_loss))
+    exported = strategy.export_state_dicts()
+    moved = {name: any(not torch.equal(old.float(), new.float()) for old, new in
+                       zip(before[name], exported[name].values()))
+             for name in networks}
+    return d_losses, g_losses, moved

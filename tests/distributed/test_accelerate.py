@@ -15,7 +15,16 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import FullyShardedDataParallelPlugin
 
+from gentrain.spec import from_dict
+from gentrain.strategies import make_strategy
+from gentrain.strategies.accelerate import AccelerateStrategy
+from gentrain.strategies.base import make_optimizer
+from gentrain_jobs.vae.model import ConvVAE
+from gentrain_jobs.vae.objective import elbo_terms
 from harness import run_world
 
 SHAPE = (1, 8, 8)
@@ -34,10 +43,8 @@ BF16_LOSS_RTOL, BF16_NORM_RTOL, BF16_WEIGHTS_RTOL = 1e-3, 2e-2, 1e-2
 def make_spec(strategy: str, precision: str = "fp32", mode: str = "ddp", **train):
     """A validated VAE spec; the strategy section is swapped in after validation because
     the VAE may not list every strategy (or fp16 without GPUs) in its `supports`."""
-    from gentrain.spec import from_dict
-
     spec = from_dict({"job": {"type": "vae"},
-                      "train": {"steps": STEPS, "batch_size": GLOBAL_BATCH, **train,
+                      "train": {"steps": STEPS, **train,
                                 "optimizer": {"name": "adamw", "lr": 1e-2},
                                 "schedule": {"name": "cosine", "warmup_steps": 2}}})
     section = dataclasses.replace(spec.strategy, name=strategy, precision=precision,
@@ -46,9 +53,6 @@ def make_spec(strategy: str, precision: str = "fp32", mode: str = "ddp", **train
 
 
 def new_strategy(spec, modules: dict):
-    from gentrain.strategies import make_strategy
-    from gentrain.strategies.base import make_optimizer
-
     strategy = make_strategy(spec, torch.device("cpu"))
     strategy.setup(modules, {name: make_optimizer(m.parameters(), spec.train.optimizer)
                              for name, m in modules.items()})
@@ -56,10 +60,10 @@ def new_strategy(spec, modules: dict):
 
 
 def vae_strategy(spec, init_seed: int = 0):
-    from gentrain_jobs.vae.model import ConvVAE
-
     torch.manual_seed(init_seed)  # identical initial weights on every rank and run
-    return new_strategy(spec, {"vae": ConvVAE(SHAPE, LATENT, [4, 8], "bernoulli")})
+    model = ConvVAE(SHAPE, LATENT, [4, 8], "bernoulli")
+    model.enable_grad_checkpointing(spec.strategy.grad_checkpointing)  # as the loop does
+    return new_strategy(spec, {"vae": model})
 
 
 def shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -69,8 +73,6 @@ def shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def train_vae(strategy, spec, rank: int, world: int, first: int, last: int) -> dict:
     """Steps first..last-1 on fixed data; global mean losses and grad norms per step."""
-    from gentrain_jobs.vae.objective import elbo_terms
-
     accum = spec.train.grad_accum
     losses, norms = [], []
     for step in range(first, last):
@@ -106,8 +108,6 @@ def flat(strategy, name: str) -> torch.Tensor:
 
 def ema_uses_its_own_weights(strategy) -> bool:
     """The EMA copy computes with the EMA weights, in fp32, outside autocast."""
-    from gentrain_jobs.vae.model import ConvVAE
-
     x, noise = torch.rand(2, *SHAPE), torch.randn(2, LATENT)
     with strategy.evaluation() as modules, torch.no_grad():
         reference = ConvVAE(SHAPE, LATENT, [4, 8], "bernoulli")
@@ -159,10 +159,6 @@ def train_gan(strategy, rank: int, world: int, steps: int) -> dict:
 # -- what Accelerate itself does on a CPU (why the strategy refuses fp16 and FSDP) ---------
 
 def accelerate_on_cpu() -> dict:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     found = {}
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -185,6 +181,9 @@ def _main_world(rank: int, world: int, directory: str) -> dict:
         for name in ("ddp", "accelerate"):
             spec = make_spec(name, **train)
             out[name, label] = train_vae(vae_strategy(spec), spec, rank, world, 0, STEPS)
+    spec = make_spec("accelerate", **CASES["accum2_clip"])
+    spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, grad_checkpointing=True))
+    out["checkpointed"] = train_vae(vae_strategy(spec), spec, rank, world, 0, STEPS)
     spec = make_spec("accelerate", "bf16", **CASES["accum2_clip"])
     strategy = vae_strategy(spec)
     with strategy.autocast():
@@ -249,6 +248,12 @@ def test_fp32_matches_ddp(main_world, label):
           rtol=0, atol=0)  # replicas stay identical
 
 
+def test_grad_checkpointing_changes_no_number(main_world):
+    checkpointed, plain = main_world[0]["checkpointed"], main_world[0]["accelerate", "accum2_clip"]
+    close(checkpointed["losses"], plain["losses"], rtol=1e-6)
+    close(checkpointed["params"], plain["params"], rtol=1e-6, atol=1e-7)
+
+
 def test_two_workers_batch_b_match_one_worker_batch_2b(main_world):
     single = run_world(_single_world, 1)[0]
     for label in CASES:
@@ -295,14 +300,10 @@ def test_accelerate_alone_would_downgrade_fsdp_and_fp16_on_cpu(main_world):
 
 
 def test_fsdp_on_cpu_is_refused_with_the_field_named():
-    from gentrain.strategies.accelerate import AccelerateStrategy
-
     with pytest.raises(ValueError, match="strategy.accelerate_mode: 'fsdp'.*zero_stage=3"):
         AccelerateStrategy(make_spec("accelerate", mode="fsdp"), torch.device("cpu"))
 
 
 def test_fp16_on_cpu_is_an_error_naming_bf16():
-    from gentrain.strategies.accelerate import AccelerateStrategy
-
     with pytest.raises(ValueError, match="strategy.precision: 'fp16'.*strategy.precision=bf16"):
         AccelerateStrategy(make_spec("accelerate", "fp16"), torch.device("cpu"))

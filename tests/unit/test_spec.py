@@ -93,7 +93,15 @@ def test_cross_field_rules_name_the_fix():
 
 def test_strategy_not_supported_by_the_job_type_is_a_validate_error():
     problems = problems_of({"strategy": {"name": "deepspeed"}})
-    assert problems == ["strategy.name: 'deepspeed' is not supported by job type 'vae'; use one of ddp"]
+    assert problems == ["strategy.name: 'deepspeed' is not supported by job type 'vae'; use one of ddp, accelerate"]
+
+
+def test_strategy_options_for_another_strategy_are_errors():
+    problems = problems_of({"strategy": {"name": "ddp", "zero_stage": 2, "accelerate_mode": "fsdp"}})
+    assert any(p.startswith("strategy.zero_stage: only applies to strategy.name=deepspeed") for p in problems)
+    assert any(p.startswith("strategy.accelerate_mode: only applies to strategy.name=accelerate") for p in problems)
+    problems = problems_of({"strategy": {"name": "accelerate", "accelerate_mode": "fsdp"}})
+    assert any("'fsdp' is not supported yet" in p for p in problems)
 
 
 def test_unknown_job_type_lists_known_ones():

@@ -147,7 +147,10 @@ def _epochs(index, split, batch_size, rank, world_size, seed, loader_workers, sh
             .map(_SampleDecoder(index.shape))
             .batched(batch_size, collation_fn=_collate, partial=False)
         )
-        loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers)
+        # Its own generator: creating the loader must not draw from torch's global RNG,
+        # or a resumed run's noise would differ from an uninterrupted one.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+        loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers, generator=generator)
         batches = iter(loader)
         try:
             for _ in range(per_epoch):
