@@ -182,7 +182,9 @@ class Worker:
         samples = window.count * spec.train.batch_size * spec.train.grad_accum * self.world_size
         metrics["train/samples_per_second"] = samples / elapsed
         for name in self.strategy.names:
-            metrics[f"train/lr/{name}"] = self.strategy.lr(name)
+            lr = self.strategy.lr(name)
+            if lr is not None:
+                metrics[f"train/lr/{name}"] = lr
         eta = (spec.train.steps - self.step) * elapsed / window.count
         loss = metrics.get("train/loss", float("nan"))
         self._print(f"step {self.step}/{spec.train.steps} | loss {loss:.4f} | "

@@ -153,6 +153,13 @@ def _cross_checks(spec: JobSpec) -> list[str]:
             if getattr(strategy, key):
                 problems.append(f"strategy.{key}: only applies to strategy.name=deepspeed "
                                 f"(got {strategy.name!r}); remove it or switch strategy")
+    if strategy.name == "deepspeed" and strategy.deepspeed_config:
+        from gentrain.strategies.deepspeed import deepspeed_config
+
+        try:  # conflicts with gentrain's own settings surface here, not on the workers
+            deepspeed_config(spec, spec.scaling.num_workers)
+        except SpecError as exc:
+            problems += exc.problems
     if strategy.offload_param and strategy.zero_stage != 3:
         problems.append(f"strategy.offload_param: needs strategy.zero_stage=3 (got {strategy.zero_stage})")
     if strategy.offload_optimizer and strategy.zero_stage == 0:

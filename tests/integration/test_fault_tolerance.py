@@ -17,7 +17,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 GENTRAIN = str(Path(sys.executable).parent / "gentrain")
-COMMON = ["train.steps=240", "checkpoint.every=20", "checkpoint.keep=2", "eval.every=0",
+COMMON = ["train.steps=160", "checkpoint.every=20", "checkpoint.keep=2", "eval.every=0",
           "tracking.enabled=false", "scaling.num_workers=2"]
 
 
@@ -48,7 +48,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "step-00000240" / "ddp_state.pt", weights_only=True)["modules"]["vae"]
+    return torch.load(run_dir / "step-00000160" / "ddp_state.pt", weights_only=True)["modules"]["vae"]
 
 
 def test_killed_worker_resumes_to_the_same_weights(tmp_path):

@@ -76,7 +76,7 @@ JOB = JobType(
     train_step=train_step,
     sample=sample,
     evaluate=evaluate,
-    supports=Supports(strategies=("ddp", "accelerate"), precisions=("fp32", "bf16", "fp16")),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16")),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Variational autoencoder (conv encoder/decoder, Bernoulli or Gaussian "
                 "likelihood, ELBO with analytic KL, beta-VAE)",

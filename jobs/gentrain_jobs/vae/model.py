@@ -89,4 +89,7 @@ class ConvVAE(nn.Module):
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * noise
-        return VAEOutput(self.decode(z), mean, log_var, self.log_scale)
+        # `* 1.0`: a fresh tensor, not the parameter itself (ZeRO-3's parameter tracing
+        # refuses a module that returns one of its own parameters).
+        log_scale = self.log_scale * 1.0 if self.log_scale is not None else None
+        return VAEOutput(self.decode(z), mean, log_var, log_scale)

@@ -178,7 +178,8 @@ class AccelerateStrategy(Strategy):
         return {"grad_norm": float(grad_norm)}
 
     def lr(self, name):
-        return self._optimizers[name].param_groups[0]["lr"]
+        optimizer = self._optimizers.get(name)
+        return optimizer.param_groups[0]["lr"] if optimizer is not None else None
 
     def save(self, directory, rank):
         if rank != 0:  # DDP replicas are identical: one copy is enough

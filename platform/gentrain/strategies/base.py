@@ -111,8 +111,8 @@ class Strategy(ABC):
         """Clip, step optimizer and schedule, zero grads; returns {'grad_norm': ...}."""
 
     @abstractmethod
-    def lr(self, name: str) -> float:
-        """The current learning rate of `name`'s optimizer."""
+    def lr(self, name: str) -> float | None:
+        """The current learning rate of `name`'s optimizer (None: `name` is not trained)."""
 
     # -- collectives ------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:

@@ -1,0 +1,403 @@
+"""DeepSpeed: one native engine per trained network, ZeRO stage 0-3, CPU offload, bf16/fp16.
+
+    gentrain run vae/debug strategy.name=deepspeed strategy.zero_stage=3 strategy.precision=bf16
+
+gentrain's own settings (batch size, accumulation, clipping, ZeRO stage, offload, precision)
+become the engine's DeepSpeed config; a raw `strategy.deepspeed_config` is merged under
+them, and a key gentrain sets with another value is an error naming the spec field to use.
+The optimizers are the torch optimizers the job type built (same numbers as ddp, and no
+FusedAdam or CPUAdam compile) and the lr schedule is gentrain's, stepped by the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from gentrain.schema import SpecError
+from gentrain.spec import JobSpec
+from gentrain.strategies.base import Strategy, make_scheduler
+
+EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# DeepSpeed config keys that gentrain sets, and the spec field a user changes instead.
+_SPEC_FIELD = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "managed_gradient_accumulation": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "strategy.precision",
+    "fp16.enabled": "strategy.precision",
+    "zero_optimization.stage": "strategy.zero_stage",
+    "zero_optimization.offload_optimizer.device": "strategy.offload_optimizer",
+    "zero_optimization.offload_param.device": "strategy.offload_param",
+    "zero_allow_untested_optimizer": "train.optimizer",
+    "zero_force_ds_cpu_optimizer": "train.optimizer",
+}
+# Keys gentrain owns outright: the optimizers come from the job type, the schedule from the spec.
+_OWNED = {"optimizer": "train.optimizer", "scheduler": "train.schedule"}
+
+
+# -- the config ---------------------------------------------------------------------------
+def gentrain_settings(spec: JobSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config keys that the spec decides."""
+    strategy = spec.strategy
+    return {
+        "train_micro_batch_size_per_gpu": spec.train.batch_size,
+        "train_batch_size": spec.train.batch_size * spec.train.grad_accum * world_size,
+        "gradient_accumulation_steps": spec.train.grad_accum,
+        "managed_gradient_accumulation": True,  # the loop marks each accumulation boundary
+        "gradient_clipping": spec.train.grad_clip or 0.0,  # DeepSpeed: 0 disables clipping
+        "bf16": {"enabled": strategy.precision == "bf16"},
+        "fp16": {"enabled": strategy.precision == "fp16"},
+        "zero_optimization": {
+            "stage": strategy.zero_stage,
+            "offload_optimizer": {"device": "cpu" if strategy.offload_optimizer else "none"},
+            "offload_param": {"device": "cpu" if strategy.offload_param else "none"},
+        },
+        # The job type's torch optimizers run under ZeRO (SGD is "untested" to DeepSpeed) and
+        # on offloaded CPU partitions (DeepSpeed otherwise demands its compiled CPUAdam).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
+    """gentrain's settings over the user's raw `strategy.deepspeed_config`; conflicts raise."""
+    raw = spec.strategy.deepspeed_config
+    problems = [f"strategy.deepspeed_config.{key}: gentrain passes its own {key} (built from "
+                f"{field}); remove this key and set {field} instead"
+                for key, field in _OWNED.items() if key in raw]
+    merged = _merge(gentrain_settings(spec, world_size), raw, "", spec, problems)
+    if problems:
+        raise SpecError(problems, "strategy.deepspeed_config")
+    return merged
+
+
+def _merge(ours: dict, theirs: dict, prefix: str, spec: JobSpec, problems: list[str]) -> dict:
+    merged = copy.deepcopy(theirs)
+    for key, value in ours.items():
+        path = f"{prefix}{key}"
+        if key not in theirs:
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(theirs[key], dict):
+            merged[key] = _merge(value, theirs[key], f"{path}.", spec, problems)
+        elif theirs[key] != value:
+            problems.append(_conflict(path, theirs[key], value, spec))
+    return merged
+
+
+def _conflict(path: str, theirs: Any, ours: Any, spec: JobSpec) -> str:
+    field = _SPEC_FIELD.get(path)
+    if field is None:  # a section that gentrain fills in, given as something else
+        return (f"strategy.deepspeed_config.{path}: {_show(theirs)} must be a mapping: gentrain "
+                f"sets {_show(ours)} there from the spec")
+    spec_value: Any = spec
+    for part in field.split("."):
+        spec_value = getattr(spec_value, part, None)
+    spec_value = getattr(spec_value, "name", spec_value)  # train.optimizer -> its name
+    shown = _show(spec_value)
+    note = "" if shown == _show(ours) else f" (gentrain sets {path}: {_show(ours)})"
+    return (f"strategy.deepspeed_config.{path}: {_show(theirs)} conflicts with {field}: "
+            f"{shown}{note}; set {field} instead")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+
+# -- the strategy -------------------------------------------------------------------------
+class DeepSpeedStrategy(Strategy):
+    def setup(self, modules, optimizers):
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("strategy.name=deepspeed needs a torch.distributed process group "
+                               "(Ray Train creates one in every worker); run through "
+                               "`gentrain run`, or call init_process_group first")
+        self._plain = dict(modules)
+        config = deepspeed_config(self.spec, torch.distributed.get_world_size())
+        self._engines = {name: self._engine(name, module, optimizers[name], config)
+                         for name, module in modules.items() if name in optimizers}
+        for name, module in modules.items():
+            if name not in self._engines:  # untrained (frozen) networks stay plain
+                module.to(self.device)
+
+    def _engine(self, name: str, module: nn.Module, optimizer, config: dict):
+        deepspeed = _import_deepspeed(self.device)
+        schedule = functools.partial(make_scheduler, total_steps=self.spec.train.steps,
+                                     schedule=self.spec.train.schedule)
+        try:
+            with _broadcasts_take_scalars(deepspeed):
+                # The callable builds gentrain's schedule on the optimizer the engine steps.
+                engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=copy.deepcopy(config), dist_init_required=False)
+        except ValueError as exc:
+            if "fp16 is not supported" in str(exc):
+                raise ValueError(f"strategy.precision: 'fp16' is not supported by DeepSpeed on "
+                                 f"this device ({self.device}); use strategy.precision=bf16 "
+                                 "(or fp32)") from exc
+            raise
+        if not hasattr(engine.optimizer, "_global_grad_norm"):
+            # Plain fp32 without ZeRO: DeepSpeed's own clip multiplies each gradient by a
+            # [1]-shaped factor, which raises for 0-dim parameters. torch's clip applies the
+            # same rule to the same (already all-reduced) gradients.
+            engine.clip_fp32_gradients = functools.partial(_clip, engine.module, engine.gradient_clipping())
+        return engine
+
+    @property
+    def names(self):
+        return list(self._plain)
+
+    def module(self, name: str) -> nn.Module:
+        return self._engines[name] if name in self._engines else self._plain[name]
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self._plain[name]  # the engine's own .module: same object
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the engines' parameters hold: bf16/fp16 engines cast the whole network."""
+        return _LOW_PRECISION.get(self.spec.strategy.precision, torch.float32)
+
+    def autocast(self):
+        # A bf16 engine holds bf16 weights; autocast casts fp32 inputs at matmuls and convs
+        # (and keeps reductions such as losses and norms in fp32), so jobs feed fp32 data.
+        dtype = _LOW_PRECISION.get(self.spec.strategy.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- one step -------------------------------------------------------------------------
+    def backward(self, loss, name):
+        engine = self._engines[name]
+        # The loop, not DeepSpeed's micro-step counter, decides where accumulation ends.
+        engine.set_gradient_accumulation_boundary(self._last_micro)
+        with self._passing_through(name):
+            engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    @contextlib.contextmanager
+    def _passing_through(self, name: str) -> Iterator[None]:
+        """Let `name`'s loss run back through the other networks' engines.
+
+        A GAN's generator loss runs through the discriminator's engine forward. Without ZeRO,
+        DeepSpeed 0.19.8 refuses any backward through an engine that the engine itself did
+        not start ("Direct calls to tensor.backward() are not supported"); marked as inside
+        a backward, it lets the gradient pass unchanged (ZeRO engines already do).
+        """
+        others = [engine for other, engine in self._engines.items() if other != name
+                  and not engine._support_torch_style_backward and not engine._running_engine_backward]
+        for engine in others:
+            engine._running_engine_backward = True
+        try:
+            yield
+        finally:
+            for engine in others:
+                engine._running_engine_backward = False
+
+    def step(self, name):
+        engine = self._engines[name]
+        engine.set_gradient_accumulation_boundary(self._last_micro)
+        norm = None
+        if self._last_micro and not hasattr(engine.optimizer, "_global_grad_norm"):
+            # Plain fp32 without ZeRO: DeepSpeed computes no norm, but the gradients are
+            # already all-reduced here, so this is the true global norm before clipping.
+            norm = _grad_norm(engine.module)
+        engine.step()  # every micro-step: the engine only updates at the boundary
+        if not self._last_micro:
+            return {}
+        if norm is None:
+            norm = engine.get_global_grad_norm()
+        return {"grad_norm": float(norm)}
+
+    def lr(self, name):
+        engine = self._engines.get(name)
+        return engine.get_lr()[0] if engine is not None else None
+
+    # -- full weights -----------------------------------------------------------------------
+    def gathered(self, name: str):
+        engine = self._engines.get(name)
+        if engine is None or not engine.zero_optimization_partition_weights():
+            return contextlib.nullcontext()
+        import deepspeed
+
+        # modifier_rank=None: read-only, every rank sees the full parameters.
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[dict[str, nn.Module]]:
+        with super().evaluation() as modules:
+            low = any(p.dtype in _LOW_PRECISION.values() for m in modules.values() for p in m.parameters())
+            # Without EMA a network is the engine's bf16 one: samplers feed it fp32 noise.
+            with self.autocast() if low else contextlib.nullcontext():
+                yield modules
+
+    def ema_update(self, name: str, decay: float) -> None:
+        if name in getattr(self, "_ema", {}):
+            super().ema_update(name, decay)
+            return
+        with self.gathered(name):
+            self._ema = getattr(self, "_ema", {})
+            self._ema[name] = _detached_copy(self.unwrap(name)).eval()
+
+    def load_ema_state(self, state: dict[str, dict]) -> None:
+        for name, ema_state in state.items():
+            with self.gathered(name):
+                ema = _detached_copy(self.unwrap(name)).eval()
+            ema.load_state_dict(ema_state)
+            self._ema = getattr(self, "_ema", {})
+            self._ema[name] = ema
+
+    @torch.no_grad()
+    def export_state_dicts(self) -> dict[str, dict[str, Any]]:
+        """fp32 state_dicts on CPU, full on every rank; bf16/fp16 engines give the fp32 masters."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        exported = {}
+        for name in self.names:
+            module = self.unwrap(name)
+            with self.gathered(name):
+                # Copies: under ZeRO-3 the gathered storage is freed when the gather ends.
+                state = {key: _fp32_copy(value.cpu()) for key, value in module.state_dict().items()}
+                if name in self._engines and self.spec.strategy.precision in _LOW_PRECISION:
+                    for key, param in module.named_parameters():
+                        master = safe_get_full_fp32_param(param)  # collective under ZeRO
+                        if master is not None:
+                            state[key] = _fp32_copy(master.cpu()).reshape(param.shape)
+            exported[name] = state
+        return exported
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, directory, rank):
+        # Every rank writes its own ZeRO shards (Ray merges the ranks' folders).
+        for name, engine in self._engines.items():
+            engine.save_checkpoint(directory, tag=name, save_latest=False)
+        if rank == 0:
+            untrained = {name: m.state_dict() for name, m in self._plain.items() if name not in self._engines}
+            torch.save({"ema": self.ema_state(), "untrained": untrained}, os.path.join(directory, EXTRA_FILE))
+
+    def load(self, directory):
+        for name, engine in self._engines.items():
+            path, _ = engine.load_checkpoint(directory, tag=name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            if path is None:
+                raise FileNotFoundError(f"{os.path.join(directory, name)}: no DeepSpeed checkpoint of "
+                                        f"network {name!r}; resume needs a checkpoint written by "
+                                        "strategy.name=deepspeed with the same networks")
+        extra_path = os.path.join(directory, EXTRA_FILE)
+        if os.path.exists(extra_path):
+            extra = torch.load(extra_path, map_location=self.device, weights_only=True)
+            for name, state in extra["untrained"].items():
+                self._plain[name].load_state_dict(state)
+            self.load_ema_state(extra["ema"])
+
+
+def _import_deepspeed(device: torch.device):
+    # DeepSpeed picks its accelerator once, at import: CPU workers on a GPU host must say so.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+@contextlib.contextmanager
+def _broadcasts_take_scalars(deepspeed) -> Iterator[None]:
+    """Let DeepSpeed's start-up broadcasts of rank 0's weights take 0-dim parameters.
+
+    DeepSpeed 0.19.8 broadcasts each parameter as `p.data.view(torch.uint8)`, which raises
+    for 0-dim tensors (the VAE's log_scale): in the engine (ZeRO 0-2) and where ZeRO-3
+    converts a parameter. While they run, such parameters are 1-element views of the same
+    storage; their shape is back before anything hooks or gathers them.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    engine_class = deepspeed.DeepSpeedEngine
+    broadcast_model, zero_init_param = engine_class._broadcast_model, Init._zero_init_param
+
+    def broadcast(engine):
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        with _as_vectors(scalars):
+            broadcast_model(engine)
+
+    def zero_init(init, param):
+        if param.dim() != 0:
+            return zero_init_param(init, param)
+        with _as_vectors([param]):
+            zero_init_param(init, param)  # records the shape it sees, then partitions
+        param.ds_shape = torch.Size(())  # gathers rebuild the true 0-dim shape
+
+    engine_class._broadcast_model, Init._zero_init_param = broadcast, zero_init
+    try:
+        yield
+    finally:
+        engine_class._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
+
+
+@contextlib.contextmanager
+def _as_vectors(scalars: list[torch.Tensor]) -> Iterator[None]:
+    for param in scalars:
+        param.data = param.data.reshape(1)
+    try:
+        yield
+    finally:
+        for param in scalars:
+            if param.data.numel() == 1:  # ZeRO-3 has partitioned it away meanwhile
+                param.data = param.data.reshape(())
+
+
+def _clip(module: nn.Module, max_norm: float) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _detached_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """An fp32 copy of `module` with its current (gathered) weights, free of DeepSpeed.
+
+    Not copy.deepcopy: that would also copy what ZeRO hangs on parameters (the ZeRO-3
+    optimizer itself, fp32 partitions) and keep ZeRO's hooks, which would then try to fetch
+    the copy's parameters. Other attributes are shared: they are read, never trained.
+    """
+    memo = {} if memo is None else memo  # tied weights stay tied
+    clone = copy.copy(module)
+    clone._parameters = {key: None if p is None else _memo(memo, p, lambda t: nn.Parameter(
+        _fp32_copy(t), requires_grad=False)) for key, p in module._parameters.items()}
+    clone._buffers = {key: None if b is None else _memo(memo, b, _fp32_copy)
+                      for key, b in module._buffers.items()}
+    clone._modules = {key: None if m is None else _detached_copy(m, memo) for key, m in module._modules.items()}
+    hook_dicts = {key: value for key, value in vars(module).items() if "hooks" in key and isinstance(value, dict)}
+    deepspeed_ids = {hook_id for hooks in hook_dicts.values() for hook_id, hook in hooks.items()
+                     if _from_deepspeed(hook)}
+    for key, hooks in hook_dicts.items():  # companion dicts (with_kwargs) share the hook ids
+        clone.__dict__[key] = type(hooks)((i, h) for i, h in hooks.items() if i not in deepspeed_ids)
+    return clone
+
+
+def _memo(memo: dict, tensor: torch.Tensor, make):
+    if id(tensor) not in memo:
+        memo[id(tensor)] = make(tensor)
+    return memo[id(tensor)]
+
+
+def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).clone()
+
+
+def _from_deepspeed(hook) -> bool:
+    func = getattr(hook, "hook", hook)  # torch wraps some hooks
+    func = getattr(func, "__func__", func)
+    return str(getattr(func, "__module__", "") or "").startswith("deepspeed")
