@@ -39,6 +39,7 @@ def global_batches(steps: int, micro: int) -> list[torch.Tensor]:
 def build_strategy(spec: JobSpec):
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
     model = ConvVAE(SHAPE, LATENT, [8, 16], "bernoulli")
+    model.enable_grad_checkpointing(spec.strategy.grad_checkpointing)  # as the loop does
     strategy = make_strategy(spec, torch.device("cpu"))
     strategy.setup({"vae": model}, {"vae": make_optimizer(model.parameters(), spec.train.optimizer)})
     return strategy

@@ -60,3 +60,13 @@ def test_gan_shaped_pair_trains(name):
     assert moved == {"generator": True, "discriminator": True}
     assert all(map(torch.isfinite, torch.tensor(d_losses + g_losses)))
     assert d_losses[-1] != d_losses[0] and g_losses[-1] != g_losses[0]
+
+
+@pytest.mark.parametrize("section", [{"name": "ddp"}, {"name": "deepspeed", "zero_stage": 3}],
+                         ids=["ddp", "zero3"])
+def test_grad_checkpointing_changes_no_number(section):
+    expected_losses, expected_params = reference(grad_clip=0.5)
+    losses, params = run_world(run_losses, 2, args=({**section, "grad_checkpointing": True},
+                                                    {"grad_clip": 0.5}, STEPS))[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(params, expected_params, rtol=1e-5, atol=1e-6)
