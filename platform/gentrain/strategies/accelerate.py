@@ -177,33 +177,15 @@ class AccelerateStrategy(Strategy):
         self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
 
-    def lr(self, name):
-        optimizer = self._optimizers.get(name)
-        return optimizer.param_groups[0]["lr"] if optimizer is not None else None
-
     def save(self, directory, rank):
-        if rank != 0:  # DDP replicas are identical: one copy is enough
-            return
-        scaler = self._accelerator.scaler
-        state = {
-            "modules": {name: self.unwrap(name).state_dict() for name in self.names},
-            "optimizers": {name: o.optimizer.state_dict() for name, o in self._optimizers.items()},
-            "schedulers": {name: s.state_dict() for name, s in self._schedulers.items()},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": self.ema_state(),
-        }
-        torch.save(state, os.path.join(directory, STATE_FILE))
+        if rank == 0:  # DDP replicas are identical: one copy is enough
+            scaler = self._accelerator.scaler
+            self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
+                               self._schedulers, scaler.state_dict() if scaler is not None else None)
 
     def load(self, directory):
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location=self.device,
-                           weights_only=True)
-        for name in self.names:
-            self.unwrap(name).load_state_dict(state["modules"][name])
-        for name, optimizer in self._optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        for name, scheduler in self._schedulers.items():
-            scheduler.load_state_dict(state["schedulers"][name])
+        state = self._load_replica(os.path.join(directory, STATE_FILE), self._optimizers,
+                                   self._schedulers)
         scaler = self._accelerator.scaler
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        self.load_ema_state(state.get("ema", {}))

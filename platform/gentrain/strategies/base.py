@@ -110,9 +110,13 @@ class Strategy(ABC):
     def step(self, name: str) -> dict[str, float]:
         """Clip, step optimizer and schedule, zero grads; returns {'grad_norm': ...}."""
 
-    @abstractmethod
     def lr(self, name: str) -> float | None:
-        """The current learning rate of `name`'s optimizer (None: `name` is not trained)."""
+        """The current learning rate of `name`'s optimizer (None: `name` is not trained).
+
+        Strategies that keep torch optimizers in `self._optimizers` need not override it.
+        """
+        optimizer = getattr(self, "_optimizers", {}).get(name)
+        return optimizer.param_groups[0]["lr"] if optimizer is not None else None
 
     # -- collectives ------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
@@ -187,6 +191,28 @@ class Strategy(ABC):
     @abstractmethod
     def load(self, directory: str) -> None:
         """Restore what `save` wrote (all ranks read)."""
+
+    def _save_replica(self, path: str, optimizers: dict, schedulers: dict, scaler_state) -> None:
+        """One file with everything of a replicated (DDP-style) run; rank 0 writes it."""
+        torch.save({
+            "modules": {name: self.unwrap(name).state_dict() for name in self.names},
+            "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+            "scaler": scaler_state,
+            "ema": self.ema_state(),
+        }, path)
+
+    def _load_replica(self, path: str, optimizers: dict, schedulers: dict) -> dict:
+        """Restore what `_save_replica` wrote (every rank reads); returns the raw state."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        for name in self.names:
+            self.unwrap(name).load_state_dict(state["modules"][name])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.load_ema_state(state.get("ema", {}))
+        return state
 
     def export_state_dicts(self) -> dict[str, dict[str, Any]]:
         """Plain fp32 state_dicts of every network, on CPU."""

@@ -80,30 +80,12 @@ class DDPStrategy(Strategy):
         self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
 
-    def lr(self, name):
-        optimizer = self._optimizers.get(name)
-        return optimizer.param_groups[0]["lr"] if optimizer is not None else None
-
     def save(self, directory, rank):
-        if rank != 0:  # replicas are identical: one copy is enough
-            return
-        state = {
-            "modules": {name: m.state_dict() for name, m in self._plain.items()},
-            "optimizers": {name: o.state_dict() for name, o in self._optimizers.items()},
-            "schedulers": {name: s.state_dict() for name, s in self._schedulers.items()},
-            "scaler": self._scaler.state_dict(),
-            "ema": self.ema_state(),
-        }
-        torch.save(state, os.path.join(directory, STATE_FILE))
+        if rank == 0:  # replicas are identical: one copy is enough
+            self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
+                               self._schedulers, self._scaler.state_dict())
 
     def load(self, directory):
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location=self.device,
-                           weights_only=True)
-        for name, module in self._plain.items():
-            module.load_state_dict(state["modules"][name])
-        for name, optimizer in self._optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        for name, scheduler in self._schedulers.items():
-            scheduler.load_state_dict(state["schedulers"][name])
+        state = self._load_replica(os.path.join(directory, STATE_FILE), self._optimizers,
+                                   self._schedulers)
         self._scaler.load_state_dict(state["scaler"])
-        self.load_ema_state(state.get("ema", {}))
