@@ -41,13 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data set tools").add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
     pack = data.add_parser("pack", help="pack a data source into WebDataset shards")
-    pack.add_argument("source", help="a built-in source: digits, mnist5k")
+    pack.add_argument("source", help="a built-in source (digits, mnist5k), an image folder, "
+                      "a .npz/.npy file, MNIST IDX files, CIFAR python batches or a text file")
     pack.add_argument("--out", required=True, help="output folder (shards + index.json)")
-    pack.add_argument("--per-shard", type=int, default=512, help="samples per shard (default 512)")
+    size = pack.add_mutually_exclusive_group()
+    size.add_argument("--per-shard", type=int, default=None,
+                      help="samples per shard (default 512 unless --shard-size is given)")
+    size.add_argument("--shard-size", default=None, help="target shard size, e.g. 256MB")
     pack.add_argument("--test-fraction", type=float, default=0.1,
-                      help="held-out fraction written as the 'test' split (default 0.1)")
+                      help="held-out fraction written as the 'test' split when the source has "
+                      "no split of its own (default 0.1)")
+    pack.add_argument("--image-size", type=int, default=None,
+                      help="resize the shorter side and centre-crop images to this side")
+    pack.add_argument("--seq-len", type=int, default=256,
+                      help="text sources: bytes per sample sequence (default 256)")
+    pack.add_argument("--workers", type=int, default=1, help="packing processes (default 1)")
     pack.add_argument("--seed", type=int, default=0)
     pack.set_defaults(handler=cmd_data_pack)
+
+    bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+    bench_data = bench_kinds.add_parser(
+        "data", help="data pipeline samples/s against plain tarfile + numpy reading")
+    bench_data.add_argument("--samples", type=int, default=20000,
+                            help="samples per measured configuration (default 20000)")
+    bench_data.add_argument("--json", default="bench-data.json", help="where to write results")
+    bench_data.set_defaults(handler=cmd_bench_data)
     return parser
 
 
@@ -105,10 +124,19 @@ def cmd_data_pack(args) -> int:
     from gentrain.data.pack import pack_source
 
     index = pack_source(args.source, args.out, per_shard=args.per_shard,
-                        test_fraction=args.test_fraction, seed=args.seed)
+                        shard_size=args.shard_size, test_fraction=args.test_fraction,
+                        seed=args.seed, workers=args.workers, image_size=args.image_size,
+                        seq_len=args.seq_len)
     splits = ", ".join(f"{name}: {info['total']} samples in {len(info['shards'])} shards"
                        for name, info in index["splits"].items())
     print(f"[gentrain] packed {args.source} into {args.out} ({splits})")
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from gentrain.bench.data import run_data_bench
+
+    run_data_bench(samples=args.samples, json_path=args.json)
     return 0
 
 

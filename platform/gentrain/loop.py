@@ -21,6 +21,7 @@ import ray.train
 import torch
 
 from gentrain.checkpoint import read_meta, step_dir_name, write_meta
+from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
 from gentrain.registry import DataInfo, get_job_type
@@ -83,7 +84,7 @@ class Worker:
 
             spool = None if "://" in spec.storage_path else os.path.join(spec.run_dir, "mlflow-spool")
             self.logger = RunLogger(tracking_uri, run_id, spool_dir=spool)
-        self.index = load_index(spec.data.source)
+        self.index = load_index(spec.data.source, allow_pipe=spec.data.allow_pipe)
         self.job = get_job_type(spec.job.type)
         self.config = job_config(spec)
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
@@ -97,6 +98,8 @@ class Worker:
         self.ctx = StepContext(self.strategy, self.config)
         self.step = 0
         self.batches_consumed = 0
+        self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
+        self.skipped_before = 0  # data/skipped_samples at the checkpoint this run resumed from
 
     def _optimizers(self, modules):
         section = self.spec.train.optimizer
@@ -115,6 +118,7 @@ class Worker:
             meta = read_meta(directory) or {}
         self.step = int(meta.get("step", 0))
         self.batches_consumed = int(meta.get("batches_consumed", 0))
+        self.skipped_before = int(meta.get("skipped_samples", 0))
         self._print(f"resumed from step {self.step} ({checkpoint.path})")
         return True
 
@@ -127,14 +131,7 @@ class Worker:
             return
         if not resumed:
             self.evaluate()
-        per_epoch = batches_per_epoch(self.index, spec.data.train_split, spec.train.batch_size,
-                                      self.world_size)
-        epoch, skip = divmod(self.batches_consumed, per_epoch)
-        batches = train_batches(self.index, spec.data.train_split, spec.train.batch_size,
-                                self.rank, self.world_size, spec.train.seed,
-                                loader_workers=spec.data.loader_workers,
-                                shuffle_buffer=spec.data.shuffle_buffer, start_epoch=epoch,
-                                start_batch=skip)  # continue mid-epoch where the checkpoint stopped
+        batches = self._train_batches()
         window = _Window()
         while self.step < spec.train.steps:
             metrics = self._optimizer_step(batches)
@@ -148,6 +145,28 @@ class Worker:
             if self.step % spec.checkpoint.every == 0 or self.step == spec.train.steps:
                 self.save_checkpoint()
         self.evaluate()
+
+    def _train_batches(self):
+        data = self.spec.data
+        epoch_samples = data.epoch_samples if data.resampled else None
+        per_epoch = batches_per_epoch(self.index, data.train_split, self.spec.train.batch_size,
+                                      self.world_size, epoch_samples=epoch_samples)
+        epoch, skip = divmod(self.batches_consumed, per_epoch)
+        self.train_data = train_batches(
+            self.index, data.train_split, self.spec.train.batch_size, self.rank, self.world_size,
+            self.spec.train.seed, loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
+            start_epoch=epoch, start_batch=skip,  # continue mid-epoch where the checkpoint stopped
+            augment=Augmentation(flip=data.augment.flip, crop_padding=data.augment.crop_padding),
+            resampled=data.resampled, epoch_samples=data.epoch_samples, on_error=data.on_error,
+            allow_pipe=data.allow_pipe)
+        return self.train_data
+
+    def _skipped_samples(self) -> int:
+        """data/skipped_samples: all ranks' skips in this run plus the total before a restart.
+        A collective: every rank calls it at the same step."""
+        mine = torch.tensor([float(self.train_data.skipped_samples if self.train_data else 0)],
+                            dtype=torch.float64)
+        return self.skipped_before + int(self.strategy.all_reduce(mine, op="sum")[0])
 
     def _optimizer_step(self, batches) -> dict[str, float]:
         accum = self.spec.train.grad_accum
@@ -187,8 +206,12 @@ class Worker:
                 metrics[f"train/lr/{name}"] = lr
         eta = (spec.train.steps - self.step) * elapsed / window.count
         loss = metrics.get("train/loss", float("nan"))
+        skipped = ""
+        if spec.data.on_error == "skip":
+            metrics["data/skipped_samples"] = self._skipped_samples()
+            skipped = f" | {metrics['data/skipped_samples']:,} samples skipped"
         self._print(f"step {self.step}/{spec.train.steps} | loss {loss:.4f} | "
-                    f"{metrics['train/samples_per_second']:,.0f} samples/s | eta {_clock(eta)}")
+                    f"{metrics['train/samples_per_second']:,.0f} samples/s | eta {_clock(eta)}{skipped}")
         if self.logger:
             self.logger.log_metrics(metrics, step=self.step)
 
@@ -209,7 +232,8 @@ class Worker:
         sums: dict[str, float] = {}
         count = 0
         batches = eval_batches(self.index, spec.data.eval_split, spec.train.batch_size,
-                               self.rank, self.world_size)
+                               self.rank, self.world_size, on_error=spec.data.on_error,
+                               allow_pipe=spec.data.allow_pipe)
         for i, batch in enumerate(batches):
             if i >= spec.eval.max_batches:
                 break
@@ -251,12 +275,14 @@ class Worker:
 
     # -- checkpoints ----------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        skipped = self._skipped_samples() if self.spec.data.on_error == "skip" else 0
         with tempfile.TemporaryDirectory() as directory:
             self.strategy.save(directory, self.rank)
             if self.rank == 0:
                 write_meta(directory, {
                     "step": self.step,
                     "batches_consumed": self.batches_consumed,
+                    "skipped_samples": skipped,
                     "world_size": self.world_size,
                     "mlflow_run_id": self.run_id,
                     "job_type": self.spec.job.type,

@@ -31,14 +31,26 @@ class JobSection:
 
 
 @dataclass
+class AugmentSection:
+    flip: bool = False  # random horizontal flip
+    crop_padding: int = field(default=0, metadata=bounds(ge=0, help="pad then random-crop back"))
+
+
+@dataclass
 class DataSection:
-    # A packed data set: a folder or URL holding index.json, or `builtin:NAME`
-    # (packed into the cache on first use; see `gentrain data pack`).
+    # A packed data set: a folder or URL (http(s)://, s3://, gs://) holding index.json,
+    # or `builtin:NAME` (packed into the cache on first use; see `gentrain data pack`).
     source: str = "builtin:digits"
     train_split: str = "train"
     eval_split: str = "test"
     shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
     loader_workers: int = field(default=0, metadata=bounds(ge=0))
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    # Infinite resampled shard streams with a fixed epoch length (very large sets).
+    resampled: bool = False
+    epoch_samples: int | None = field(default=None, metadata=bounds(ge=1, help="with resampled"))
+    on_error: Literal["fail", "skip"] = "fail"  # a corrupt or missing shard
+    allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
 
 
 @dataclass
@@ -147,6 +159,10 @@ def _cross_checks(spec: JobSpec) -> list[str]:
     if gpus and not spec.scaling.use_gpu:
         problems.append(f"scaling.resources_per_worker.GPU: {gpus} is set but scaling.use_gpu is "
                         "false; either set scaling.use_gpu=true or remove GPU from resources_per_worker")
+    if spec.data.epoch_samples is not None and not spec.data.resampled:
+        problems.append(f"data.epoch_samples: {spec.data.epoch_samples} only applies with "
+                        "data.resampled=true; set it, or remove epoch_samples (exact epochs "
+                        "use the index's sample counts)")
     strategy = spec.strategy
     if strategy.name != "deepspeed":
         for key in ("zero_stage", "offload_optimizer", "offload_param", "deepspeed_config"):

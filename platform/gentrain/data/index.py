@@ -6,6 +6,17 @@
 The index is what lets every rank agree on the epoch length before reading a
 byte of data: shard names, samples per shard, image shape and classes. A
 `builtin:NAME` source is packed into a local cache the first time it is used.
+
+The index is required: a bare shard pattern (`http://host/train-{000000..000099}.tar`)
+as a data source is refused, because without per-shard sample counts no rank
+can know the epoch length up front, and a truncated shard could not be told
+from a short one. Inside index.json a shard name may itself be a brace pattern
+(`"shards": ["train-{000000..000099}.tar"]`, one count per expanded name).
+
+An index is data from whoever wrote it, so its shard names must stay inside its
+own folder: no `pipe:` commands, no other URLs or absolute paths, no `..`.
+`load_index(..., allow_pipe=True)` (the spec's `data.allow_pipe: true`) trusts
+the index fully and lifts all three limits.
 """
 
 from __future__ import annotations
@@ -13,11 +24,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import braceexpand  # a dependency of webdataset, which expands shard patterns the same way
+
+from gentrain.data import remote
+from gentrain.data.errors import UnsafeURLError
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, pack_source
 from gentrain.data.sources import UnknownSourceError, known_sources
 
@@ -26,6 +43,7 @@ BUILTIN_PREFIX = "builtin:"
 # gives enough shards for several ranks x loader workers to each get one.
 BUILTIN_PER_SHARD = 128
 _REQUIRED_KEYS = ("shape", "num_classes", "class_names", "splits", "content_hash")
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -49,11 +67,14 @@ class DatasetIndex:
 
     location: str
     source: str
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # one sample: [C, H, W] for images, [seq_len] for text
     num_classes: int
     class_names: tuple[str, ...]
     splits: dict[str, SplitInfo]
     content_hash: str
+    # Loaded with allow_pipe: shard names may be pipe: commands or point anywhere.
+    trusted: bool = False
+    kind: str = "image"  # "image" (png or npy samples) or "text" (raw byte tokens)
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -62,23 +83,39 @@ class DatasetIndex:
 
     def shard_urls(self, split: str) -> list[str]:
         """Absolute paths (or URLs) of the split's shards, in index order."""
-        return [_join(self.location, name) for name in self.split(split).shards]
+        return [_shard_url(self.location, name, self.trusted) for name in self.split(split).shards]
 
     def total(self, split: str) -> int:
         return self.split(split).total
 
 
-def load_index(location: str) -> DatasetIndex:
-    """Read index.json from a folder, a path to index.json, or an http(s):// folder URL."""
+def load_index(location: str, allow_pipe: bool = False) -> DatasetIndex:
+    """Read index.json from a folder, a path to index.json, `builtin:NAME`, or a folder URL.
+
+    URLs: http(s):// always; s3://, gs:// and other fsspec protocols when their
+    package is installed (else MissingExtraError naming the extra). `allow_pipe`
+    trusts the index (see the module docstring); without it, shard names that are
+    commands, URLs, absolute paths or climb out with `..` raise UnsafeURLError.
+    """
     location = os.fspath(location)
-    if _is_url(location):
+    if location.startswith(BUILTIN_PREFIX):
+        location = resolve_builtin(location)
+    _refuse_pattern(location)
+    scheme = remote.url_scheme(location)
+    if scheme == "file":
+        location = urllib.request.url2pathname(urllib.parse.urlparse(location).path)
+        scheme = ""
+    if scheme == remote.PIPE_SCHEME:
+        raise UnsafeURLError(
+            f"data.source: {location!r} is a pipe: command; an index is read from a folder or a URL "
+            "(pipe: commands may only name shards inside an index, with data.allow_pipe: true)"
+        )
+    if scheme in remote.CURL_SCHEMES:
         base = _strip_index_name(location.rstrip("/"))
         text = _read_url(base + "/" + INDEX_NAME)
-    elif "://" in location:
-        raise ValueError(
-            f"data location {location!r}: unsupported scheme; use a local folder, a path to "
-            f"{INDEX_NAME}, or an http(s):// URL of the folder"
-        )
+    elif scheme:
+        base = _strip_index_name(location.rstrip("/"))
+        text = _read_fsspec(base + "/" + INDEX_NAME, base)
     else:
         path = Path(location).expanduser().absolute()
         index_path = path if path.name == INDEX_NAME and not path.is_dir() else path / INDEX_NAME
@@ -86,7 +123,7 @@ def load_index(location: str) -> DatasetIndex:
         if not index_path.is_file():
             raise IndexNotFoundError(_missing_message(str(index_path), base))
         text = index_path.read_text(encoding="utf-8")
-    return _parse(text, base)
+    return _parse(text, base, trusted=allow_pipe)
 
 
 def default_cache_dir() -> Path:
@@ -121,7 +158,7 @@ def resolve_builtin(source: str, cache_dir=None) -> str:
     return str(target)
 
 
-def _parse(text: str, base: str) -> DatasetIndex:
+def _parse(text: str, base: str, trusted: bool = False) -> DatasetIndex:
     where = _join(base, INDEX_NAME)
     try:
         raw = json.loads(text)
@@ -138,6 +175,10 @@ def _parse(text: str, base: str) -> DatasetIndex:
     if missing:
         raise InvalidIndexError(f"{where} lacks {', '.join(missing)}; repack with `gentrain data pack`")
     splits = {name: _parse_split(info, f"{where}: splits.{name}") for name, info in raw["splits"].items()}
+    if not trusted:
+        for info in splits.values():
+            for name in info.shards:
+                _check_shard_name(name, where, base)
     return DatasetIndex(
         location=base,
         source=str(raw.get("source", "")),
@@ -146,17 +187,69 @@ def _parse(text: str, base: str) -> DatasetIndex:
         class_names=tuple(str(name) for name in raw["class_names"]),
         splits=splits,
         content_hash=str(raw["content_hash"]),
+        trusted=trusted,
+        kind=str(raw.get("kind", "image")),
     )
 
 
 def _parse_split(info: dict, where: str) -> SplitInfo:
-    shards, counts = tuple(info.get("shards", ())), tuple(int(c) for c in info.get("counts", ()))
+    shards = tuple(expanded for name in info.get("shards", ()) for expanded in braceexpand.braceexpand(str(name)))
+    counts = tuple(int(c) for c in info.get("counts", ()))
     if len(shards) != len(counts) or sum(counts) != info.get("total"):
         raise InvalidIndexError(
-            f"{where}: {len(shards)} shards, {len(counts)} counts summing to {sum(counts)}, "
-            f"total {info.get('total')!r} do not agree; repack with `gentrain data pack`"
+            f"{where}: {len(shards)} shards (after brace expansion), {len(counts)} counts summing to "
+            f"{sum(counts)}, total {info.get('total')!r} do not agree; repack with `gentrain data pack`"
         )
+    if len(set(shards)) != len(shards):
+        # Per-shard counts are looked up by name: a repeated name would be read twice per epoch.
+        raise InvalidIndexError(f"{where}: a shard is listed twice; repack with `gentrain data pack`")
     return SplitInfo(shards=shards, counts=counts, total=sum(counts))
+
+
+def _check_shard_name(name: str, where: str, base: str) -> None:
+    if remote.url_scheme(name) == remote.PIPE_SCHEME:
+        problem = "is a pipe: command, which would run in a shell on every worker"
+    elif remote.url_scheme(name):
+        problem = "is a URL of its own"
+    elif name.startswith(("/", "\\")) or os.path.isabs(name):
+        problem = "is an absolute path"
+    elif ".." in re.split(r"[/\\]", name):
+        problem = "climbs out of the index's folder with '..'"
+    elif not name.strip():
+        problem = "is empty"
+    else:
+        return
+    raise UnsafeURLError(
+        f"{where}: shard name {name!r} {problem}; an index may only name shards inside its own folder "
+        f"({base}). Repack with `gentrain data pack` so the shards sit beside index.json, or, for an index "
+        "you trust, set data.allow_pipe: true (it trusts the index fully: pipe: commands and shards "
+        "anywhere)"
+    )
+
+
+def _shard_url(base: str, name: str, trusted: bool) -> str:
+    if trusted and remote.url_scheme(name):
+        return name
+    if trusted and name.startswith("/"):
+        return urllib.parse.urljoin(base + "/", name) if remote.is_remote(base) else name
+    return _join(base, name)
+
+
+def _refuse_pattern(location: str) -> None:
+    if _BRACES.search(location):
+        raise IndexNotFoundError(
+            f"data.source: {location!r} is a shard pattern; gentrain reads a folder or URL holding the "
+            f"{INDEX_NAME} that `gentrain data pack` writes, because its per-shard sample counts give "
+            "exact epochs and catch truncated shards. Point data.source at that folder; index.json may "
+            "list its shards as a brace pattern"
+        )
+
+
+def _read_fsspec(url: str, folder: str) -> str:
+    try:
+        return remote.read_text(url)
+    except FileNotFoundError:
+        raise IndexNotFoundError(_missing_message(url, folder)) from None
 
 
 def _read_url(url: str) -> str:
@@ -179,13 +272,9 @@ def _missing_message(index_location: str, folder: str) -> str:
     )
 
 
-def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
 def _strip_index_name(url: str) -> str:
     return url[: -len(INDEX_NAME) - 1] if url.endswith("/" + INDEX_NAME) else url
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base}/{name}" if _is_url(base) else os.path.join(base, name)
+    return f"{base}/{name}" if remote.is_remote(base) else os.path.join(base, name)

@@ -1,20 +1,23 @@
-"""Built-in data sources: image arrays that `gentrain data pack` turns into shards.
+"""Built-in data sources and the in-memory image arrays every image source becomes.
 
     gentrain data pack digits --out data/digits
 
-Every source is a function in `SOURCES` that returns an `ArraySource` (uint8
-images N x H x W x C, integer labels, class names). `open_source` adds a
+Every built-in source is a function in `SOURCES` that returns an `ArraySource`
+(uint8 images N x H x W x C, integer labels, class names). `open_source` adds a
 deterministic train/test split on top, so the same name, seed and fraction give
-the same split on every machine. Adding a source (an image folder, an .npz, IDX
-or CIFAR files) means writing one loader and calling `register_source`.
+the same split on every machine. Sources read from files (IDX, CIFAR, .npz,
+.npy) live in `formats.py`, image folders in `image_folder.py`, and
+`packable.py` decides which one a SOURCE argument names.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 SPLITS = ("train", "test")
 
@@ -83,6 +86,57 @@ def split_indices(num_samples: int, test_fraction: float, seed: int) -> dict[str
     order = np.random.default_rng(seed).permutation(num_samples)
     num_test = int(round(num_samples * test_fraction))
     return {"train": order[num_test:], "test": order[:num_test]}
+
+
+def combine_splits(name: str, parts: dict[str, ArraySource], seed: int) -> SplitSource:
+    """A source that comes split (train and test files) as one array plus per-split rows.
+
+    Each split's rows are put in a seeded random order: files sorted by class
+    would otherwise give shards of one class, which the reader's shuffle
+    buffer cannot mix back.
+    """
+    first = next(iter(parts.values()))
+    for split, part in parts.items():
+        if part.images.shape[1:] != first.images.shape[1:]:
+            raise ValueError(
+                f"source {name!r}: split {split!r} has images of shape {list(part.images.shape[1:])} but "
+                f"another split has {list(first.images.shape[1:])}; every split must share one image shape"
+            )
+    images = np.concatenate([part.images for part in parts.values()]) if len(parts) > 1 else first.images
+    labels = np.concatenate([part.labels for part in parts.values()]) if len(parts) > 1 else first.labels
+    indices, start = {}, 0
+    for number, (split, part) in enumerate(parts.items()):
+        order = np.random.default_rng([seed, number]).permutation(len(part.images))
+        indices[split] = start + order
+        start += len(part.images)
+    return SplitSource(name, ArraySource(images, labels, first.class_names), indices)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 H x W x C image (C=1 as mode L, C=3 as RGB)."""
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fit_image(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (aspect kept), then crop the centre `size` x `size`."""
+    width, height = image.size
+    scale = size / min(width, height)
+    scaled = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if scaled != image.size:
+        image = image.resize(scaled, Image.Resampling.BICUBIC)
+    left, top = (scaled[0] - size) // 2, (scaled[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def fit_array(image: np.ndarray, size: int) -> np.ndarray:
+    """`fit_image` for a uint8 H x W x C array."""
+    channels = image.shape[-1]
+    picture = Image.fromarray(np.ascontiguousarray(image[..., 0] if channels == 1 else image))
+    pixels = np.asarray(fit_image(picture, size))
+    return pixels[..., None] if channels == 1 else pixels
 
 
 def load_digits() -> ArraySource:

@@ -122,11 +122,12 @@ class Strategy(ABC):
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         if not torch.distributed.is_initialized():
             return tensor
-        tensor = tensor.clone()
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        # On the strategy's device: NCCL cannot reduce CPU tensors.
+        reduced = tensor.to(self.device, copy=True)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
         if op == "mean":
-            tensor /= torch.distributed.get_world_size()
-        return tensor
+            reduced /= torch.distributed.get_world_size()
+        return reduced.to(tensor.device)
 
     def barrier(self) -> None:
         if torch.distributed.is_initialized():

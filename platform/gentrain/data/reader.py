@@ -1,0 +1,243 @@
+"""Pipeline stages that turn shard URLs into decoded samples, and the bad-shard policy.
+
+    data.on_error: fail   # default: a bad shard stops the run, naming the shard and the fix
+    data.on_error: skip   # drop what cannot be read, count it, train on
+
+A shard is bad when it cannot be opened (missing file, HTTP 404, no access),
+its tar stream breaks (truncated, garbage bytes), it holds fewer samples than
+index.json says (a tar cut at a member boundary reads as a clean, short
+archive: only the count gives it away), or one of its samples does not decode.
+Errors are raised where the shard is read, never at start-up and never as a
+hang. With `skip`, a failed shard counts its unread samples as skipped
+(index count minus samples already read from it) and a bad sample counts one;
+a reader does not retry a failed shard in the same epoch, and raises if every
+shard it holds has failed, since it could never fill another batch.
+
+Each stage runs inside its DataLoader worker; `ReadLog` counts there and the
+pipeline hands the counts to the training process with each batch.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
+from webdataset.gopen import Pipe
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from gentrain.data.errors import DataConfigError, ShardReadError, SkippedDataWarning
+from gentrain.data.remote import open_stream
+
+ON_ERROR = ("fail", "skip")
+_FIX = "repack it (`gentrain data pack`) or, to train on without it, set `data.on_error: skip`"
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise DataConfigError(f"data.on_error: {on_error!r} is not one of {', '.join(map(repr, ON_ERROR))}")
+
+
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's id, worker count); (0, 1) when reading in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ReadLog:
+    """One reader's (rank, loader worker, epoch) failed shards and skipped-sample count."""
+
+    def __init__(self, on_error: str = "fail"):
+        check_on_error(on_error)
+        self.skip = on_error == "skip"
+        self.failed: dict[str, str] = {}  # url -> why
+        self.pending = 0  # skipped since the last batch left this reader
+
+    def shard_failed(self, url: str, error: BaseException, lost: int, stream=None) -> None:
+        reason = _describe(error, stream)
+        if not self.skip:
+            raise ShardReadError(f"cannot read shard {url}: {reason}; {_FIX}") from error
+        self.failed[url] = reason
+        self.pending += max(lost, 0)
+        warnings.warn(f"data.on_error: skip: skipped shard {url} ({max(lost, 0)} unread samples): {reason}",
+                      SkippedDataWarning, stacklevel=2)
+
+    def sample_failed(self, sample: dict, error: BaseException) -> None:
+        where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
+        if not self.skip:
+            raise ShardReadError(f"cannot decode {where}: {_describe(error)}; {_FIX}") from error
+        self.pending += 1
+        warnings.warn(f"data.on_error: skip: skipped {where}: {_describe(error)}", SkippedDataWarning, stacklevel=2)
+
+    def take(self) -> int:
+        """Samples skipped since the previous call (attached to the next batch)."""
+        count, self.pending = self.pending, 0
+        return count
+
+
+class ReaderShards:
+    """Pipeline source: the shards one (rank, loader worker) reads in one epoch, as endless cycles.
+
+    Dealt (the default): every rank shuffles the split's shards with the same
+    (seed, epoch) seed and takes every world_size-th one, so ranks never share a
+    shard; a rank's loader workers split its share the same way. Each cycle is
+    the reader's own shards in a fresh order, so the epoch length is set by the
+    batch count alone, and the next stage shuffles samples within a cycle only:
+    no sample comes round twice before all of its reader's others have.
+    Resampled: a single endless cycle of draws from the whole split with
+    replacement, seeded by (seed, epoch, rank, worker).
+    """
+
+    def __init__(self, urls, rank: int, world_size: int, seed: int, epoch: int, log: ReadLog,
+                 resampled: bool = False):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.seed, self.epoch, self.log, self.resampled = seed, epoch, log, resampled
+
+    def __call__(self):
+        worker, workers = worker_slot()
+        if self.resampled:
+            return iter([self._draws(worker)])
+        return self._cycles(worker, workers)
+
+    def _cycles(self, worker: int, workers: int):
+        urls = list(self.urls)
+        # Same seed on every rank, so every rank sees the same deal and shares stay disjoint.
+        random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(urls)
+        mine = urls[self.rank :: self.world_size][worker::workers]
+        for repeat in itertools.count():
+            order = self._live(mine)
+            random.Random(f"rank:{self.seed}:{self.epoch}:{self.rank}:{worker}:{repeat}").shuffle(order)
+            yield order
+
+    def _draws(self, worker: int):
+        draws = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        while True:
+            yield draws.choice(self._live(self.urls))
+
+    def _live(self, urls: list[str]) -> list[str]:
+        live = [url for url in urls if url not in self.log.failed]
+        if not live:
+            url, reason = next(iter(self.log.failed.items()))
+            raise ShardReadError(
+                f"every one of the {len(urls)} shards that rank {self.rank} (loader worker "
+                f"{worker_slot()[0]}) reads failed (e.g. {url}: {reason}); data.on_error: skip needs at "
+                "least one readable shard per reader: repack the bad shards (`gentrain data pack`)"
+            )
+        return live
+
+
+class ShardSamples:
+    """Shard URLs -> raw samples {__key__, __url__, png, cls}, checked against index counts."""
+
+    def __init__(self, counts: dict[str, int], log: ReadLog, allow_pipe: bool = False):
+        self.counts, self.log, self.allow_pipe = counts, log, allow_pipe
+
+    def __call__(self, urls):
+        for url in urls:
+            yield from self._read(url)
+
+    def _read(self, url: str):
+        expected = self.counts.get(url, 0)
+        try:
+            stream = open_stream(url, allow_pipe=self.allow_pipe)
+        except Exception as error:
+            self.log.shard_failed(url, error, lost=expected)
+            return
+        yielded, held = 0, None
+        try:
+            # One sample is held back until the next one starts: a tar cut mid-sample ends
+            # with a partial sample, which must be blamed on the shard, not decoded.
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                if held is not None:
+                    yield held
+                    yielded += 1
+                held = sample
+            stream.close()  # a curl pipe reports its exit status here
+            read = yielded + (held is not None)
+            if read != expected and url in self.counts:
+                raise ShardReadError(f"it ends after {read} samples but index.json lists {expected} "
+                                     "(truncated, or packed again after the index was written)")
+        except GeneratorExit:
+            # The epoch ended mid-shard: close without judging a stream we cut off ourselves.
+            _close_quietly(stream)
+            raise
+        except Exception as error:
+            _close_quietly(stream)
+            self.log.shard_failed(url, error, lost=expected - yielded, stream=stream)
+            return
+        if held is not None:
+            yield held
+
+
+class SampleDecoder:
+    """Stage: raw samples -> (tensor, label, key) via decode_sample; bad samples go to the log."""
+
+    def __init__(self, shape, log: ReadLog):
+        self.shape, self.log = tuple(shape), log
+
+    def __call__(self, samples):
+        for sample in samples:
+            try:
+                decoded = decode_sample(sample, self.shape), int(sample.get("cls", 0)), sample["__key__"]
+            except Exception as error:
+                self.log.sample_failed(sample, error)
+                continue
+            yield decoded
+
+
+def decode_sample(sample: dict, shape) -> torch.Tensor:
+    """One shard sample -> a tensor: `png` or `npy` images (float32 [C, H, W] in [0, 1]),
+    or `tokens` (raw bytes of a text sequence, int64 [seq_len])."""
+    if "png" in sample:
+        return decode_image(sample["png"], shape)
+    if "npy" in sample:
+        array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)  # never unpickle shard data
+        return _checked(torch.from_numpy(np.ascontiguousarray(array)), shape).to(torch.float32).div_(255.0)
+    if "tokens" in sample:
+        tokens = torch.frombuffer(bytearray(sample["tokens"]), dtype=torch.uint8)
+        return _checked(tokens, shape).to(torch.int64)
+    entries = sorted(key for key in sample if not key.startswith("__"))
+    raise KeyError(f"no 'png', 'npy' or 'tokens' entry (it has {entries}); repack with `gentrain data pack`")
+
+
+def _checked(tensor: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"a sample has shape {list(tensor.shape)} but the index says {list(shape)}: "
+                         "the shards and index.json disagree; repack with `gentrain data pack`")
+    return tensor
+
+
+def decode_image(png: bytes, shape) -> torch.Tensor:
+    """PNG bytes -> float32 [C, H, W] in [0, 1]; `shape` is the index's [C, H, W]."""
+    channels, height, width = shape
+    with Image.open(io.BytesIO(png)) as image:
+        pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
+    tensor = torch.from_numpy(pixels)
+    tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
+    return _checked(tensor, (channels, height, width)).to(torch.float32).div_(255.0)
+
+
+def _describe(error: BaseException, stream=None) -> str:
+    """A one-line reason; WebDataset appends streams and URLs to error args, which we drop."""
+    if isinstance(stream, Pipe) and stream.status not in (None, 0, 23, 141):
+        detail = " (the server answered with an HTTP error such as 404)" if stream.status == 22 else ""
+        return f"curl exited with status {stream.status}{detail}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{type(error).__name__}: {error.strerror}"
+    if isinstance(error, ShardReadError) and error.args:
+        return str(error.args[0])
+    # tar_file_iterator appends " @ <stream repr>" to the first argument.
+    first = str(error.args[0]).split(" @ ")[0] if error.args else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - the stream is already being given up; its reason is reported elsewhere
+        pass

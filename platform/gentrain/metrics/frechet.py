@@ -1,0 +1,171 @@
+"""Frechet distance between Gaussians fitted to features: FID when the features are Inception's.
+
+    from gentrain.metrics.frechet import fid_from_features
+    fid = fid_from_features(real_features, fake_features)   # [N, D] arrays
+
+d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), all in float64.
+
+The matrix square root is never taken of S1 S2 itself (not symmetric, so a general
+`sqrtm` is needed, which can return complex parts or fail on singular matrices).
+Only its trace is needed, and S1 S2 has the same eigenvalues as the symmetric PSD
+matrix M = S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum_i sqrt(eig_i(M)). Both
+square roots come from `eigh` of symmetric matrices, whose tiny negative eigenvalues
+(rounding) are clamped to 0. This is exact for singular covariances too (fewer samples
+than dimensions), so no offset is needed there. Only if an eigendecomposition fails
+to converge is eps * I added to both covariances and the distance recomputed; that is
+reported (`FrechetTerms.offset`, a warning) so a number computed that way is never
+mistaken for a clean one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+# Eigenvalues of an input covariance below -NEGATIVE_TOLERANCE * (largest eigenvalue)
+# are more than rounding: the matrix is not a covariance and the distance would be
+# meaningless, so that is an error rather than something to clamp away.
+NEGATIVE_TOLERANCE = 1e-5
+
+
+class FrechetTerms(NamedTuple):
+    distance: float
+    mean_term: float  # |mu1 - mu2|^2
+    trace_term: float  # tr(S1 + S2 - 2 (S1 S2)^(1/2))
+    offset: float  # eps added to both diagonals; 0.0 unless an eigendecomposition failed
+
+
+class RunningStatistics:
+    """Mean and covariance of features seen batch by batch (50k x 2048 never held at once).
+
+    Sums are taken around the first batch's mean (a shifted-data algorithm) so that
+    the final E[xx^T] - mu mu^T does not cancel catastrophically.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+
+    def update(self, features) -> None:
+        batch = _as_features(features, "features")
+        if self._shift is None:
+            self._shift = batch.mean(axis=0)
+            self._sum = np.zeros_like(self._shift)
+            self._outer = np.zeros((batch.shape[1], batch.shape[1]))
+        if batch.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"features have dimension {batch.shape[1]}, earlier batches had {self._shift.shape[0]}")
+        centred = batch - self._shift
+        self._sum += centred.sum(axis=0)
+        self._outer += centred.T @ centred
+        self.count += batch.shape[0]
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        mean_shifted = self._sum / self.count
+        sigma = (self._outer - self.count * np.outer(mean_shifted, mean_shifted)) / (self.count - 1)
+        return self._shift + mean_shifted, (sigma + sigma.T) / 2
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) in float64; sigma is the unbiased sample covariance, as in pytorch-fid."""
+    array = _as_features(features, "features")
+    if array.shape[0] < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {array.shape[0]}")
+    return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
+
+
+def fid_from_features(real_features, fake_features) -> float:
+    """Frechet distance between Gaussians fitted to two [N, D] feature sets."""
+    return frechet_distance(*feature_statistics(real_features), *feature_statistics(fake_features))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    return frechet_distance_terms(mu1, sigma1, mu2, sigma2, eps).distance
+
+
+def frechet_distance_terms(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> FrechetTerms:
+    """The distance split into its mean and covariance terms, and the offset if one was needed."""
+    mu1, mu2 = _as_vector(mu1, "mu1"), _as_vector(mu2, "mu2")
+    sigma1, sigma2 = _as_covariance(sigma1, "sigma1"), _as_covariance(sigma2, "sigma2")
+    if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape and sigma1.shape[0] == mu1.shape[0]):
+        raise ValueError(f"shapes do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
+                         f"mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+    offset = 0.0
+    try:
+        trace_sqrt = trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError as error:
+        offset = eps
+        warnings.warn(f"Frechet distance: eigendecomposition failed ({error}); adding {eps:g} * I to both "
+                      "covariances. The result is approximate and reported with its offset.", RuntimeWarning,
+                      stacklevel=2)
+        identity = np.eye(sigma1.shape[0])
+        sigma1, sigma2 = sigma1 + eps * identity, sigma2 + eps * identity
+        trace_sqrt = trace_sqrt_product(sigma1, sigma2)
+    difference = mu1 - mu2
+    mean_term = float(difference @ difference)
+    trace_term = float(np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    return FrechetTerms(mean_term + trace_term, mean_term, trace_term, offset)
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, through the symmetric M = S1^(1/2) S2 S1^(1/2)."""
+    root1 = _psd_sqrt(sigma1, "sigma1")
+    _check_psd(np.linalg.eigvalsh(sigma2), "sigma2")
+    middle = root1 @ sigma2 @ root1
+    middle = (middle + middle.T) / 2  # undo the asymmetry that rounding put into the product
+    eigenvalues = np.linalg.eigvalsh(middle)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def _psd_sqrt(matrix: np.ndarray, name: str) -> np.ndarray:
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    _check_psd(eigenvalues, name)
+    roots = np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return (eigenvectors * roots) @ eigenvectors.T
+
+
+def _check_psd(eigenvalues: np.ndarray, name: str) -> None:
+    scale = max(float(np.abs(eigenvalues).max(initial=0.0)), np.finfo(np.float64).tiny)
+    smallest = float(eigenvalues.min(initial=0.0))
+    if smallest < -NEGATIVE_TOLERANCE * scale:
+        raise ValueError(f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3g} against "
+                         f"largest {scale:.3g}; pass a covariance matrix (e.g. from feature_statistics)")
+
+
+def _as_features(features, name: str) -> np.ndarray:
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be [N, D], got shape {array.shape}")
+    _check_finite(array, name)
+    return array
+
+
+def _as_vector(vector, name: str) -> np.ndarray:
+    array = np.atleast_1d(np.asarray(vector, dtype=np.float64))
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a vector, got shape {array.shape}")
+    _check_finite(array, name)
+    return array
+
+
+def _as_covariance(matrix, name: str) -> np.ndarray:
+    array = np.atleast_2d(np.asarray(matrix, dtype=np.float64))
+    if array.ndim != 2 or array.shape[0] != array.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {array.shape}")
+    _check_finite(array, name)
+    asymmetry = float(np.abs(array - array.T).max(initial=0.0))
+    if asymmetry > 1e-6 * max(float(np.abs(array).max(initial=0.0)), 1e-300):
+        raise ValueError(f"{name} is not symmetric (max |S - S^T| = {asymmetry:.3g}); pass a covariance matrix")
+    return (array + array.T) / 2
+
+
+def _check_finite(array: np.ndarray, name: str) -> None:
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite values (a diverged model's samples?); "
+                         "metrics of non-finite features are meaningless")
