@@ -267,8 +267,12 @@ class _AttachSkipped:
 def _collate(samples, with_keys: bool = False) -> dict:
     """{"image": [B, C, H, W] floats, "label"} for images; {"tokens": [B, T] int64, ...} for text."""
     tensors, labels, keys = zip(*samples)
-    field = "tokens" if tensors[0].dtype == torch.int64 else "image"
-    batch = {field: torch.stack(tensors), "label": torch.tensor(labels, dtype=torch.int64)}
+    stacked = torch.stack(tensors)
+    if stacked.dtype == torch.uint8:  # images: one float conversion per batch, not per sample
+        batch = {"image": stacked.to(torch.float32).div_(255.0)}
+    else:
+        batch = {"tokens": stacked}
+    batch["label"] = torch.tensor(labels, dtype=torch.int64)
     if with_keys:
         batch["key"] = list(keys)
     return batch

@@ -191,13 +191,13 @@ class SampleDecoder:
 
 
 def decode_sample(sample: dict, shape) -> torch.Tensor:
-    """One shard sample -> a tensor: `png` or `npy` images (float32 [C, H, W] in [0, 1]),
-    or `tokens` (raw bytes of a text sequence, int64 [seq_len])."""
+    """One shard sample -> a tensor: `png` or `npy` images (uint8 [C, H, W]; the batch is
+    turned into floats at once by the collate step), or `tokens` (int64 [seq_len])."""
     if "png" in sample:
-        return decode_image(sample["png"], shape)
+        return decode_image(sample["png"], shape, scale=False)
     if "npy" in sample:
         array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)  # never unpickle shard data
-        return _checked(torch.from_numpy(np.ascontiguousarray(array)), shape).to(torch.float32).div_(255.0)
+        return _checked(torch.from_numpy(np.ascontiguousarray(array)), shape)
     if "tokens" in sample:
         tokens = torch.frombuffer(bytearray(sample["tokens"]), dtype=torch.uint8)
         return _checked(tokens, shape).to(torch.int64)
@@ -212,14 +212,16 @@ def _checked(tensor: torch.Tensor, shape) -> torch.Tensor:
     return tensor
 
 
-def decode_image(png: bytes, shape) -> torch.Tensor:
-    """PNG bytes -> float32 [C, H, W] in [0, 1]; `shape` is the index's [C, H, W]."""
+def decode_image(png: bytes, shape, scale: bool = True) -> torch.Tensor:
+    """PNG bytes -> float32 [C, H, W] in [0, 1] (uint8 with scale=False); `shape` is the
+    index's [C, H, W]."""
     channels, height, width = shape
     with Image.open(io.BytesIO(png)) as image:
         pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
     tensor = torch.from_numpy(pixels)
     tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
-    return _checked(tensor, (channels, height, width)).to(torch.float32).div_(255.0)
+    tensor = _checked(tensor, (channels, height, width))
+    return tensor.to(torch.float32).div_(255.0) if scale else tensor
 
 
 def _describe(error: BaseException, stream=None) -> str:

@@ -7,14 +7,18 @@ d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), all in float64.
 
 The matrix square root is never taken of S1 S2 itself (not symmetric, so a general
 `sqrtm` is needed, which can return complex parts or fail on singular matrices).
-Only its trace is needed, and S1 S2 has the same eigenvalues as the symmetric PSD
-matrix M = S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum_i sqrt(eig_i(M)). Both
-square roots come from `eigh` of symmetric matrices, whose tiny negative eigenvalues
-(rounding) are clamped to 0. This is exact for singular covariances too (fewer samples
-than dimensions), so no offset is needed there. Only if an eigendecomposition fails
-to converge is eps * I added to both covariances and the distance recomputed; that is
-reported (`FrechetTerms.offset`, a warning) so a number computed that way is never
-mistaken for a clean one.
+Only its trace is needed: with R1 = S1^(1/2) and R2 = S2^(1/2) (from `eigh` of the
+symmetric matrices), (R1 R2)^T (R1 R2) = R2 S1 R2 has the eigenvalues of S1 S2, so
+tr (S1 S2)^(1/2) is the sum of the singular values of R1 R2. Taking singular values
+instead of square roots of eigenvalues matters for singular covariances (fewer
+samples than dimensions): rounding leaves eigenvalues of size ~1e-16 in the null
+space, whose square roots (~1e-8 each, over hundreds of directions) would visibly
+bias the distance; singular values carry that rounding at ~1e-16. For the same
+reason eigenvalues of S1, S2 below D * machine-eps * (largest) count as 0 (numpy's
+`matrix_rank` rule). This is exact for singular covariances, so no offset is needed
+there. Only if a decomposition fails to converge is eps * I added to both
+covariances and the distance recomputed; that is reported (`FrechetTerms.offset`, a
+warning) so a number computed that way is never mistaken for a clean one.
 """
 
 from __future__ import annotations
@@ -113,19 +117,16 @@ def frechet_distance_terms(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> Frech
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, through the symmetric M = S1^(1/2) S2 S1^(1/2)."""
-    root1 = _psd_sqrt(sigma1, "sigma1")
-    _check_psd(np.linalg.eigvalsh(sigma2), "sigma2")
-    middle = root1 @ sigma2 @ root1
-    middle = (middle + middle.T) / 2  # undo the asymmetry that rounding put into the product
-    eigenvalues = np.linalg.eigvalsh(middle)
-    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2: the sum of the singular values of S1^(1/2) S2^(1/2)."""
+    product = _psd_sqrt(sigma1, "sigma1") @ _psd_sqrt(sigma2, "sigma2")
+    return float(np.linalg.svd(product, compute_uv=False).sum())
 
 
 def _psd_sqrt(matrix: np.ndarray, name: str) -> np.ndarray:
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     _check_psd(eigenvalues, name)
-    roots = np.sqrt(np.clip(eigenvalues, 0.0, None))
+    rank_tolerance = eigenvalues.max(initial=0.0) * matrix.shape[0] * np.finfo(np.float64).eps
+    roots = np.sqrt(np.where(eigenvalues > rank_tolerance, eigenvalues, 0.0))
     return (eigenvectors * roots) @ eigenvectors.T
 
 

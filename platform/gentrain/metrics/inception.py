@@ -189,6 +189,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7b = Block8(1280, pool="average")
         self.Mixed_7c = Block8(2048, pool="max")
         self.fc = nn.Linear(POOL_DIM, NUM_CLASSES)
+        self.weights_sha256: str | None = None  # set by from_weights, so reports can name the exact file
         self.eval()  # batch norm must use the file's running statistics, never batch ones
 
     @classmethod

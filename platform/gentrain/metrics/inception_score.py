@@ -46,7 +46,9 @@ def _score(log_probabilities: np.ndarray, splits: int) -> InceptionScore:
     count = log_probabilities.shape[0]
     if not 1 <= splits <= count:
         raise ValueError(f"splits: {splits} must be between 1 and the number of samples ({count})")
-    scores = [np.exp(_mean_kl(chunk)) for chunk in np.array_split(log_probabilities, splits)]
+    # Chunk i is rows [i N // splits, (i + 1) N // splits), the original code's boundaries.
+    bounds = [index * count // splits for index in range(splits + 1)]
+    scores = [np.exp(_mean_kl(log_probabilities[start:end])) for start, end in zip(bounds, bounds[1:])]
     return InceptionScore(float(np.mean(scores)), float(np.std(scores)), splits)
 
 

@@ -10,8 +10,8 @@ without replacement from each set, seeded) the unbiased estimator
             - 2 sum_{i, j} k(x_i, y_j) / m^2
 
 is computed; KID is their mean, reported with their standard deviation. Unlike FID it
-is unbiased, so values from different sample counts can be compared. Defaults (100
-subsets of 1000) are those of the paper's code and of torch-fidelity. When a set has
+is unbiased, so values from different sample counts can be compared. The defaults
+(100 subsets of 1000) are torch-fidelity's. When a set has
 fewer than `subset_size` samples the subsets shrink to the smaller set's size, and
 the size used is returned so the report can say so.
 """
