@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 META_FILE = "gentrain.json"
+MODEL_FILE = "model.pt"  # {network: fp32 state_dict}, independent of the strategy
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -4,6 +4,9 @@
     gentrain validate path/to/spec.yaml
     gentrain list
     gentrain data pack digits --out data/digits --per-shard 256
+    gentrain sample runs/vae-debug --n 64 --out grid.png
+    gentrain score runs/vae-debug builtin:digits --out scores.csv
+    gentrain bench data
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--workers", type=int, default=1, help="packing processes (default 1)")
     pack.add_argument("--seed", type=int, default=0)
     pack.set_defaults(handler=cmd_data_pack)
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG")
+    sample.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
+                        help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
+    sample.set_defaults(handler=cmd_sample)
+
+    score = commands.add_parser("score", help="per-sample anomaly scores of a data set (CSV)")
+    score.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    score.add_argument("data", help="a packed data set: folder, URL or builtin:NAME")
+    score.add_argument("--split", default="test", help="which split to score (default test)")
+    score.add_argument("--out", default="scores.csv", help="output CSV (default scores.csv)")
+    score.add_argument("--batch-size", type=int, default=256)
+    score.set_defaults(handler=cmd_score)
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
@@ -131,6 +151,51 @@ def cmd_data_pack(args) -> int:
                        for name, info in index["splits"].items())
     print(f"[gentrain] packed {args.source} into {args.out} ({splits})")
     return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from gentrain.inference import load_trained
+    from gentrain.visual import save_image_grid
+
+    trained = load_trained(args.ref, use_ema=not args.no_ema)
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        images = trained.job.sample(trained.modules, args.n, generator)
+    path = save_image_grid(images, args.out)
+    print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
+          f"{trained.checkpoint}) -> {path}")
+    _log_to_run(trained, path, "samples/cli")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from gentrain.inference import load_trained
+    from gentrain.scoring import score_dataset
+
+    trained = load_trained(args.ref)
+    rows, columns = score_dataset(trained, args.data, args.split, args.out, args.batch_size)
+    print(f"[gentrain] scored {rows} samples of {args.data} ({args.split}) with {trained.spec.name} "
+          f"(step {trained.step}): {', '.join(columns)} -> {args.out}")
+    return 0
+
+
+def _log_to_run(trained, path, artifact_path: str) -> None:
+    """Attach a CLI output to the run's MLflow run; never fails the command."""
+    if not trained.mlflow_run_id or not trained.spec.tracking.enabled:
+        return
+    try:
+        import mlflow
+
+        from gentrain.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(trained.spec.tracking.uri)
+        mlflow.MlflowClient(uri).log_artifact(trained.mlflow_run_id, str(path), artifact_path)
+        print(f"[gentrain] logged to MLflow run {trained.mlflow_run_id} ({artifact_path}/)")
+    except Exception as exc:  # noqa: BLE001 - the output file exists either way
+        print(f"warning: could not log {path} to MLflow run {trained.mlflow_run_id}: {exc}",
+              file=sys.stderr)
 
 
 def cmd_bench_data(args) -> int:

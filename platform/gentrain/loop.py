@@ -10,6 +10,7 @@ The job type owns what happens inside a step; this file owns when things happen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 import ray.train
 import torch
 
-from gentrain.checkpoint import read_meta, step_dir_name, write_meta
+from gentrain.checkpoint import MODEL_FILE, read_meta, step_dir_name, write_meta
+from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
@@ -29,33 +31,6 @@ from gentrain.spec import JobSpec, from_dict, job_config
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
 from gentrain.visual import save_image_grid
-
-
-class StepContext:
-    """What a job type's train_step sees: its modules, precision and optimizer steps."""
-
-    def __init__(self, strategy, config):
-        self.strategy = strategy
-        self.config = config
-        self.global_step = 0
-
-    def module(self, name: str) -> torch.nn.Module:
-        return self.strategy.module(name)
-
-    def autocast(self):
-        return self.strategy.autocast()
-
-    def backward(self, loss: torch.Tensor, name: str) -> None:
-        self.strategy.backward(loss, name)
-
-    def step(self, name: str) -> dict[str, float]:
-        stepped = self.strategy.step(name)
-        return {f"{key}/{name}": value for key, value in stepped.items()}
-
-    def ema_update(self, name: str, decay: float) -> None:
-        """Keep EMA weights of `name` (used for samples and evaluation); call after step."""
-        if self.strategy.at_boundary:
-            self.strategy.ema_update(name, decay)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -95,7 +70,7 @@ class Worker:
                     module.enable_grad_checkpointing(True)
         self.strategy = make_strategy(spec, self.device)
         self.strategy.setup(modules, self._optimizers(modules))
-        self.ctx = StepContext(self.strategy, self.config)
+        self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0
         self.batches_consumed = 0
         self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
@@ -104,7 +79,11 @@ class Worker:
     def _optimizers(self, modules):
         section = self.spec.train.optimizer
         if self.job.optimizers is not None:
-            return self.job.optimizers(self.config, modules, lambda params: make_optimizer(params, section))
+            def build(params, lr=None, betas=None):  # the spec's optimizer, per-network lr/betas
+                changes = {k: v for k, v in (("lr", lr), ("betas", betas)) if v is not None}
+                return make_optimizer(params, dataclasses.replace(section, **changes))
+
+            return self.job.optimizers(self.config, modules, build)
         return {name: make_optimizer(module.parameters(), section)
                 for name, module in modules.items() if any(True for _ in module.parameters())}
 
@@ -226,6 +205,8 @@ class Worker:
                 generator = torch.Generator().manual_seed(spec.train.seed)
                 images = self.job.sample(modules, spec.eval.num_samples, generator)
                 self._save_samples(images)
+                if self.job.visuals is not None:
+                    self._save_visuals(modules, generator)
 
     def _evaluate_metrics(self, modules) -> None:
         spec = self.spec
@@ -261,29 +242,47 @@ class Worker:
         torch.distributed.all_gather_object(gathered, sorted(sums))
         return sorted(set().union(*gathered))
 
-    def _save_samples(self, images: torch.Tensor) -> None:
-        name = f"{step_dir_name(self.step)}.png"
+    def _save_samples(self, images: torch.Tensor, kind: str = "samples") -> Path:
+        """A grid PNG into <run dir>/<kind>/step-N.png, logged as an MLflow artifact."""
         if "://" in self.spec.storage_path:
             folder = Path(tempfile.mkdtemp())
         else:
-            folder = Path(self.spec.run_dir) / "samples"
+            folder = Path(self.spec.run_dir) / kind
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
-        save_image_grid(images.cpu(), path)
+        path = folder / f"{step_dir_name(self.step)}.png"
+        save_image_grid(images.detach().float().cpu(), path)
         if self.logger:
-            self.logger.log_artifact(str(path), "samples")
+            self.logger.log_artifact(str(path), kind)
+        return path
+
+    def _save_visuals(self, modules, generator) -> None:
+        """The job type's extra grids (reconstructions, latent traversals, ...) from a fixed
+        held-out batch."""
+        batch = next(iter(eval_batches(self.index, self.spec.data.eval_split, self.spec.eval.num_samples,
+                                       0, 1, on_error=self.spec.data.on_error,
+                                       allow_pipe=self.spec.data.allow_pipe)), None)
+        if batch is None:
+            return
+        for name, images in self.job.visuals(modules, _to_device(batch, self.device), generator).items():
+            self._save_samples(images, f"samples/{name}")
 
     # -- checkpoints ----------------------------------------------------------------
     def save_checkpoint(self) -> None:
         skipped = self._skipped_samples() if self.spec.data.on_error == "skip" else 0
+        exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
         with tempfile.TemporaryDirectory() as directory:
             self.strategy.save(directory, self.rank)
             if self.rank == 0:
+                # Plain fp32 weights of every network: sampling, eval and scoring load these
+                # without knowing the strategy that trained them.
+                torch.save({"networks": exported, "ema": self.strategy.ema_state()},
+                           os.path.join(directory, MODEL_FILE))
                 write_meta(directory, {
                     "step": self.step,
                     "batches_consumed": self.batches_consumed,
                     "skipped_samples": skipped,
                     "world_size": self.world_size,
+                    "data_info": {"shape": list(self.index.shape), "num_classes": self.index.num_classes},
                     "mlflow_run_id": self.run_id,
                     "job_type": self.spec.job.type,
                     "spec": self.spec.to_dict(),

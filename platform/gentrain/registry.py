@@ -51,7 +51,13 @@ class JobType:
     - sample(modules, n, generator) -> Tensor in data space ([0, 1] for images)
     - evaluate(modules, batch) -> {metric: per-sample mean} (optional)
     - optimizers(config, modules, make_optimizer) -> {name: Optimizer} (optional;
-      default: one optimizer per module, from the spec's train.optimizer)
+      default: one optimizer per module, from the spec's train.optimizer;
+      make_optimizer(params, lr=None, betas=None) uses the spec's settings unless given)
+    - visuals(modules, batch, generator) -> {name: images [N, C, H, W] in [0, 1]}
+      (optional: extra grids such as reconstructions or latent traversals, saved at
+      every evaluation as samples/<name>/step-N.png)
+    - score(modules, batch) -> {score name: per-sample tensor [B]} (optional: anomaly
+      scores for `gentrain score`; lower = more typical)
     """
 
     name: str
@@ -61,6 +67,8 @@ class JobType:
     sample: Callable[[dict, int, "torch.Generator"], "torch.Tensor"]
     evaluate: Callable[[dict, dict], dict[str, float]] | None = None
     optimizers: Callable | None = None
+    visuals: Callable[[dict, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
+    score: Callable[[dict, dict], dict[str, "torch.Tensor"]] | None = None
     supports: Supports = field(default_factory=Supports)
     spec_dir: str | None = None
     description: str = ""

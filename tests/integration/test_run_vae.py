@@ -116,3 +116,19 @@ def test_rerun_resumes_from_checkpoint_into_the_same_mlflow_run(first_run, mlflo
     steps = [step for step, _ in history(client, after.info.run_id, "train/loss")]
     assert steps == list(range(25, 301, 25)) + [325, 350]
     assert (workdir / "runs" / "vae-debug" / "step-00000350" / "gentrain.json").is_file()
+
+
+def test_sample_from_the_trained_run_logs_into_its_mlflow_run(first_run, mlflow_server, tmp_path):
+    from PIL import Image
+
+    workdir, _ = first_run
+    out = tmp_path / "grid.png"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    result = subprocess.run([GENTRAIN, "sample", str(workdir / "runs" / "vae-debug"), "--n", "16",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "16 samples of vae-debug" in result.stdout
+    with Image.open(out) as grid:
+        assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)  # 4x4 tiles of 8x8 digits at 4x
+    client, run = the_run(mlflow_server)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "samples/cli")} == {"samples/cli/grid.png"}

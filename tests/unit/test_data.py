@@ -34,14 +34,6 @@ def digits(digits_dir):
     return load_index(str(digits_dir))
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """Training reads whole epochs: a 180-sample train split (9 shards of 20) keeps that quick."""
-    out = tmp_path_factory.mktemp("small")
-    pack_source("digits", out, per_shard=20, test_fraction=0.9, progress=False)
-    return load_index(str(out))
-
-
 def read_all(index, split, rank=0, world_size=1, batch_size=64):
     keys, images, labels = [], [], []
     for batch in eval_batches(index, split, batch_size, rank, world_size):

@@ -22,19 +22,6 @@ from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batche
 
 
 @pytest.fixture(scope="module")
-def small_dir(tmp_path_factory):
-    """180 train samples in 9 shards of 20: whole epochs stay quick."""
-    out = tmp_path_factory.mktemp("small")
-    pack_source("digits", out, per_shard=20, test_fraction=0.9, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def small(small_dir):
-    return load_index(str(small_dir))
-
-
-@pytest.fixture(scope="module")
 def even_dir(tmp_path_factory):
     """160 train samples in 8 shards of 20: every rank and worker holds the same count."""
     out = tmp_path_factory.mktemp("even")

@@ -1,0 +1,62 @@
+"""StepContext: everything a job type's `train_step(ctx, batch)` may touch.
+
+    def train_step(ctx, batch):
+        with ctx.autocast():
+            loss = objective(ctx.module("vae"), batch["image"], kl_weight=...(ctx.global_step))
+        ctx.backward(loss, "vae")
+        return {"loss": float(loss), **ctx.step("vae")}
+
+A GAN steps two networks in its own order and freezes the critic while the generator
+learns through it:
+
+    with ctx.frozen("discriminator"):
+        ctx.backward(generator_loss, "generator")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+class StepContext:
+    def __init__(self, strategy, config, total_steps: int):
+        self.strategy = strategy
+        self.config = config  # the job type's config dataclass
+        self.total_steps = total_steps
+        self.global_step = 0  # optimizer steps done before this one
+
+    def module(self, name: str) -> torch.nn.Module:
+        """The network to call forward on (wrapped by the strategy)."""
+        return self.strategy.module(name)
+
+    def autocast(self):
+        return self.strategy.autocast()
+
+    def backward(self, loss: torch.Tensor, name: str) -> None:
+        self.strategy.backward(loss, name)
+
+    def step(self, name: str) -> dict[str, float]:
+        """Clip, optimizer and lr step for `name` (at the accumulation boundary)."""
+        stepped = self.strategy.step(name)
+        return {f"{key}/{name}": value for key, value in stepped.items()}
+
+    def ema_update(self, name: str, decay: float) -> None:
+        """Keep EMA weights of `name` (used for samples and evaluation); call after step."""
+        if self.strategy.at_boundary:
+            self.strategy.ema_update(name, decay)
+
+    @contextlib.contextmanager
+    def frozen(self, name: str) -> Iterator[None]:
+        """`name`'s parameters get no gradients inside (a critic while its generator learns)."""
+        params = list(self.strategy.unwrap(name).parameters())
+        previous = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, previous):
+                p.requires_grad_(flag)

@@ -1,0 +1,87 @@
+"""Load a trained job from a checkpoint for sampling, evaluation and scoring.
+
+    gentrain sample runs/vae-debug --n 64 --out grid.png
+    gentrain score runs/vae-debug builtin:digits --out scores.csv
+
+A reference is a checkpoint folder (`.../step-00000300`), a run folder
+(`<storage_path>/<name>`: its latest complete checkpoint) or an MLflow run id (the run's
+`gentrain.run_dir` tag leads to the run folder). Networks come from the checkpoint's
+`model.pt` (plain fp32 state_dicts, EMA weights where the job kept them), so loading
+never needs the strategy, Ray or the number of workers that trained them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gentrain.checkpoint import MODEL_FILE, latest_checkpoint, read_meta
+from gentrain.registry import DataInfo, JobType, get_job_type
+from gentrain.spec import JobSpec, from_dict, job_config
+
+
+@dataclass
+class Trained:
+    spec: JobSpec
+    job: JobType
+    config: object
+    modules: dict[str, torch.nn.Module]
+    checkpoint: Path
+    step: int
+    mlflow_run_id: str | None
+
+
+def resolve_checkpoint(ref: str) -> Path:
+    path = Path(ref).expanduser()
+    if path.is_dir() and read_meta(str(path)) is not None:
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(str(path))
+        if found is None:
+            raise FileNotFoundError(f"{ref}: a folder without finished checkpoints (step-N/ with "
+                                    "gentrain.json); train first, or give a checkpoint folder")
+        return found[0]
+    run_dir = _run_dir_from_mlflow(ref)
+    return resolve_checkpoint(run_dir)
+
+
+def _run_dir_from_mlflow(run_id: str) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from gentrain.tracking import default_tracking_uri
+
+    uri = default_tracking_uri()
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise FileNotFoundError(f"{run_id!r} is neither a checkpoint or run folder nor an MLflow "
+                                f"run id known to {uri} (set MLFLOW_TRACKING_URI)") from None
+    run_dir = run.data.tags.get("gentrain.run_dir")
+    if not run_dir:
+        raise FileNotFoundError(f"MLflow run {run_id} has no gentrain.run_dir tag; give its "
+                                "checkpoint folder instead")
+    return run_dir
+
+
+def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = True) -> Trained:
+    checkpoint = resolve_checkpoint(ref)
+    meta = read_meta(str(checkpoint))
+    model_path = checkpoint / MODEL_FILE
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {MODEL_FILE}: it was written by an older "
+                                "gentrain; resume training once to write a new checkpoint")
+    spec = from_dict(meta["spec"], source=f"{checkpoint}/gentrain.json")
+    job = get_job_type(spec.job.type)
+    config = job_config(spec)
+    info = meta.get("data_info", {})
+    torch.manual_seed(spec.train.seed)
+    modules = job.build(config, DataInfo(tuple(info["shape"]), int(info.get("num_classes", 0))))
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    for name, module in modules.items():
+        weights = saved["ema"].get(name) if use_ema else None
+        module.load_state_dict(weights or saved["networks"][name])
+        module.to(device).eval()
+    return Trained(spec, job, config, modules, checkpoint, int(meta["step"]), meta.get("mlflow_run_id"))
