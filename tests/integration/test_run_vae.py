@@ -132,3 +132,20 @@ def test_sample_from_the_trained_run_logs_into_its_mlflow_run(first_run, mlflow_
         assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)  # 4x4 tiles of 8x8 digits at 4x
     client, run = the_run(mlflow_server)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "samples/cli")} == {"samples/cli/grid.png"}
+
+
+def test_score_writes_per_sample_anomaly_scores(first_run, tmp_path):
+    import csv
+
+    workdir, _ = first_run
+    out = tmp_path / "scores.csv"
+    result = subprocess.run([GENTRAIN, "score", str(workdir / "runs" / "vae-debug"), "builtin:digits",
+                             "--split", "test", "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 180  # digits' held-out split
+    assert {"key", "label", "neg_elbo", "reconstruction_error"} <= set(rows[0])
+    assert all(float(row["neg_elbo"]) > 0 for row in rows)
+    assert len({row["key"] for row in rows}) == 180

@@ -2,6 +2,11 @@
 
     gentrain run vae/debug
     gentrain run vae/debug train.steps=200 scaling.num_workers=1 job.config.beta=4
+    gentrain run vae/debug job.config.kl_anneal.schedule=cyclical job.config.free_bits=0.25
+    gentrain score runs/vae-debug builtin:digits --split test --out scores.csv
+
+Files: model.py (networks), likelihoods.py (p(x|z)), objective.py (ELBO, KL weight,
+free bits, IWAE), monitors.py (evaluation, visuals, anomaly scores).
 """
 
 from __future__ import annotations
@@ -14,16 +19,40 @@ import torch
 
 from gentrain.registry import DataInfo, JobType, Supports
 from gentrain.schema import bounds
+from gentrain_jobs.vae import monitors
 from gentrain_jobs.vae.model import ConvVAE
-from gentrain_jobs.vae.objective import elbo_terms, to_image
+from gentrain_jobs.vae.objective import elbo_terms, kl_weight, to_image
+
+
+@dataclass
+class KLAnneal:
+    """Warm-up of the KL weight (it multiplies beta); see objective.kl_weight."""
+
+    schedule: Literal["none", "linear", "cyclical"] = "none"
+    warmup_steps: int = field(default=0, metadata=bounds(ge=0, help="linear: steps from 0 to 1"))
+    cycles: int = field(default=4, metadata=bounds(ge=1, help="cyclical: periods over the run"))
+    ratio: float = field(default=0.5, metadata=bounds(gt=0, le=1,
+                                                      help="cyclical: rising share of each period"))
+
+    def __post_init__(self):
+        if self.schedule == "linear" and self.warmup_steps == 0:
+            raise ValueError("kl_anneal.schedule is 'linear' but warmup_steps is 0: set "
+                             "warmup_steps (e.g. 10% of train.steps) or use schedule: none")
 
 
 @dataclass
 class VAEConfig:
     latent_dim: int = field(default=16, metadata=bounds(ge=1))
     channels: list[int] = field(default_factory=lambda: [32, 64])
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    likelihood: Literal["bernoulli", "gaussian", "logistic"] = "bernoulli"
     beta: float = field(default=1.0, metadata=bounds(ge=0, help="1 is the plain ELBO"))
+    kl_anneal: KLAnneal = field(default_factory=KLAnneal)
+    free_bits: float = field(default=0.0, metadata=bounds(
+        ge=0, help="per-latent-dimension KL floor in nats; 0 turns it off"))
+    iwae_samples: int = field(default=1000, metadata=bounds(
+        ge=0, help="importance samples for the IWAE bound at evaluation; 0 skips it"))
+    iwae_chunk: int = field(default=100, metadata=bounds(
+        ge=1, help="importance samples decoded at once; memory grows with chunk x batch"))
 
     def __post_init__(self):
         if not self.channels or any(c < 1 for c in self.channels):
@@ -31,34 +60,51 @@ class VAEConfig:
 
 
 def build(config: VAEConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
-    return {"vae": ConvVAE(data.shape, config.latent_dim, config.channels, config.likelihood)}
+    model = ConvVAE(data.shape, config.latent_dim, config.channels, config.likelihood)
+    # evaluate(modules, batch) sees only the networks, so the network carries its
+    # evaluation settings (plain attributes: not in the state_dict, kept by EMA copies).
+    model.iwae_samples, model.iwae_chunk = config.iwae_samples, config.iwae_chunk
+    return {"vae": model}
 
 
 def train_step(ctx, batch) -> dict[str, float]:
+    config = ctx.config
+    anneal = config.kl_anneal
+    weight = kl_weight(anneal.schedule, ctx.global_step, ctx.total_steps, anneal.warmup_steps,
+                       anneal.cycles, anneal.ratio)
     with ctx.autocast():
-        terms = elbo_terms(ctx.module("vae"), batch["image"], ctx.config.likelihood,
-                           beta=ctx.config.beta)
+        terms = elbo_terms(ctx.module("vae"), batch["image"], config.likelihood,
+                           beta=config.beta * weight, free_bits=config.free_bits)
     loss = terms["loss"].mean()
     ctx.backward(loss, "vae")
     stepped = ctx.step("vae")
     metrics = {name: float(value.detach().mean()) for name, value in terms.items()}
+    metrics["kl_weight"] = weight
     metrics.update(stepped)
     return metrics
 
 
-@torch.no_grad()
 def evaluate(modules, batch) -> dict[str, float]:
-    """The true ELBO (beta = 1) on held-out data, per sample in nats."""
-    x = batch["image"]
+    """True ELBO (beta = 1), IWAE bound, bits/dim, active units and per-dimension KL."""
     model = modules["vae"]
-    terms = elbo_terms(model, x, model.likelihood, beta=1.0)
-    dims = x[0].numel()
-    return {
-        "elbo": float(terms["elbo"].mean()),
-        "reconstruction": float(terms["reconstruction"].mean()),
-        "kl": float(terms["kl"].mean()),
-        "nelbo_bits_per_dim": float(-terms["elbo"].mean() / (dims * torch.log(torch.tensor(2.0)))),
-    }
+    # A network built outside build() has no settings: skip the (costly) IWAE bound.
+    samples, chunk = getattr(model, "iwae_samples", 0), getattr(model, "iwae_chunk", 100)
+    # Seeded on the CPU: the same weights and batch give the same metrics.
+    generator = torch.Generator().manual_seed(0)
+    return monitors.evaluation_metrics(model, batch["image"], samples, chunk, generator)
+
+
+def visuals(modules, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    model, x = modules["vae"], batch["image"]
+    grids = {"reconstructions": monitors.reconstructions(model, x),
+             "traversals": monitors.latent_traversals(model, x),
+             "interpolations": monitors.interpolations(model, x)}
+    # Pairs need two held-out images: with eval.num_samples 1 those grids are left out.
+    return {name: images for name, images in grids.items() if len(images)}
+
+
+def score(modules, batch) -> dict[str, torch.Tensor]:
+    return monitors.anomaly_scores(modules["vae"], batch["image"])
 
 
 @torch.no_grad()
@@ -76,8 +122,11 @@ JOB = JobType(
     train_step=train_step,
     sample=sample,
     evaluate=evaluate,
+    visuals=visuals,
+    score=score,
     supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16")),
     spec_dir=str(Path(__file__).parent / "specs"),
-    description="Variational autoencoder (conv encoder/decoder, Bernoulli or Gaussian "
-                "likelihood, ELBO with analytic KL, beta-VAE)",
+    description="Variational autoencoder (conv encoder/decoder; Bernoulli, Gaussian or "
+                "discretized-logistic likelihood; beta, KL annealing, free bits; ELBO and "
+                "IWAE bounds, active units, anomaly scores)",
 )

@@ -14,10 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 class VAEOutput(NamedTuple):
-    decoded: torch.Tensor  # Bernoulli logits or Gaussian means
+    decoded: torch.Tensor  # Bernoulli logits, or Gaussian / logistic means
     mean: torch.Tensor
     log_var: torch.Tensor
-    log_scale: torch.Tensor | None  # Gaussian decoder's log-std (None for Bernoulli)
+    # Gaussian: one shared log-std; logistic: per-pixel log-scales; Bernoulli: None.
+    log_scale: torch.Tensor | None
 
 
 class _Blocks(nn.Module):
@@ -64,7 +65,9 @@ class ConvVAE(nn.Module):
             nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
             for c_in, c_out in zip(up, up[1:] + [up[-1]])
         ])
-        self.to_pixels = nn.Sequential(nn.SiLU(), nn.Conv2d(up[-1], in_channels, 3, padding=1))
+        # The logistic decoder predicts a log-scale per pixel beside each mean.
+        out_channels = 2 * in_channels if likelihood == "logistic" else in_channels
+        self.to_pixels = nn.Sequential(nn.SiLU(), nn.Conv2d(up[-1], out_channels, 3, padding=1))
         # Gaussian decoder: one learned log-std shared by all pixels.
         self.log_scale = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
 
@@ -78,9 +81,20 @@ class ConvVAE(nn.Module):
         return mean, log_var.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder output: Bernoulli logits, or Gaussian means."""
+        """Decoder output: Bernoulli logits, or Gaussian / logistic means."""
+        return self.decode_params(z)[0]
+
+    def decode_params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits or means, log-scale or None): everything log_likelihood needs."""
         h = self.from_latent(z).view(-1, *self.bottom)
-        return self.to_pixels(self.decoder(h))
+        out = self.to_pixels(self.decoder(h))
+        if self.likelihood == "logistic":
+            means, log_scales = out.chunk(2, dim=1)
+            # PixelCNN++'s floor: a bin is 1/255 wide, so narrower scales only overfit.
+            return means, log_scales.clamp_min(-7.0)
+        # `* 1.0`: a fresh tensor, not the parameter itself (ZeRO-3's parameter tracing
+        # refuses a module that returns one of its own parameters).
+        return out, (self.log_scale * 1.0 if self.log_scale is not None else None)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None):
@@ -89,7 +103,5 @@ class ConvVAE(nn.Module):
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * noise
-        # `* 1.0`: a fresh tensor, not the parameter itself (ZeRO-3's parameter tracing
-        # refuses a module that returns one of its own parameters).
-        log_scale = self.log_scale * 1.0 if self.log_scale is not None else None
-        return VAEOutput(self.decode(z), mean, log_var, log_scale)
+        decoded, log_scale = self.decode_params(z)
+        return VAEOutput(decoded, mean, log_var, log_scale)
