@@ -58,6 +58,8 @@ class JobType:
       every evaluation as samples/<name>/step-N.png)
     - score(modules, batch) -> {score name: per-sample tensor [B]} (optional: anomaly
       scores for `gentrain score`; lower = more typical)
+    - validate(config, spec) -> [problem, ...] (optional: rules that span the family's
+      config and the rest of the spec, reported by `gentrain validate`)
     """
 
     name: str
@@ -69,6 +71,7 @@ class JobType:
     optimizers: Callable | None = None
     visuals: Callable[[dict, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
     score: Callable[[dict, dict], dict[str, "torch.Tensor"]] | None = None
+    validate: Callable[[Any, "JobSpec"], list[str]] | None = None
     supports: Supports = field(default_factory=Supports)
     spec_dir: str | None = None
     description: str = ""

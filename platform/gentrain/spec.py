@@ -303,7 +303,9 @@ def from_dict(data: dict, source: str = "spec") -> JobSpec:
             config = build(job_type.config, spec.job.config, "job.config", problems)
             if config is not None:
                 spec.job.config = to_dict(config)  # resolved: defaults filled in
-                problems += [f"{p}" for p in job_type.check(spec)]
+                problems += job_type.check(spec)
+                if job_type.validate is not None:
+                    problems += job_type.validate(config, spec)
     if problems:
         raise SpecError(problems, source)
     spec.storage_path = _absolute_storage(spec.storage_path)

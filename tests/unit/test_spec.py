@@ -56,7 +56,7 @@ def test_every_problem_reported_at_once_with_paths_values_and_fixes():
     assert "train.steps: 'abc' is not int" in problems
     assert "strategy.precision: 'fp8' is not one of 'fp32', 'bf16', 'fp16'" in problems
     assert "job.config.latnt_dim: unknown key; did you mean 'latent_dim'?" in problems
-    assert "job.config.likelihood: 'poisson' is not one of 'bernoulli', 'gaussian'" in problems
+    assert "job.config.likelihood: 'poisson' is not one of 'bernoulli', 'gaussian', 'logistic'" in problems
     assert len(problems) == 6
 
 
@@ -110,7 +110,7 @@ def test_strategy_options_for_another_strategy_are_errors():
 
 def test_unknown_job_type_lists_known_ones():
     problems = problems_of({"job": {"type": "vea"}})
-    assert problems == ["job.type: unknown job type 'vea'; did you mean 'vae'? (known: vae)"]
+    assert problems == ["job.type: unknown job type 'vea'; did you mean 'vae'? (known: gan, vae)"]
 
 
 def test_spec_file_must_be_safe_yaml(tmp_path):
