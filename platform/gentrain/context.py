@@ -32,6 +32,11 @@ class StepContext:
         """The network to call forward on (wrapped by the strategy)."""
         return self.strategy.module(name)
 
+    def plain(self, name: str) -> torch.nn.Module:
+        """The unwrapped network (same parameters): for extra forward/backward passes an
+        engine would refuse, e.g. a gradient penalty's double backward."""
+        return self.strategy.unwrap(name)
+
     def autocast(self):
         return self.strategy.autocast()
 
@@ -51,7 +56,7 @@ class StepContext:
     @contextlib.contextmanager
     def frozen(self, name: str) -> Iterator[None]:
         """`name`'s parameters get no gradients inside (a critic while its generator learns)."""
-        params = list(self.strategy.unwrap(name).parameters())
+        params = list(self.plain(name).parameters())
         previous = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)

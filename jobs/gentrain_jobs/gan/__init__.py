@@ -98,7 +98,7 @@ def _critic_update(ctx, real: torch.Tensor) -> dict[str, torch.Tensor]:
         # Through the plain network: DeepSpeed engines refuse the inner autograd.grad call.
         # Its weights are the engine's, so the penalty's gradient reaches the same
         # parameters and is all-reduced with the rest in ctx.backward.
-        critic = ctx.strategy.unwrap("discriminator")
+        critic = ctx.plain("discriminator")
         with ctx.autocast():
             penalty = gradient_penalty(critic, interpolate(real, fake))
         loss = loss + config.gp_weight * penalty
