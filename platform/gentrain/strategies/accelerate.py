@@ -174,7 +174,9 @@ class AccelerateStrategy(Strategy):
             grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self._schedulers[name].step()
+        # fp16: an overflow skips the update; the schedule waits too (as under DDP/DeepSpeed).
+        if not getattr(optimizer, "step_was_skipped", False):
+            self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
 
     def save(self, directory, rank):

@@ -74,10 +74,14 @@ class DDPStrategy(Strategy):
         # DDP has all-reduced the gradients: this norm is the true global norm.
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scale = self._scaler.get_scale() if self._scaler.is_enabled() else None
         self._scaler.step(optimizer)
         self._scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        self._schedulers[name].step()
+        # fp16: an overflow skips the update and lowers the scale; the schedule waits too,
+        # as DeepSpeed's engine does, so both strategies see the same learning rates.
+        if scale is None or self._scaler.get_scale() >= scale:
+            self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
 
     def save(self, directory, rank):
