@@ -6,7 +6,11 @@
     gentrain data pack digits --out data/digits --per-shard 256
     gentrain sample runs/vae-debug --n 64 --out grid.png
     gentrain score runs/vae-debug builtin:digits --out scores.csv
+    gentrain eval runs/vae-debug --metrics fid,kid,is,pr,nll --extractor classifier:runs/classifier-debug
     gentrain bench data
+    gentrain bench strategies
+    gentrain submit vae/debug storage_path=/shared/runs --address http://HEAD:8265
+    gentrain status JOB | gentrain logs JOB --follow | gentrain stop JOB | gentrain jobs
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a spec on an embedded local Ray")
     _spec_args(run)
     run.set_defaults(handler=cmd_run)
+
+    from gentrain.launch.remote_cli import add_cluster_commands
+
+    add_cluster_commands(commands)  # submit, status, logs, stop, jobs
 
     validate = commands.add_parser("validate", help="check a spec and report every problem")
     _spec_args(validate)
@@ -79,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=256)
     score.set_defaults(handler=cmd_score)
 
+    _eval_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
     bench_data = bench_kinds.add_parser(
@@ -87,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="samples per measured configuration (default 20000)")
     bench_data.add_argument("--json", default="bench-data.json", help="where to write results")
     bench_data.set_defaults(handler=cmd_bench_data)
+    bench_strategies = bench_kinds.add_parser(
+        "strategies", help="training samples/s of every strategy and precision vs plain PyTorch")
+    bench_strategies.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                                  help="default: cuda when torch sees a GPU, else cpu")
+    bench_strategies.add_argument("--steps", type=int, default=None,
+                                  help="timed steps per run (default 50 on a GPU, 10 on a CPU)")
+    bench_strategies.add_argument("--json", default="bench-strategies.json", help="where to write results")
+    bench_strategies.set_defaults(handler=cmd_bench_strategies)
     return parser
 
 
@@ -196,6 +214,60 @@ def _log_to_run(trained, path, artifact_path: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the output file exists either way
         print(f"warning: could not log {path} to MLflow run {trained.mlflow_run_id}: {exc}",
               file=sys.stderr)
+
+
+def _eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="FID, KID, IS, precision/recall and likelihoods of a trained run, logged to its MLflow run")
+    evaluate.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
+                          help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
+    evaluate.add_argument("--metrics", default="fid,kid,is,pr,nll",
+                          help="comma-separated: fid, kid, is, pr (from samples), nll (the job type's likelihoods), "
+                          "heldout (everything its evaluate returns); default fid,kid,is,pr,nll")
+    evaluate.add_argument("--n", type=int, default=10_000,
+                          help="generated samples, and at most as many reference images (default 10000; "
+                          "50000 is the published standard)")
+    evaluate.add_argument("--data", default=None, help="reference data set (default: the run's data.source)")
+    evaluate.add_argument("--split", default=None, help="reference split (default: the run's train split)")
+    evaluate.add_argument("--eval-split", default=None,
+                          help="split for nll/heldout (default: the run's data.eval_split)")
+    evaluate.add_argument("--extractor", default="inception",
+                          help="inception (default) or classifier:REF, a classifier run/checkpoint/MLflow id")
+    evaluate.add_argument("--inception-weights", default=None,
+                          help="pt_inception-2015-12-05-6726825d.pth (default: $GENTRAIN_INCEPTION_WEIGHTS)")
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="Ray tasks that sample and extract features (embedded local Ray; default 1: in process)")
+    evaluate.add_argument("--batch-size", type=int, default=250, help="samples per unit of work (default 250)")
+    evaluate.add_argument("--max-batches", type=int, default=None, help="cap on nll/heldout batches")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
+    evaluate.add_argument("--out", default=None, help="also write the JSON report here")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from gentrain.evaluation.run import EvalRequest, evaluate_checkpoint, parse_metrics
+
+    if args.n < 2 or args.workers < 1 or args.batch_size < 1:
+        raise ValueError(f"--n ({args.n}) must be >= 2, --workers ({args.workers}) and --batch-size "
+                         f"({args.batch_size}) >= 1")
+    request = EvalRequest(args.ref, parse_metrics(args.metrics), n=args.n, data=args.data, split=args.split,
+                          eval_split=args.eval_split, extractor=args.extractor,
+                          inception_weights=args.inception_weights, workers=args.workers,
+                          batch_size=args.batch_size, seed=args.seed, max_batches=args.max_batches,
+                          use_ema=not args.no_ema, out=args.out)
+    report = evaluate_checkpoint(request)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_bench_strategies(args) -> int:
+    from gentrain.bench.strategies import run_strategy_bench
+
+    run_strategy_bench(device=args.device, steps=args.steps, json_path=args.json)
+    return 0
 
 
 def cmd_bench_data(args) -> int:

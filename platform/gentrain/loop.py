@@ -75,6 +75,7 @@ class Worker:
         self.batches_consumed = 0
         self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
         self.skipped_before = 0  # data/skipped_samples at the checkpoint this run resumed from
+        self._periodic = None  # eval.metrics: built at the first evaluation (extractor, reference)
 
     def _optimizers(self, modules):
         section = self.spec.train.optimizer
@@ -201,6 +202,8 @@ class Worker:
         with self.strategy.evaluation() as modules:
             if self.job.evaluate is not None:
                 self._evaluate_metrics(modules)
+            if spec.eval.metrics:
+                self._sample_metrics(modules)
             if self.rank == 0:
                 generator = torch.Generator().manual_seed(spec.train.seed)
                 images = self.job.sample(modules, spec.eval.num_samples, generator)
@@ -233,6 +236,22 @@ class Worker:
             f"{k[5:]} {v:.4f}" for k, v in metrics.items())))
         if self.logger:
             self.logger.log_metrics(metrics, step=self.step)
+
+    def _sample_metrics(self, modules) -> None:
+        """eval.metrics (FID, KID, ...): every rank samples and extracts its share (a collective)."""
+        if self._periodic is None:
+            from gentrain.evaluation.periodic import PeriodicSampleMetrics
+
+            self._periodic = PeriodicSampleMetrics(self.spec, self.index, self.rank, self.world_size, self.device,
+                                                   self.strategy.all_reduce)
+        metrics = self._periodic(self.job, modules)
+        if metrics:
+            self._print(f"eval at step {self.step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+            if self.logger:
+                self.logger.log_metrics(metrics, step=self.step)
+                if self._periodic.reference is not None and not self._periodic.reference_logged:
+                    self.logger.log_artifact(str(self._periodic.reference.path), "eval/reference")
+                    self._periodic.reference_logged = True
 
     def _all_keys(self, sums: dict) -> list[str]:
         # Every rank must reduce the same keys, even one whose eval share was empty.

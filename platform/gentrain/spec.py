@@ -126,6 +126,43 @@ class EvalSection:
     every: int = field(default=0, metadata=bounds(ge=0, help="0 evaluates only at the end"))
     num_samples: int = field(default=64, metadata=bounds(ge=1))
     max_batches: int = field(default=20, metadata=bounds(ge=1))
+    # Sample metrics at every evaluation (gentrain.evaluation.periodic): fid, kid, is, pr.
+    metrics: list[str] = field(default_factory=list)
+    fid_samples: int = field(default=10_000, metadata=bounds(ge=2, help="50000 is the published standard"))
+    sample_batch_size: int = field(default=250, metadata=bounds(ge=1, help="samples drawn and extracted at once"))
+    extractor: str = "inception"  # inception | classifier:REF (a classifier run or checkpoint)
+    inception_weights: str | None = None  # null: $GENTRAIN_INCEPTION_WEIGHTS
+
+    def __post_init__(self):
+        from gentrain.evaluation.extractors import check_extractor_choice
+        from gentrain.metrics.summary import SAMPLE_METRICS
+
+        problems = []
+        unknown = [name for name in self.metrics if name not in SAMPLE_METRICS]
+        if unknown:
+            problems.append(f"metrics has unknown {', '.join(map(repr, unknown))}; known: "
+                            f"{', '.join(SAMPLE_METRICS)} (likelihoods come from the job type's evaluate)")
+        problem = check_extractor_choice(self.extractor)
+        if problem:
+            problems.append(f"extractor {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        reference = self.extractor[len("classifier:"):]
+        if self.extractor.startswith("classifier:") and os.path.exists(os.path.expanduser(reference)):
+            # Ray workers run in another cwd: a relative folder is resolved here, on the driver.
+            self.extractor = "classifier:" + os.path.abspath(os.path.expanduser(reference))
+
+    def environment_problems(self) -> list[str]:
+        """What this machine lacks for the spec (checked by load_spec, not for a checkpoint's spec)."""
+        if not self.metrics or self.extractor != "inception":
+            return []
+        from gentrain.metrics.inception_weights import InceptionWeightsNotFoundError, resolve_weights_path
+
+        try:
+            resolve_weights_path(self.inception_weights)
+        except InceptionWeightsNotFoundError as error:
+            return [f"eval.inception_weights: {error}"]
+        return []
 
 
 @dataclass
@@ -322,7 +359,11 @@ def _absolute_storage(path: str) -> str:
 def load_spec(ref: str, overrides: list[str] | None = None) -> JobSpec:
     path = find_spec_file(ref)
     data = apply_overrides(read_yaml(path), overrides or [])
-    return from_dict(data, source=str(path))
+    spec = from_dict(data, source=str(path))
+    problems = spec.eval.environment_problems()
+    if problems:
+        raise SpecError(problems, str(path))
+    return spec
 
 
 def job_config(spec: JobSpec):

@@ -110,7 +110,7 @@ def test_strategy_options_for_another_strategy_are_errors():
 
 def test_unknown_job_type_lists_known_ones():
     problems = problems_of({"job": {"type": "vea"}})
-    assert problems == ["job.type: unknown job type 'vea'; did you mean 'vae'? (known: gan, vae)"]
+    assert problems == ["job.type: unknown job type 'vea'; did you mean 'vae'? (known: classifier, gan, vae)"]
 
 
 def test_spec_file_must_be_safe_yaml(tmp_path):

@@ -9,9 +9,12 @@ checkpoint and keeps logging into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +53,7 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
                                    run_id=previous_run_id,
-                                   tags={"gentrain.job_type": spec.job.type,
-                                         "gentrain.run_dir": spec.run_dir})
+                                   tags=_run_tags(spec))
         tracking.log_params_flat(uri, run_id, spec.to_dict())
         import mlflow
 
@@ -61,7 +63,24 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
             f"tracking.uri: cannot reach MLflow at {uri} ({type(exc).__name__}: {exc}). "
             "Start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or run without "
             "tracking: tracking.enabled=false") from None
+    print(f"[gentrain] mlflow run: {run_id} | experiment: {spec.tracking.experiment} | "
+          f"{tracking.run_url(uri, run_id)}", flush=True)  # `gentrain submit` reads this line
     return uri, run_id
+
+
+def _run_tags(spec: JobSpec) -> dict:
+    tags = {"gentrain.job_type": spec.job.type, "gentrain.run_dir": spec.run_dir}
+    ray_job = os.environ.get("GENTRAIN_RAY_JOB_ID")  # set by `gentrain submit`
+    if ray_job:
+        tags["gentrain.ray_job_id"] = ray_job
+    return tags
+
+
+def cluster_address() -> str | None:
+    """$RAY_ADDRESS when it names a cluster to join; an http(s):// one is the Jobs API
+    address that `gentrain submit` uses, so a local `gentrain run` stays embedded."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return address if address and not address.startswith(("http://", "https://")) else None
 
 
 def init_ray(spec: JobSpec) -> None:
@@ -69,7 +88,7 @@ def init_ray(spec: JobSpec) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = cluster_address()
     if address:
         ray.init(address=address)
         return
@@ -87,14 +106,23 @@ def run(spec: JobSpec) -> RunSummary:
     previous_run_id = previous[1].get("mlflow_run_id") if previous else None
     if previous:
         print(f"[gentrain] continuing {spec.name} from {previous[0]}", flush=True)
+    from gentrain.launch.cluster_check import check_shared_paths
+
+    joined = cluster_address() is not None
+    if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
+        init_ray(spec)
+        check_shared_paths(spec)
     uri, run_id = open_tracking(spec, previous_run_id)
-    init_ray(spec)
+    if not joined:
+        init_ray(spec)
+        check_shared_paths(spec)  # a no-op on the embedded Ray's one node
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
 
     trainer = build_trainer(spec, run_id, uri)
     try:
-        result = trainer.fit()
+        with _sigterm_as_interrupt():
+            result = trainer.fit()
     except BaseException:
         if run_id:
             tracking.finish_run(uri, run_id, "KILLED" if _interrupted() else "FAILED")
@@ -109,6 +137,24 @@ def run(spec: JobSpec) -> RunSummary:
         samples=_latest_samples(spec),
         metrics=dict(result.metrics or {}),
     )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """`gentrain stop` (Ray's job stop) sends SIGTERM: end like Ctrl-C, so the MLflow run is
+    marked KILLED instead of being left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupted() -> bool:

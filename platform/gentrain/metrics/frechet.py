@@ -67,6 +67,55 @@ class RunningStatistics:
         self._outer += centred.T @ centred
         self.count += batch.shape[0]
 
+    def sums_around(self, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sum of x - centre, sum of (x - centre)(x - centre)^T): the same sums about another point.
+
+        Exact algebra from the sums about the own shift: with d = shift - centre,
+        sum (x - c) = S + n d and sum (x - c)(x - c)^T = O + d S^T + S d^T + n d d^T.
+        Workers bring their sums to one common centre before adding them up.
+        """
+        centre = np.asarray(centre, dtype=np.float64)
+        if self._shift is None:
+            return np.zeros_like(centre), np.zeros((centre.shape[0], centre.shape[0]))
+        offset = self._shift - centre
+        total = self._sum + self.count * offset
+        outer = self._outer + np.outer(offset, self._sum) + np.outer(self._sum, offset)
+        outer += self.count * np.outer(offset, offset)
+        return total, outer
+
+    def raw_sum(self, dim: int) -> np.ndarray:
+        """Sum of the features themselves (zeros of `dim` before any update)."""
+        if self._shift is None:
+            return np.zeros(dim)
+        return self._sum + self.count * self._shift
+
+    @classmethod
+    def from_sums(cls, count: int, centre: np.ndarray, total: np.ndarray, outer: np.ndarray) -> "RunningStatistics":
+        """Statistics from sums about `centre` (as sums_around returns them, possibly added over workers)."""
+        statistics = cls()
+        if count:
+            statistics.count = int(count)
+            statistics._shift = np.asarray(centre, dtype=np.float64).copy()
+            statistics._sum = np.asarray(total, dtype=np.float64).copy()
+            statistics._outer = np.asarray(outer, dtype=np.float64).copy()
+        return statistics
+
+    def merge(self, other: "RunningStatistics") -> None:
+        """Add another stream's statistics (mean and covariance of the union, as if seen here)."""
+        if other.count == 0:
+            return
+        if self._shift is None:
+            self.count, self._shift = other.count, other._shift.copy()
+            self._sum, self._outer = other._sum.copy(), other._outer.copy()
+            return
+        if other._shift.shape != self._shift.shape:
+            raise ValueError(f"cannot merge {other._shift.shape[0]}-d statistics into {self._shift.shape[0]}-d ones")
+        total, outer = other.sums_around(self._shift)
+        # New arrays, not +=: a summary returned by Ray holds read-only (zero-copy) arrays.
+        self._sum = self._sum + total
+        self._outer = self._outer + outer
+        self.count += other.count
+
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")

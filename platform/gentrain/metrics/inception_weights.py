@@ -220,5 +220,7 @@ def _missing_message(path: Path | None, what: str) -> str:
     return (f"FID Inception weights not found: {what}. gentrain never downloads weights. Get the file once "
             f"(about 95 MB):\n    curl -L --create-dirs -o {target} {WEIGHTS_URL}\n"
             f"then either export {WEIGHTS_ENV}={target} (on every machine that computes metrics) or pass "
-            "its path explicitly (the evaluation settings' Inception weights path, or "
-            "InceptionFeatures(weights=...) in Python).")
+            "its path explicitly: the spec field eval.inception_weights (e.g. the override "
+            f"eval.inception_weights={target}), `gentrain eval ... --inception-weights {target}`, or "
+            "InceptionFeatures(weights=...) in Python. To score without Inception, train a classifier on "
+            "your data (gentrain run classifier/debug) and use --extractor / eval.extractor classifier:RUN.")

@@ -74,19 +74,34 @@ def load_or_compute_reference(batches: Iterable, extractor: FeatureExtractor, *,
     """Cached statistics if a matching file exists (batches then untouched), else computed and saved."""
     if num_samples < 2 or max_features < 0:
         raise ValueError(f"num_samples ({num_samples}) must be at least 2 and max_features ({max_features}) >= 0")
-    path = reference_path(cache_dir or default_cache_dir(), content_hash, split, extractor.name, num_samples)
-    key = {"content_hash": content_hash, "split": split, "extractor": extractor.name,
-           "requested_samples": num_samples}
-    cached = _read_matching(path, key, max_features)
+    cached = find_cached_reference(extractor.name, content_hash=content_hash, split=split,
+                                   num_samples=num_samples, cache_dir=cache_dir, max_features=max_features)
     if cached is not None:
         return cached
     running, reservoir = RunningStatistics(), _Reservoir(max_features, seed)
     for features, _ in iterate_features(extractor, batches, max_samples=num_samples, progress=progress):
         running.update(features)
         reservoir.add(features)
+    return store_reference(running, reservoir.samples(), extractor.name, content_hash=content_hash, split=split,
+                           num_samples=num_samples, cache_dir=cache_dir)
+
+
+def find_cached_reference(extractor_name: str, *, content_hash: str, split: str, num_samples: int, cache_dir=None,
+                          max_features: int = 10_000) -> ReferenceStatistics | None:
+    """The cached statistics of this key, or None (then compute them and call store_reference)."""
+    path = reference_path(cache_dir or default_cache_dir(), content_hash, split, extractor_name, num_samples)
+    key = {"content_hash": content_hash, "split": split, "extractor": extractor_name,
+           "requested_samples": num_samples}
+    return _read_matching(path, key, max_features)
+
+
+def store_reference(running: RunningStatistics, features: np.ndarray, extractor_name: str, *, content_hash: str,
+                    split: str, num_samples: int, cache_dir=None) -> ReferenceStatistics:
+    """Write statistics computed elsewhere (e.g. merged from many workers) under their cache key."""
+    path = reference_path(cache_dir or default_cache_dir(), content_hash, split, extractor_name, num_samples)
     mu, sigma = running.statistics()
-    reference = ReferenceStatistics(mu, sigma, reservoir.samples(), extractor.name, split, content_hash,
-                                    num_samples, running.count, path, from_cache=False)
+    reference = ReferenceStatistics(mu, sigma, np.asarray(features, dtype=np.float32), extractor_name, split,
+                                    content_hash, num_samples, running.count, path, from_cache=False)
     _write(reference)
     return reference
 
