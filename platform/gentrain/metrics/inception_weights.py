@@ -153,13 +153,22 @@ def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def default_weights_path() -> Path:
+    """Where gentrain looks when neither a path nor $GENTRAIN_INCEPTION_WEIGHTS is given."""
+    return Path.home() / ".cache" / "gentrain" / WEIGHTS_FILE_NAME
+
+
 def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
-    """The explicit path if given, else $GENTRAIN_INCEPTION_WEIGHTS; an error that says how to get the file."""
+    """The explicit path if given, else $GENTRAIN_INCEPTION_WEIGHTS, else the default place
+    (~/.cache/gentrain/); an error that says how to get the file."""
     where = "the path given" if path else f"${WEIGHTS_ENV}"
     chosen = path or os.environ.get(WEIGHTS_ENV)
     if not chosen:
-        raise InceptionWeightsNotFoundError(_missing_message(None, "no path was given and "
-                                                             f"${WEIGHTS_ENV} is not set"))
+        if default_weights_path().is_file():
+            return default_weights_path()
+        raise InceptionWeightsNotFoundError(_missing_message(None, "no path was given, "
+                                                             f"${WEIGHTS_ENV} is not set and "
+                                                             f"{default_weights_path()} does not exist"))
     resolved = Path(chosen).expanduser()
     if not resolved.is_file():
         raise InceptionWeightsNotFoundError(_missing_message(resolved, f"{where} points to {resolved}, "
@@ -219,7 +228,8 @@ def _missing_message(path: Path | None, what: str) -> str:
     target = path or Path("~/.cache/gentrain") / WEIGHTS_FILE_NAME
     return (f"FID Inception weights not found: {what}. gentrain never downloads weights. Get the file once "
             f"(about 95 MB):\n    curl -L --create-dirs -o {target} {WEIGHTS_URL}\n"
-            f"then either export {WEIGHTS_ENV}={target} (on every machine that computes metrics) or pass "
+            f"({Path('~/.cache/gentrain') / WEIGHTS_FILE_NAME} is found without any setting) and on "
+            f"other paths either export {WEIGHTS_ENV}={target} (on every machine that computes metrics) or pass "
             "its path explicitly: the spec field eval.inception_weights (e.g. the override "
             f"eval.inception_weights={target}), `gentrain eval ... --inception-weights {target}`, or "
             "InceptionFeatures(weights=...) in Python. To score without Inception, train a classifier on "
