@@ -17,11 +17,16 @@ from gentrain.spec import load_spec
 
 pytestmark = pytest.mark.slow
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 needs GPU workers (refused at validate time)
+# The classifier (ddp only, a plain supervised step) trains through Ray in
+# tests/integration/test_eval_cli.py; 50 s of CI buys no coverage here.
+COVERED_ELSEWHERE = {"classifier"}
 
 
 def matrix() -> list[tuple[str, str, str]]:
     cases = []
     for name, job_type in sorted(job_types().items()):
+        if name in COVERED_ELSEWHERE:
+            continue
         for strategy in job_type.supports.strategies:
             for precision in CPU_PRECISIONS:
                 # A job type's own `validate` may refuse a combination (with the reason).
