@@ -9,6 +9,7 @@
     gentrain eval runs/vae-debug --metrics fid,kid,is,pr,nll --extractor classifier:runs/classifier-debug
     gentrain bench data
     gentrain bench strategies
+    gentrain bench memory
     gentrain submit vae/debug storage_path=/shared/runs --address http://HEAD:8265
     gentrain status JOB | gentrain logs JOB --follow | gentrain stop JOB | gentrain jobs
 """
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="timed steps per run (default 50 on a GPU, 10 on a CPU)")
     bench_strategies.add_argument("--json", default="bench-strategies.json", help="where to write results")
     bench_strategies.set_defaults(handler=cmd_bench_strategies)
+    bench_memory = bench_kinds.add_parser(
+        "memory", help="peak GPU memory of a large MLP under ddp, ZeRO 2/3 and CPU offload")
+    bench_memory.add_argument("--width", type=int, default=8192, help="Linear layer width (default 8192)")
+    bench_memory.add_argument("--layers", type=int, default=12, help="Linear layers (default 12: ~0.8B parameters)")
+    bench_memory.add_argument("--json", default="bench-memory.json", help="where to write results")
+    bench_memory.set_defaults(handler=cmd_bench_memory)
     return parser
 
 
@@ -267,6 +274,13 @@ def cmd_bench_strategies(args) -> int:
     from gentrain.bench.strategies import run_strategy_bench
 
     run_strategy_bench(device=args.device, steps=args.steps, json_path=args.json)
+    return 0
+
+
+def cmd_bench_memory(args) -> int:
+    from gentrain.bench.memory import run_memory_bench
+
+    run_memory_bench(width=args.width, layers=args.layers, json_path=args.json)
     return 0
 
 
