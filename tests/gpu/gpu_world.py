@@ -186,3 +186,38 @@ def resume(rank: int, world: int, directory: str, cases: list[str], precision: s
         resumed = None
         gc.collect()
     return results
+
+
+# -- periodic sample metrics (eval.metrics) on a device ------------------------------------
+def periodic_metrics(rank: int, world: int, device_type: str, data_dir: str, weights: str, cache: str,
+                     samples: int = 300) -> dict:
+    """FID/KID/IS of a freshly built VAE's samples against digits, as Worker.evaluate computes them:
+    sampling, Inception (random weights with the standard keys) and the float64 all-reduces on
+    `device_type` (nccl for cuda, gloo for cpu). TF32 is off so both devices do fp32 arithmetic."""
+    from gentrain.data.index import load_index
+    from gentrain.evaluation.periodic import PeriodicSampleMetrics
+    from gentrain.registry import DataInfo, get_job_type
+    from gentrain.spec import job_config
+
+    os.environ["GENTRAIN_CACHE"] = cache  # a cache per device: each computes its reference
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    spec = from_dict({"job": {"type": "vae"}, "data": {"source": data_dir},
+                      "eval": {"metrics": ["fid", "kid", "is"], "fid_samples": samples, "sample_batch_size": 100,
+                               "extractor": "inception", "inception_weights": weights}})
+    index = load_index(data_dir)
+    job = get_job_type("vae")
+    torch.manual_seed(0)
+    modules = {name: module.to(device).eval()
+               for name, module in job.build(job_config(spec), DataInfo(tuple(index.shape), index.num_classes)).items()}
+
+    def all_reduce(tensor, op="mean"):
+        reduced = tensor.to(device, copy=True)
+        torch.distributed.all_reduce(reduced)
+        return (reduced / world if op == "mean" else reduced).to(tensor.device)
+
+    metrics = PeriodicSampleMetrics(spec, index, rank, world, device, all_reduce)
+    first = metrics(job, modules)
+    second = metrics(job, modules)  # the reference now comes from the cache
+    return {"first": first, "second": second}
