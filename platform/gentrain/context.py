@@ -9,8 +9,9 @@
 A GAN steps two networks in its own order and freezes the critic while the generator
 learns through it:
 
-    with ctx.frozen("discriminator"):
-        ctx.backward(generator_loss, "generator")
+    with ctx.frozen("discriminator") as critic:
+        loss = generator_loss(critic(ctx.module("generator")(z)))
+        ctx.backward(loss, "generator")
 """
 
 from __future__ import annotations
@@ -53,15 +54,7 @@ class StepContext:
         if self.strategy.at_boundary:
             self.strategy.ema_update(name, decay)
 
-    @contextlib.contextmanager
-    def frozen(self, name: str) -> Iterator[None]:
-        """`name`'s parameters get no gradients inside (a critic while its generator learns)."""
-        params = list(self.plain(name).parameters())
-        previous = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in zip(params, previous):
-                p.requires_grad_(flag)
+    def frozen(self, name: str) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """`name`'s parameters get no gradients inside (a critic while its generator learns);
+        yields the network to call, and the backward through it belongs inside the block."""
+        return self.strategy.frozen(name)

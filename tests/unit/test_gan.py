@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from gentrain.context import StepContext
 from gentrain.registry import DataInfo
+from gentrain.schema import SpecError
 from gentrain.spec import from_dict
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
@@ -241,12 +242,19 @@ def test_learns_digits_samples_cover_all_ten_classes_under_a_classifier(one_thre
     assert scores["diversity"] > 0.5  # the collapse signal agrees: samples spread like the data
 
 
-def test_wgan_gp_under_deepspeed_zero_is_a_clear_error():
+def test_wgan_gp_under_deepspeed_zero3_is_a_clear_error():
     import dataclasses
 
+    from gentrain.spec import load_spec
+
     spec = _spec()
-    spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, name="deepspeed", zero_stage=2))
+    spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, name="deepspeed", zero_stage=3))
     strategy = make_strategy(spec, torch.device("cpu"))  # not set up: the check comes first
     ctx = StepContext(strategy, GANConfig(arch="mlp", loss="wgan-gp", d_norm="none"), 1)
-    with pytest.raises(ValueError, match="use strategy.zero_stage=0"):
+    with pytest.raises(ValueError, match="use strategy.zero_stage=2 or lower"):
         JOB.train_step(ctx, {"image": torch.rand(4, 2)})
+    with pytest.raises(SpecError, match="job.config.loss: 'wgan-gp' does not run .* zero_stage=3"):
+        load_spec("gan/debug", ["strategy.name=deepspeed", "strategy.zero_stage=3", "job.config.loss=wgan-gp",
+                                "job.config.d_norm=none"])
+    for stage in (1, 2, 3):  # the debug spec's hinge loss runs under every stage
+        load_spec("gan/debug", ["strategy.name=deepspeed", f"strategy.zero_stage={stage}"])

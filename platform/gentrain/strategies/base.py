@@ -133,6 +133,25 @@ class Strategy(ABC):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    @contextlib.contextmanager
+    def frozen(self, name: str) -> Iterator[nn.Module]:
+        """`name` without gradients for its parameters, to backpropagate through (a GAN's
+        critic while the generator learns). Yields the plain network: a frozen network needs
+        no wrapper, and going around it keeps DDP's reducer and DeepSpeed's ZeRO hooks out of
+        another network's backward. Under ZeRO-3 its full weights stay gathered inside, so
+        the backward through it belongs inside the block."""
+        module = self.unwrap(name)
+        params = list(module.parameters())
+        previous = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with self.gathered(name):
+                yield module
+        finally:
+            for p, flag in zip(params, previous):
+                p.requires_grad_(flag)
+
     # -- EMA weights and evaluation ---------------------------------------------------
     def gathered(self, name: str) -> contextlib.AbstractContextManager:
         """Full parameters of `name` readable inside (ZeRO-3 overrides this to gather)."""
