@@ -25,7 +25,6 @@ aborting the benchmark.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import importlib.metadata
 import io
 import itertools
@@ -47,6 +46,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from gentrain.bench.common import publish, timestamp
 from gentrain.data.index import DatasetIndex, load_index
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, content_hash, encode_png
 from gentrain.data.pipeline import train_batches
@@ -107,17 +107,13 @@ def run_data_bench(
     result = {
         "benchmark": "data",
         "command": f"gentrain bench data --samples {samples}",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": machine,
         "settings": settings,
         "datasets": datasets,
         "rows": rows,
     }
-    print(format_table(result), flush=True)
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        _progress(f"results written to {json_path}")
-    return result
+    return publish(result, format_table, json_path, _progress)
 
 
 def build_shard_sets(root, total: int, min_shards: int = 4) -> dict[str, DatasetIndex]:

@@ -19,17 +19,15 @@ sharded part by N on top.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import multiprocessing
 import os
 import platform
-import socket
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from gentrain.bench.common import one_rank_process_group, publish, timestamp
 
 ROWS = {  # label: (strategy section or None for plain PyTorch, precision)
     "plain pytorch": (None, "bf16"),
@@ -55,21 +53,22 @@ def run_memory_bench(width: int = 8192, layers: int = 12, json_path: str | None 
             row = pool.apply(_measure, (label, section, precision, width, layers))
         rows.append(row)
         outcome = row.get("error") or f"{row['peak_gib']:.2f} GiB peak, {row['step_s']:.3f} s/step"
-        print(f"[bench memory] {label:<36} {outcome}", flush=True)
+        _log(f"{label:<36} {outcome}")
     result = {
         "benchmark": "memory",
         "command": f"gentrain bench memory --width {width} --layers {layers}",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "platform": platform.platform(), "cpu_count": os.cpu_count()},
         "settings": {"width": width, "layers": layers, "parameters": params, "batch_size": BATCH,
                      "steps": STEPS, "optimizer": "AdamW (torch)", "world_size": 1},
         "rows": rows,
     }
-    print(format_table(result), flush=True)
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
+    return publish(result, format_table, json_path, _log)
+
+
+def _log(message: str) -> None:
+    print(f"[bench memory] {message}", flush=True)
 
 
 def format_table(result: dict) -> str:
@@ -101,13 +100,11 @@ def _measure(label, section, precision, width, layers) -> dict:
 
 
 def _measure_in_process(section, precision, width, layers) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    with one_rank_process_group("cuda"):
+        return _measure_step_memory(section, precision, width, layers)
+
+
+def _measure_step_memory(section, precision, width, layers) -> dict:
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     model = _model(width, layers)
@@ -152,6 +149,5 @@ def _measure_in_process(section, precision, width, layers) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated()
-    torch.distributed.destroy_process_group()
     return {"peak_gib": peak / 2**30, "bytes_per_param": peak / params,
             "step_s": sum(times[1:]) / len(times[1:])}

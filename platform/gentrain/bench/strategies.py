@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import gc
-import json
 import os
 import platform
-import socket
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from gentrain.bench.common import one_rank_process_group, publish, timestamp
 from gentrain.spec import JobSpec, from_dict
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
@@ -63,7 +60,7 @@ def run_strategy_bench(device: str | None = None, steps: int | None = None, warm
                 "statistic": "median samples/s", "image_shape": list(shape), "latent": latent,
                 "channels": channels, "batch_size": batch, "world_size": 1}
     rows = []
-    with _process_group(device_type):
+    with one_rank_process_group(device_type):
         dev = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
             else torch.device("cpu")
         model_args = (shape, latent, channels)
@@ -84,16 +81,12 @@ def run_strategy_bench(device: str | None = None, steps: int | None = None, warm
     result = {
         "benchmark": "strategies",
         "command": f"gentrain bench strategies --device {device_type} --steps {steps}",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": _machine(device_type),
         "settings": settings,
         "rows": rows,
     }
-    print(format_table(result), flush=True)
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        _log(f"results written to {json_path}")
-    return result
+    return publish(result, format_table, json_path, _log)
 
 
 def format_table(result: dict) -> str:
@@ -172,7 +165,7 @@ def _gentrain(model_args, batch, precision, section, device, steps, warmup) -> f
     try:
         return _time(step, steps, warmup, batch, device)
     finally:
-        del strategy, model
+        strategy = model = None  # frees the engines before emptying the cache
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -206,26 +199,6 @@ def _median(measure) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _process_group(device_type: str):
-    """One rank of its own (DeepSpeed and Accelerate expect a process group)."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _machine(device_type: str) -> dict:
