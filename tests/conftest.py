@@ -23,3 +23,11 @@ def gentrain_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GENTRAIN_CACHE", os.fspath(cache))
         yield cache
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the session's two-node Ray cluster run last, together (a stable sort keeps
+    every other order). Up, that cluster holds about 2 GB and a share of the 2 cores until
+    the session ends; last, it lives only while its own tests run, and its raylets start
+    on an idle machine rather than beside another test's embedded Ray."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))

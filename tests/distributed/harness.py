@@ -13,17 +13,11 @@ fails the call with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ports import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args, results, backend: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from ports import free_port  # noqa: F401 - re-exported for the integration tests
+
 READY_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _mlflow_executable() -> str:

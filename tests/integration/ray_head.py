@@ -47,6 +47,7 @@ class RayCluster:
     env: dict[str, str]  # what a process that runs `ray`/`gentrain` against it needs
     node_local_dir: Path | None = None  # seen by the head only (None: no isolation here)
     log_dir: Path | None = None
+    temp_dir: Path | None = None  # Ray's session folder (the head's; the second node's is under it)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -106,17 +107,35 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def _wait(ready, processes: list[subprocess.Popen], what: str, log_path: Path) -> None:
+def _ray_logs(temp_dir: Path | None, lines: int = 15) -> str:
+    """The ends of the raylet's and GCS's own logs: `ray start` says only that the node
+    "timed out during startup"; these say why."""
+    if temp_dir is None:
+        return ""
+    logs = temp_dir / "session_latest" / "logs"
+    parts = [f"--- {path.name}:\n{_tail(path, lines)}"
+             for pattern in ("raylet*.err", "raylet*.out", "gcs_server*.err", "gcs_server*.out")
+             for path in sorted(logs.glob(pattern)) if path.stat().st_size]
+    return "\n".join(parts)
+
+
+class NodeStartError(RuntimeError):
+    pass
+
+
+def _wait(ready, processes: list[subprocess.Popen], what: str, log_path: Path,
+          temp_dir: Path | None = None) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{what}: `ray start` exited with {process.returncode}; "
-                                   f"{log_path} ends:\n{_tail(log_path)}")
+                raise NodeStartError(f"{what}: `ray start` exited with {process.returncode}; "
+                                     f"{log_path} ends:\n{_tail(log_path)}\n{_ray_logs(temp_dir)}")
         if ready():
             return
         time.sleep(0.25)
-    raise RuntimeError(f"{what} not ready after {READY_TIMEOUT_S:.0f} s; {log_path} ends:\n{_tail(log_path)}")
+    raise NodeStartError(f"{what} not ready after {READY_TIMEOUT_S:.0f} s; {log_path} ends:\n"
+                         f"{_tail(log_path)}\n{_ray_logs(temp_dir)}")
 
 
 def _dashboard_up(url: str, token: str) -> bool:
@@ -153,16 +172,40 @@ def mount_isolation_prefix(hidden: Path) -> list[str] | None:
     return None
 
 
+START_ATTEMPTS = 2
+
+
 @contextlib.contextmanager
 def running_ray_cluster(directory: Path, second_node: bool = False,
                         extra_pythonpath: list[str] | None = None) -> Iterator[RayCluster]:
-    """A head (and optionally a second node) with logs and Ray's session under `directory`."""
+    """A head (and optionally a second node) with logs and Ray's session under `directory`.
+
+    A node that fails to come up is retried once on fresh ports: on 2 busy cores a raylet
+    can miss `ray start`'s fixed 30 s registration deadline. Both attempts' logs are kept.
+    """
     directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            cluster = _start_cluster(directory / f"attempt-{attempt}", second_node, extra_pythonpath or [])
+        except NodeStartError as exc:
+            failures.append(f"attempt {attempt}: {exc}")
+            continue
+        try:
+            yield cluster
+        finally:
+            _stop_cluster(cluster)
+        return
+    raise RuntimeError("the test Ray cluster did not start:\n" + "\n\n".join(failures))
+
+
+def _start_cluster(directory: Path, second_node: bool, extra_pythonpath: list[str]) -> RayCluster:
     directory.mkdir(parents=True, exist_ok=True)
     # Ray's session path must stay short: unix socket paths are limited to 107 bytes.
     temp_dir = Path(f"/tmp/gtr-{os.getpid()}-{secrets.token_hex(3)}")
     token = secrets.token_hex(32)
-    env = node_env(token, extra_pythonpath or [])
+    env = node_env(token, extra_pythonpath)
     gcs_port, dashboard_port = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     ray = _ray_executable()
@@ -174,16 +217,22 @@ def running_ray_cluster(directory: Path, second_node: bool = False,
                    f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
                    f"--resources={json.dumps({HEAD_RESOURCE: 1, SLOT_RESOURCE: 1})}", *_node_ports()], env, head_log)
     cluster = RayCluster(dashboard_url, f"127.0.0.1:{gcs_port}", token, env, log_dir=directory,
-                         processes=[head])
+                         temp_dir=temp_dir, processes=[head])
     try:
         _wait(lambda: _dashboard_up(dashboard_url, token) and _alive_nodes(dashboard_url, token) >= 1,
-              [head], "ray head", head_log)
+              [head], "ray head", head_log, temp_dir)
         if second_node:
             _start_second_node(cluster, ray, common, directory)
-        yield cluster
-    finally:
-        _stop_all(cluster.processes)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    except BaseException:
+        _stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def _stop_cluster(cluster: RayCluster) -> None:
+    _stop_all(cluster.processes)
+    if cluster.temp_dir is not None:
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 def _start_second_node(cluster: RayCluster, ray: str, common: list[str], directory: Path) -> None:
@@ -199,4 +248,4 @@ def _start_second_node(cluster: RayCluster, ray: str, common: list[str], directo
     log_path = directory / "ray-node-b.log"
     cluster.processes.append(_start(command, cluster.env, log_path))
     _wait(lambda: _alive_nodes(cluster.dashboard_url, cluster.token) >= 2,
-          cluster.processes, "second ray node", log_path)
+          cluster.processes, "second ray node", log_path, cluster.temp_dir)
