@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 for source_root in (ROOT / "platform", ROOT / "jobs"):
     if str(source_root) not in sys.path:
         sys.path.insert(0, str(source_root))
+# Ray Train's controller takes a worker's report every 2 s by default, and a worker's next
+# report waits for it: a test run checkpointing every few steps would spend most of its
+# time there. Set before any Ray starts, so every embedded Ray and `gentrain` subprocess
+# the tests start inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session", autouse=True)

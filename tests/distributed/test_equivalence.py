@@ -1,72 +1,84 @@
-"""Strategies agree: same seed and data give the same fp32 losses, and resume is exact.
+"""The shared loop pieces under DDP: world size, resume, a GAN-shaped pair and gradient
+checkpointing (under DDP and ZeRO-3) give the numbers they should.
 
-Each case runs on a real gloo process group of 2 CPU processes.
+    .venv/bin/python -m pytest -q tests/distributed/test_equivalence.py
+
+Spawning a world is the slow part, so two worlds carry every case: a world of 2 runs
+them all in turn, a world of 1 with the whole batch is the batch-2B reference.
+Accelerate's equivalence with DDP is in test_accelerate.py, DeepSpeed's in
+test_deepspeed.py.
 """
-
-import functools
 
 import pytest
 import torch
 
-from common import run_losses, run_resume
+from common import run_gan, run_losses, run_resume
 from harness import run_world
 
 STEPS = 6
-STRATEGIES = {
-    "ddp": {"name": "ddp"},
-    "accelerate": {"name": "accelerate"},
-}
+RESUME_AT = 3
+GAN_STEPS = 8
+BATCH_CASES = {"plain": {}, "accum2": {"grad_accum": 2}}
+CLIP = {"grad_clip": 0.5}
+CHECKPOINTED = {"ddp": {"name": "ddp"}, "zero3": {"name": "deepspeed", "zero_stage": 3}}
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(world: int, train_items: tuple):
-    return run_world(run_losses, world, args=({"name": "ddp"}, dict(train_items), STEPS))[0]
+def _two_workers(rank: int, world: int, directory: str) -> dict:
+    out = {label: run_losses(rank, world, {"name": "ddp"}, train, STEPS) for label, train in BATCH_CASES.items()}
+    out["clip"] = run_losses(rank, world, {"name": "ddp"}, CLIP, STEPS)
+    for label, section in CHECKPOINTED.items():
+        out["checkpointed", label] = run_losses(rank, world, {**section, "grad_checkpointing": True}, CLIP, STEPS)
+    out["resume"] = run_resume(rank, world, {"name": "ddp"}, RESUME_AT, directory)
+    out["gan"] = run_gan(rank, world, {"name": "ddp"}, GAN_STEPS)
+    return out
 
 
-def reference(world: int = 2, **train):
-    """DDP's losses and final weights (computed once per setting)."""
-    return _reference(world, tuple(sorted(train.items())))
+def _one_worker(rank: int, world: int) -> dict:
+    return {label: run_losses(rank, world, {"name": "ddp"}, train, STEPS) for label, train in BATCH_CASES.items()}
 
 
-@pytest.mark.parametrize("train", [{"grad_clip": 0.5}, {"grad_accum": 2}], ids=["clip", "accum2"])
-@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"ddp"}))
-def test_fp32_losses_and_weights_match_ddp(name, train):
-    expected_losses, expected_params = reference(**train)
-    losses, params = run_world(run_losses, 2, args=(STRATEGIES[name], train, STEPS))[0]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
-    torch.testing.assert_close(params, expected_params, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):  # [rank 0's results, rank 1's]
+    return run_world(_two_workers, 2, args=(str(tmp_path_factory.mktemp("ddp-resume")),))
 
 
-@pytest.mark.parametrize("train", [{}, {"grad_accum": 2}], ids=["plain", "accum2"])
-def test_two_workers_batch_b_match_one_worker_batch_2b(train):
-    one_losses, one_params = reference(world=1, **train)
-    two_losses, two_params = reference(world=2, **train)
-    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=1e-5, atol=0)
-    torch.testing.assert_close(two_params, one_params, rtol=1e-5, atol=1e-6)
+def close(actual, expected, rtol: float, atol: float = 0.0):
+    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    return run_world(_one_worker, 1)[0]
+
+
+@pytest.mark.parametrize("label", sorted(BATCH_CASES))
+def test_two_workers_batch_b_match_one_worker_batch_2b(two_workers, one_worker, label):
+    one_losses, one_params = one_worker[label]
+    two_losses, two_params = two_workers[0][label]
+    close(two_losses, one_losses, rtol=1e-5)
+    close(two_params, one_params, rtol=1e-5, atol=1e-6)
     assert len(set(one_losses)) == STEPS  # the weights move: each step sees a new loss
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_resume_is_exact(name, tmp_path):
-    differences = run_world(run_resume, 2, args=(STRATEGIES[name], 3, str(tmp_path)))
-    assert max(differences) <= 1e-6, differences
+def test_replicas_stay_identical(two_workers):
+    for label in (*BATCH_CASES, "clip"):
+        close(two_workers[1][label][1], two_workers[0][label][1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_gan_shaped_pair_trains(name):
-    from common import run_gan
+def test_resume_is_exact(two_workers):
+    assert max(rank_result["resume"] for rank_result in two_workers) <= 1e-6
 
-    d_losses, g_losses, moved = run_world(run_gan, 2, args=(STRATEGIES[name], 8))[0]
+
+def test_gan_shaped_pair_trains(two_workers):
+    d_losses, g_losses, moved = two_workers[0]["gan"]
     assert moved == {"generator": True, "discriminator": True}
     assert all(map(torch.isfinite, torch.tensor(d_losses + g_losses)))
     assert d_losses[-1] != d_losses[0] and g_losses[-1] != g_losses[0]
 
 
-@pytest.mark.parametrize("section", [{"name": "ddp"}, {"name": "deepspeed", "zero_stage": 3}],
-                         ids=["ddp", "zero3"])
-def test_grad_checkpointing_changes_no_number(section):
-    expected_losses, expected_params = reference(grad_clip=0.5)
-    losses, params = run_world(run_losses, 2, args=({**section, "grad_checkpointing": True},
-                                                    {"grad_clip": 0.5}, STEPS))[0]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
-    torch.testing.assert_close(params, expected_params, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("label", sorted(CHECKPOINTED))
+def test_grad_checkpointing_changes_no_number(two_workers, label):
+    expected_losses, expected_params = two_workers[0]["clip"]
+    losses, params = two_workers[0]["checkpointed", label]
+    close(losses, expected_losses, rtol=1e-5)
+    close(params, expected_params, rtol=1e-5, atol=1e-6)
