@@ -19,6 +19,9 @@ for source_root in (ROOT / "platform", ROOT / "jobs"):
 # time there. Set before any Ray starts, so every embedded Ray and `gentrain` subprocess
 # the tests start inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# What `gentrain run` sets for its embedded Ray (launch/local.py), for the tests that start
+# one themselves. The test Ray cluster (integration/ray_head.py) starts without RAY_* vars.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -43,35 +43,48 @@ def run_gan_job(rank: int, world: int, strategy_section: dict, steps: int, confi
     return weights, penalties
 
 
-@pytest.mark.parametrize("section", [{"name": "ddp"}, {"name": "accelerate"}])
-def test_wgan_gp_step_keeps_replicas_identical(section):
-    (first, penalties), (second, _) = run_world(run_gan_job, WORLD, args=(section, 4))
+REPLICA_SECTIONS = {"ddp": {"name": "ddp"}, "accelerate": {"name": "accelerate"}}
+DCGAN = {"arch": "dcgan", "latent_dim": 8, "channels": [8, 16], "loss": "hinge", "d_norm": "spectral",
+         "n_critic": 1}
+ZERO_CASES = {"hinge-spectral-dcgan": (DCGAN, (0, 1, 2, 3)), "wgan-gp-mlp": ({}, (1, 2))}
+
+
+def run_every_case(rank: int, world: int) -> dict:
+    """One world for every case (spawning one is the slow part): the WGAN-GP step under
+    DDP and Accelerate, then per ZERO_CASES entry DDP and DeepSpeed at each ZeRO stage on
+    the same data, as (weights, per-step values)."""
+    results = {("replicas", label): run_gan_job(rank, world, section, 4)
+               for label, section in REPLICA_SECTIONS.items()}
+    for case, (config_overrides, stages) in ZERO_CASES.items():
+        results[case, "ddp"] = run_gan_job(rank, world, {"name": "ddp"}, 3, config_overrides)
+        for stage in stages:
+            results[case, stage] = run_gan_job(rank, world, {"name": "deepspeed", "zero_stage": stage}, 3,
+                                               config_overrides)
+    return results
+
+
+@pytest.fixture(scope="module")
+def every_case():  # [rank 0's results, rank 1's]
+    return run_world(run_every_case, WORLD, timeout=600)
+
+
+@pytest.mark.parametrize("label", sorted(REPLICA_SECTIONS))
+def test_wgan_gp_step_keeps_replicas_identical(every_case, label):
+    (first, penalties), (second, _) = (rank_results["replicas", label] for rank_results in every_case)
     assert all(p > 0 for p in penalties)
     for name in ("generator", "discriminator"):
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
 
 
-DCGAN = {"arch": "dcgan", "latent_dim": 8, "channels": [8, 16], "loss": "hinge", "d_norm": "spectral",
-         "n_critic": 1}
-
-
-def run_gan_under_every_stage(rank: int, world: int, config_overrides: dict, stages: tuple[int, ...]):
-    """DDP first, then DeepSpeed at each ZeRO stage, on the same data: (weights, per-step values)."""
-    results = {"ddp": run_gan_job(rank, world, {"name": "ddp"}, 3, config_overrides)}
-    for stage in stages:
-        results[stage] = run_gan_job(rank, world, {"name": "deepspeed", "zero_stage": stage}, 3, config_overrides)
-    return results
-
-
-@pytest.mark.parametrize("config_overrides, stages", [(DCGAN, (0, 1, 2, 3)), ({}, (1, 2))],
-                         ids=["hinge-spectral-dcgan", "wgan-gp-mlp"])
-def test_deepspeed_zero_trains_the_gan_like_ddp(config_overrides, stages):
+@pytest.mark.parametrize("case", sorted(ZERO_CASES))
+def test_deepspeed_zero_trains_the_gan_like_ddp(every_case, case):
     """The generator learns through the frozen critic's plain network (ctx.frozen), so no
     ZeRO gradient hook of the critic's engine runs inside the generator's backward."""
-    for results in run_world(run_gan_under_every_stage, WORLD, args=(config_overrides, stages), timeout=600):
-        reference_weights, reference_values = results["ddp"]
+    _, stages = ZERO_CASES[case]
+    for results in every_case:
+        reference_weights, reference_values = results[case, "ddp"]
         for stage in stages:
-            weights, values = results[stage]
+            weights, values = results[case, stage]
             torch.testing.assert_close(torch.tensor(values), torch.tensor(reference_values), rtol=1e-5, atol=0,
                                        msg=f"ZeRO {stage}: per-step losses")
             for name in ("generator", "discriminator"):

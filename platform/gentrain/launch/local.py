@@ -33,6 +33,9 @@ class RunSummary:
     metrics: dict
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 class TrackingUnavailable(RuntimeError):
     pass
 
@@ -93,6 +96,10 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address)
         return
     # Embedded: never attach to another Ray on this machine by accident.
+    # One node that is this machine: nothing can be preempted, and Ray Train's preemption
+    # watcher would be one more process (2-4 s of a laptop's cores) per run. Ray's workers
+    # inherit this environment; a value the user set wins.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     cpus_per_worker = spec.scaling.resources_per_worker.get("CPU", 1)
     num_cpus = max(os.cpu_count() or 1, int(spec.scaling.num_workers * cpus_per_worker + 0.999))
     # The dashboard stays on: without it Ray Train's state queries fail noisily.
