@@ -19,8 +19,10 @@ for source_root in (ROOT / "platform", ROOT / "jobs"):
 # time there. Set before any Ray starts, so every embedded Ray and `gentrain` subprocess
 # the tests start inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# What `gentrain run` sets for its embedded Ray (launch/local.py), for the tests that start
-# one themselves. The test Ray cluster (integration/ray_head.py) starts without RAY_* vars.
+# What `gentrain run` sets for its embedded Ray (PREEMPTION_WATCHER_ENV in launch/local.py,
+# not imported here: that would put torch's 4 s import in front of every test run), for the
+# tests that start one themselves. The test Ray cluster (integration/ray_head.py) starts
+# without RAY_* vars.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 _handed_out: set[int] = set()
+_rng = random.Random()
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -30,11 +31,10 @@ def free_port() -> int:
     at start-up). Ports below that range are only ever taken on purpose. No port is handed
     out twice in one test session.
     """
-    low_ephemeral, _ = _ephemeral_range()
-    low, high = (15000, low_ephemeral) if low_ephemeral > 16000 else (low_ephemeral // 2, low_ephemeral)
-    rng = random.Random()
+    high, _ = _ephemeral_range()
+    low = min(15000, high // 2)
     for _ in range(200):
-        port = rng.randrange(low, high)
+        port = _rng.randrange(low, high)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

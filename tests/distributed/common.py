@@ -139,3 +139,7 @@ def run_gan(rank: int, world: int, strategy_section: dict, steps: int):
                        zip(before[name], exported[name].values()))
              for name in networks}
     return d_losses, g_losses, moved
+
+
+def close(actual, expected, rtol: float, atol: float = 0.0):
+    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=rtol, atol=atol)

@@ -25,6 +25,7 @@ from gentrain.strategies.accelerate import AccelerateStrategy
 from gentrain.strategies.base import make_optimizer
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
+from common import close
 from harness import run_world
 
 SHAPE = (1, 8, 8)
@@ -226,10 +227,6 @@ def checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def main_world(checkpoint_dir):
     return run_world(_main_world, 2, args=(checkpoint_dir,))
-
-
-def close(actual, expected, rtol: float, atol: float = 0.0):
-    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=rtol, atol=atol)
 
 
 # -- the tests ---------------------------------------------------------------------------

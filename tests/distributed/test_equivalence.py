@@ -12,7 +12,7 @@ test_deepspeed.py.
 import pytest
 import torch
 
-from common import run_gan, run_losses, run_resume
+from common import close, run_gan, run_losses, run_resume
 from harness import run_world
 
 STEPS = 6
@@ -40,10 +40,6 @@ def _one_worker(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):  # [rank 0's results, rank 1's]
     return run_world(_two_workers, 2, args=(str(tmp_path_factory.mktemp("ddp-resume")),))
-
-
-def close(actual, expected, rtol: float, atol: float = 0.0):
-    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_server import free_port, running_mlflow_server
+from mlflow_server import running_mlflow_server
+from ports import free_port
 
 
 @pytest.fixture(scope="session")

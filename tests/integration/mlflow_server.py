@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from ports import free_port  # noqa: F401 - re-exported for the integration tests
+from ports import free_port
 
 READY_TIMEOUT_S = 90.0
 

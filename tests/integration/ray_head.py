@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_server import free_port
+from ports import free_port
 
 READY_TIMEOUT_S = 90.0
 SECOND_NODE_RESOURCE = "gentrain_test_node_b"
@@ -184,7 +184,6 @@ def running_ray_cluster(directory: Path, second_node: bool = False,
     can miss `ray start`'s fixed 30 s registration deadline. Both attempts' logs are kept.
     """
     directory = Path(directory).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
     failures = []
     for attempt in range(1, START_ATTEMPTS + 1):
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlflow_server import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 GENTRAIN = str(Path(sys.executable).parent / "gentrain")

@@ -22,6 +22,8 @@ from gentrain.checkpoint import latest_checkpoint
 from gentrain.data.index import default_cache_dir, resolve_builtin
 from gentrain.spec import JobSpec, dump_yaml
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
+
 
 @dataclass
 class RunSummary:
@@ -31,9 +33,6 @@ class RunSummary:
     mlflow_pointer: str | None
     samples: str | None
     metrics: dict
-
-
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class TrackingUnavailable(RuntimeError):
