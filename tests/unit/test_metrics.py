@@ -157,14 +157,16 @@ def test_kid_over_subsets_matches_the_direct_estimator_on_each_subset():
     assert (result.subset_size, result.num_subsets) == (12, 4)
 
 
-def test_kid_subset_shrinks_to_the_smaller_set_and_then_equals_the_full_estimator():
+def test_kid_refuses_subsets_as_large_as_a_set_and_defaults_to_half_the_smaller_one():
     rng = np.random.default_rng(7)
-    real, fake = rng.normal(size=(20, 3)), rng.normal(size=(20, 3)) + 1.0
-    result = kernel_inception_distance(real, fake, num_subsets=2, subset_size=1000)
-    assert result.subset_size == 20
-    # A subset of all samples is a permutation, and MMD^2 ignores order.
-    assert result.mean == pytest.approx(direct_unbiased_mmd2(real, fake), rel=1e-10)
-    assert result.std == pytest.approx(0.0, abs=1e-12)
+    real, fake = rng.normal(size=(20, 3)), rng.normal(size=(30, 3)) + 1.0
+    # A subset of all 20 samples is a permutation (MMD^2 ignores order): every subset agrees, std is noise.
+    with pytest.raises(ValueError, match=r"kid_subset_size: 20 must be at least 2 and below the smaller set's 20"):
+        kernel_inception_distance(real, fake, num_subsets=2, subset_size=20)
+    with pytest.raises(ValueError, match="kid_subsets: 1 must be at least 2"):
+        kernel_inception_distance(real, fake, num_subsets=1)
+    result = kernel_inception_distance(real, fake, num_subsets=5)
+    assert (result.subset_size, result.num_subsets) == (10, 5) and result.std > 0
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():

@@ -7,7 +7,7 @@
 
 The report is flat (names to numbers, plus the extractor's name) so that it can be
 logged to MLflow as is. It always names the extractor and the sample counts, and the
-settings each metric actually used (KID's subset size shrinks for small sets), so
+settings each metric actually used (KID's default subset size is min(1000, n // 2)), so
 two numbers are only ever compared when they were computed the same way.
 """
 
@@ -27,7 +27,7 @@ KNOWN_METRICS = ("fid", "kid", "is", "pr")
 
 def compute_metrics(real_features, fake_features, logits=None, metrics: Iterable[str] = KNOWN_METRICS, *,
                     extractor_name: str, real_statistics: tuple[np.ndarray, np.ndarray] | None = None,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0,
+                    kid_subsets: int = 100, kid_subset_size: int | None = None, kid_seed: int = 0,
                     is_splits: int = 10, pr_k: int = 3) -> dict:
     """Metrics of generated samples against real ones, as {name: value} plus provenance.
 
@@ -54,7 +54,7 @@ def compute_metrics(real_features, fake_features, logits=None, metrics: Iterable
         if logits is None:
             raise ValueError(f"metric 'is' needs class logits, and none were given; extractor {extractor_name!r} "
                              "may not provide them (leave 'is' out of metrics)")
-        score = inception_score_from_logits(logits, splits=min(is_splits, len(logits)))
+        score = inception_score_from_logits(logits, splits=is_splits)
         report.update({"is": score.mean, "is_std": score.std, "is_splits": score.splits})
     if "pr" in chosen:
         result = precision_recall(_need_real(real_features, "pr"), fake, k=pr_k)

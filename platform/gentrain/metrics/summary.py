@@ -33,6 +33,7 @@ from gentrain.metrics.frechet import RunningStatistics, frechet_distance_terms
 from gentrain.metrics.inception_score import InceptionScore
 from gentrain.metrics.kid import kernel_inception_distance
 from gentrain.metrics.precision_recall import precision_recall
+from gentrain.metrics.settings import MetricSettings
 
 SAMPLE_METRICS = ("fid", "kid", "is", "pr")
 
@@ -47,7 +48,10 @@ class FeatureSummary:
         self.keep = np.unique(np.asarray(list(keep), dtype=np.int64))
         self.statistics = RunningStatistics()
         self.kept: dict[int, np.ndarray] = {}
-        self.is_splits = min(is_splits, self.total) if logits_dim else 0
+        if logits_dim and not 1 <= is_splits <= self.total:
+            raise ValueError(f"is_splits: {is_splits} must be between 1 and the number of samples ({self.total}) "
+                             "(eval.is_splits in a spec, --is-splits on gentrain eval)")
+        self.is_splits = is_splits if logits_dim else 0
         if self.is_splits:
             self.split_counts = np.zeros(self.is_splits)
             self.split_probability_sums = np.zeros((self.is_splits, logits_dim))
@@ -112,8 +116,12 @@ class FeatureSummary:
 
 
 def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, extractor_name: str,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0, pr_k: int = 3) -> dict:
-    """The report of compute_metrics, from a reference (mu, sigma, features) and a merged summary."""
+                    settings: MetricSettings = MetricSettings()) -> dict:
+    """The report of compute_metrics, from a reference (mu, sigma, features) and a merged summary.
+
+    Besides the flat numbers it holds `settings`: what each computed metric used (KID's
+    subset size resolved for these set sizes), so a report says how it was computed.
+    """
     chosen = list(dict.fromkeys(metrics))
     unknown = [name for name in chosen if name not in SAMPLE_METRICS]
     if unknown:
@@ -122,6 +130,7 @@ def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, 
         raise ValueError(f"reference statistics were computed with {reference.extractor!r}, the samples with "
                          f"{extractor_name!r}: numbers from different extractors are never compared")
     report: dict = {"extractor": extractor_name, "num_fake": fake.count, "num_real": reference.count}
+    used: dict = {}
     if "fid" in chosen:
         terms = frechet_distance_terms(reference.mu, reference.sigma, *fake.statistics.statistics())
         report["fid"] = terms.distance
@@ -129,13 +138,20 @@ def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, 
             report["fid_offset"] = terms.offset  # the matrix square root needed eps * I: approximate
     kept = fake.kept_features() if {"kid", "pr"} & set(chosen) else None
     if "kid" in chosen:
-        kid = kernel_inception_distance(reference.features, kept, kid_subsets, kid_subset_size, kid_seed)
+        kid = kernel_inception_distance(reference.features, kept, settings.kid_subsets, settings.kid_subset_size,
+                                        settings.kid_seed)
         report.update(kid=kid.mean, kid_std=kid.std, kid_subset_size=kid.subset_size, kid_subsets=kid.num_subsets)
+        used.update(kid_subsets=kid.num_subsets, kid_subset_size=kid.subset_size,
+                    kid_subset_size_rule="set" if settings.kid_subset_size else "default: min(1000, n // 2)",
+                    kid_num_real=int(reference.features.shape[0]), kid_num_fake=int(kept.shape[0]))
     if "is" in chosen:
         score = fake.inception_score()
         report.update({"is": score.mean, "is_std": score.std, "is_splits": score.splits})
+        used.update(is_splits=score.splits)
     if "pr" in chosen:
-        result = precision_recall(reference.features, kept, k=pr_k)
+        result = precision_recall(reference.features, kept, k=settings.pr_k)
         report.update(precision=result.precision, recall=result.recall, pr_k=result.k,
                       pr_num_real=int(reference.features.shape[0]), pr_num_fake=int(kept.shape[0]))
+        used.update(pr_k=result.k)
+    report["settings"] = used
     return report
