@@ -132,9 +132,14 @@ class EvalSection:
     sample_batch_size: int = field(default=250, metadata=bounds(ge=1, help="samples drawn and extracted at once"))
     extractor: str = "inception"  # inception | classifier:REF (a classifier run or checkpoint)
     inception_weights: str | None = None  # null: $GENTRAIN_INCEPTION_WEIGHTS
+    is_splits: int = field(default=10, metadata=bounds(ge=1, help="Inception Score splits; at most fid_samples"))
+    kid_subsets: int = field(default=100, metadata=bounds(ge=2, help="kid_std is the spread over the subsets"))
+    kid_subset_size: int | None = field(default=None, metadata=bounds(
+        ge=2, help="below fid_samples; null: min(1000, fid_samples // 2)"))
 
     def __post_init__(self):
         from gentrain.evaluation.extractors import check_extractor_choice
+        from gentrain.metrics.settings import SPEC_NAMES, MetricSettings
         from gentrain.metrics.summary import SAMPLE_METRICS
 
         problems = []
@@ -145,6 +150,8 @@ class EvalSection:
         problem = check_extractor_choice(self.extractor)
         if problem:
             problems.append(f"extractor {problem}")
+        problems += MetricSettings.of_spec(self).problems(self.metrics, self.fid_samples, SPEC_NAMES,
+                                                          bounds_checked=True)
         if problems:
             raise ValueError("; ".join(problems))
         reference = self.extractor[len("classifier:"):]
