@@ -37,6 +37,7 @@ class GeneratedWork:
     use_ema: bool
     seed: int
     total: int
+    is_splits: int = 10  # fixed before sampling: each worker sums its rows into these splits
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def do_units(work, extractor_choice: ExtractorChoice, units: list[Unit], local=N
             from gentrain.inference import load_trained
 
             trained = load_trained(work.checkpoint, use_ema=work.use_ema)
-        return summarize_generated(trained.job, trained.modules, extractor, units, work.total, work.seed)
+        return summarize_generated(trained.job, trained.modules, extractor, units, work.total, work.seed,
+                                  is_splits=work.is_splits)
     from gentrain.data.index import load_index
 
     index = load_index(work.source, allow_pipe=work.allow_pipe)

@@ -1,7 +1,8 @@
 """FID/KID/IS/PR during training (spec eval.metrics), computed by all ranks together.
 
     eval: {every: 1000, metrics: [fid, kid], fid_samples: 50000, extractor: inception,
-           inception_weights: ~/models/pt_inception-2015-12-05-6726825d.pth}
+           inception_weights: ~/models/pt_inception-2015-12-05-6726825d.pth,
+           is_splits: 10, kid_subsets: 100, kid_subset_size: null}   # null: min(1000, n // 2)
 
 At each evaluation every rank draws its share of the eval.fid_samples (units r, r + W,
 ... of work.py, each with its own seed, the same at every evaluation so curves are not
@@ -10,6 +11,8 @@ two all-reduces (sums): first count and sum (the common centre), then the sums a
 that centre, the KID/PR rows each rank kept (zero elsewhere) and the IS split sums.
 The reference statistics of the training split are computed the same way the first
 time (then cached on rank 0's disk, logged as an artifact) and read from the cache after.
+The eval.* settings are the run's MLflow params; KID's subset size, which the default
+resolves from the set sizes, is logged beside kid as eval/<label>/kid_subset_size.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch
 from gentrain.evaluation.work import data_units, generated_units, kept_rows, summarize_data, summarize_generated
 from gentrain.metrics.frechet import RunningStatistics
 from gentrain.metrics.reference import find_cached_reference, store_reference
+from gentrain.metrics.settings import MetricSettings
 from gentrain.metrics.summary import FeatureSummary, summary_metrics
 
-REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall")
+REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "kid_subset_size")
 
 
 class PeriodicSampleMetrics:
@@ -49,11 +53,12 @@ class PeriodicSampleMetrics:
         total = settings.fid_samples
         units = generated_units(total, settings.sample_batch_size)[self.rank::self.world_size]
         summary = summarize_generated(job, modules, self.extractor, units, total, seed=self.spec.train.seed,
-                                      keep=self._keep(total, shuffled=False))
+                                      keep=self._keep(total, shuffled=False), is_splits=settings.is_splits)
         merged = all_reduce_summary(summary, self.all_reduce, self.extractor.dim)
         if self.rank != 0:
             return {}
-        report = summary_metrics(self.reference, merged, settings.metrics, extractor_name=self.extractor.name)
+        report = summary_metrics(self.reference, merged, settings.metrics, extractor_name=self.extractor.name,
+                                 settings=MetricSettings.of_spec(settings))
         return {f"eval/{self.extractor.label}/{key}": float(report[key]) for key in REPORTED if key in report}
 
     def _keep(self, total: int, shuffled: bool) -> np.ndarray:

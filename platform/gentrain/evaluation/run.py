@@ -7,6 +7,9 @@
   with the reference statistics of `--data` (default: the data the run trained on),
   split `--split` (default: its train split, as published FIDs do), computed once per
   (data content hash, split, extractor, sample count) and cached (metrics/reference.py).
+  `--is-splits` (default 10), `--kid-subsets` (100) and `--kid-subset-size` (default
+  min(1000, n // 2), below n so kid_std means something) set IS and KID; the report's
+  `samples.settings` says what was used.
 - nll: the likelihood metrics (ELBO, IWAE bound, bits/dim, perplexity...) that the job
   type's `evaluate` returns, averaged over the held-out split (`--eval-split`).
   heldout: everything its `evaluate` returns (a classifier's accuracy, a GAN's critic scores).
@@ -23,7 +26,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,9 @@ import torch
 from gentrain.evaluation.distributed import DataWork, ExtractorChoice, GeneratedWork, summarize
 from gentrain.evaluation.extractors import make_extractor
 from gentrain.evaluation.work import data_units, generated_units, kept_rows
+from gentrain.metrics.kid import check_kid_settings
 from gentrain.metrics.reference import find_cached_reference, store_reference
+from gentrain.metrics.settings import CLI_NAMES, MAX_KEPT_FEATURES, MetricSettings
 from gentrain.metrics.summary import SAMPLE_METRICS, summary_metrics
 
 LIKELIHOOD_METRICS = ("nll", "heldout")
@@ -40,6 +45,8 @@ ALL_METRICS = SAMPLE_METRICS + LIKELIHOOD_METRICS
 # evaluate() outputs that are likelihoods or bounds on them (what `nll` selects).
 LIKELIHOOD_KEY = re.compile(r"(elbo|nll|iwae|bits_per_dim|bpd|log_likelihood|logprob|perplexity)")
 REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall")
+# Settings logged beside the metrics: KID's default subset size depends on the set sizes.
+LOGGED_SETTINGS = ("kid_subset_size",)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class EvalRequest:
     max_batches: int | None = None
     use_ema: bool = True
     out: str | None = None
+    settings: MetricSettings = field(default_factory=MetricSettings)  # IS splits, KID subsets
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -153,10 +161,14 @@ def sample_report(trained, index, request: EvalRequest, metrics: list[str]):
     extractor = make_extractor(choice.choice, choice.inception_weights, expected_shape=shape)
     reference = reference_statistics(index, split, request.n, extractor, choice, request.workers,
                                      request.batch_size)
+    if "kid" in metrics:  # before sampling: the reference may hold fewer images than --n
+        check_kid_settings(request.settings.kid_subsets, request.settings.kid_subset_size,
+                           reference.features.shape[0], min(request.n, MAX_KEPT_FEATURES), CLI_NAMES)
     units = generated_units(request.n, request.batch_size)
-    work = GeneratedWork(str(trained.checkpoint), request.use_ema, request.seed, request.n)
+    work = GeneratedWork(str(trained.checkpoint), request.use_ema, request.seed, request.n,
+                         request.settings.is_splits)
     fake = summarize(work, choice, units, request.workers, local=(trained, extractor))
-    report = summary_metrics(reference, fake, metrics, extractor_name=extractor.name)
+    report = summary_metrics(reference, fake, metrics, extractor_name=extractor.name, settings=request.settings)
     report.update(extractor_label=extractor.label, reference_split=split, reference_file=reference.path.name,
                   reference_from_cache=reference.from_cache, seed=request.seed)
     print("[gentrain] " + " | ".join(f"{k} {report[k]:.4f}" for k in REPORTED if k in report)
@@ -203,7 +215,7 @@ def metric_values(report: dict) -> dict[str, float]:
     samples = report.get("samples")
     if samples:
         values.update({f"eval/{samples['extractor_label']}/{key}": float(samples[key])
-                       for key in REPORTED if key in samples})
+                       for key in REPORTED + LOGGED_SETTINGS if key in samples})
     likelihood = report.get("likelihood")
     if likelihood:
         values.update({f"eval/{likelihood['split']}/{key}": float(value)

@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from gentrain.metrics.features import features_and_logits
+from gentrain.metrics.settings import MAX_KEPT_FEATURES
 from gentrain.metrics.summary import FeatureSummary
-
-# KID and precision/recall use this many rows of each side (their cost grows with the square).
-MAX_KEPT_FEATURES = 10_000
 
 
 class Unit(NamedTuple):
@@ -63,9 +61,9 @@ def unit_generator(seed: int, unit: int) -> torch.Generator:
 
 @torch.no_grad()
 def summarize_generated(job, modules, extractor, units: list[Unit], total: int, seed: int,
-                        keep: np.ndarray | None = None) -> FeatureSummary:
+                        keep: np.ndarray | None = None, is_splits: int = 10) -> FeatureSummary:
     summary = FeatureSummary(total, kept_rows(total, False) if keep is None else keep,
-                             getattr(extractor, "logits_dim", None))
+                             getattr(extractor, "logits_dim", None), is_splits)
     for unit in units:
         images = job.sample(modules, unit.rows, unit_generator(seed, unit.number))
         _check_images(images, f"job type {job.name!r} sample()")
