@@ -248,6 +248,11 @@ def _eval_parser(commands) -> None:
     evaluate.add_argument("--max-batches", type=int, default=None, help="cap on nll/heldout batches")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
+    evaluate.add_argument("--is-splits", type=int, default=10,
+                          help="Inception Score splits, at most --n (default 10)")
+    evaluate.add_argument("--kid-subsets", type=int, default=100, help="KID subsets, at least 2 (default 100)")
+    evaluate.add_argument("--kid-subset-size", type=int, default=None,
+                          help="samples per KID subset, below the number of samples (default min(1000, n // 2))")
     evaluate.add_argument("--out", default=None, help="also write the JSON report here")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -256,15 +261,21 @@ def cmd_eval(args) -> int:
     import json
 
     from gentrain.evaluation.run import EvalRequest, evaluate_checkpoint, parse_metrics
+    from gentrain.metrics.settings import CLI_NAMES, MetricSettings
 
     if args.n < 2 or args.workers < 1 or args.batch_size < 1:
         raise ValueError(f"--n ({args.n}) must be >= 2, --workers ({args.workers}) and --batch-size "
                          f"({args.batch_size}) >= 1")
-    request = EvalRequest(args.ref, parse_metrics(args.metrics), n=args.n, data=args.data, split=args.split,
+    metrics = parse_metrics(args.metrics)
+    settings = MetricSettings(args.is_splits, args.kid_subsets, args.kid_subset_size)
+    problems = settings.problems(metrics, args.n, CLI_NAMES)
+    if problems:
+        raise ValueError("; ".join(problems))
+    request = EvalRequest(args.ref, metrics, n=args.n, data=args.data, split=args.split,
                           eval_split=args.eval_split, extractor=args.extractor,
                           inception_weights=args.inception_weights, workers=args.workers,
                           batch_size=args.batch_size, seed=args.seed, max_batches=args.max_batches,
-                          use_ema=not args.no_ema, out=args.out)
+                          use_ema=not args.no_ema, out=args.out, settings=settings)
     report = evaluate_checkpoint(request)
     print(json.dumps(report, indent=2, default=str))
     return 0
