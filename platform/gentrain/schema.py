@@ -16,20 +16,38 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
+import math
+import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
+from gentrain.redaction import describe, redact
+
+MAX_INT = 2**63 - 1  # what every consumer (torch, numpy, JSON readers, MLflow) still holds
+MAX_PROBLEMS_SHOWN = 50
+SUPPORTED_TYPES = ("bool, int, float, str, Any, pathlib.Path, an Enum, Literal[...], X | None, "
+                   "list[X], tuple[X, Y], tuple[X, ...], dict[str, X] and nested dataclasses")
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+
 
 class SpecError(ValueError):
-    """A spec (or job config) is invalid. `problems` holds one line per problem."""
+    """A spec (or job config) is invalid. `problems` holds one line per problem.
+
+    Every line is redacted (`gentrain.redaction`), so no message shows a URL's credentials.
+    """
 
     def __init__(self, problems: list[str], source: str = "spec"):
-        self.problems = list(problems)
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        self.problems = [redact(p) for p in problems]
+        self.source = redact(source)
+        shown = self.problems[:MAX_PROBLEMS_SHOWN]
+        lines = "\n".join(f"  - {p}" for p in shown)
+        if len(self.problems) > len(shown):
+            lines += f"\n  ... and {len(self.problems) - len(shown)} more"
         noun = "problem" if len(self.problems) == 1 else "problems"
-        super().__init__(f"{source} has {len(self.problems)} {noun}:\n{lines}")
+        super().__init__(f"{self.source} has {len(self.problems)} {noun}:\n{lines}")
 
 
 def bounds(ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -38,8 +56,12 @@ def bounds(ge: float | None = None, gt: float | None = None, le: float | None = 
     return {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
 
 
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+def required(help: str) -> dict:
+    """Field metadata for a field without a default: `help` says what to write."""
+    return {"required": help}
+
+
+_describe = describe
 
 
 def _type_name(hint: Any) -> str:
@@ -50,11 +72,38 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
     if origin in (list, dict):
         return f"a {origin.__name__}"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(_describe(m.value) for m in hint)
+    if isinstance(hint, type) and issubclass(hint, pathlib.PurePath):
+        return "a path"
     return getattr(hint, "__name__", str(hint))
+
+
+def unsupported_hint(hint: Any) -> Any:
+    """The part of type hint `hint` the schema cannot convert, or None when it all can."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (Any, bool, int, float, str, list, tuple, dict, type(None)) or origin is Literal:
+        return None
+    if dataclasses.is_dataclass(hint):
+        return None
+    if isinstance(hint, type) and issubclass(hint, (enum.Enum, pathlib.PurePath)):
+        return None
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return unsupported_hint(args[0])
+    if origin is dict and args and args[0] is not str:
+        return hint  # YAML keys a user writes are strings
+    if origin in (Union, types.UnionType, list, tuple, dict):
+        return next((bad for bad in map(unsupported_hint, args) if bad is not None), None)
+    return hint
 
 
 def _check_bounds(value: Any, meta: dict, path: str, errors: list[str]) -> None:
@@ -82,30 +131,68 @@ def convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
             result = convert(arg, value, path, trial)
             if not trial:
                 return result
+            plain_mismatch = [f"{path}: {_describe(value)} is not {_type_name(arg)}"]
+            if len(args) <= 2 and trial != plain_mismatch:
+                errors.extend(trial)  # X | None: X's own message (range, items) says more
+                return None
         errors.append(f"{path}: {_describe(value)} is not {_type_name(hint)}")
         return None
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
+        if not _hashable(value) or value not in allowed:
             choices = ", ".join(_describe(a) for a in allowed)
             errors.append(f"{path}: {_describe(value)} is not one of {choices}")
             return None
         return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, path, errors)
-    if origin is list:
-        (item_hint,) = typing.get_args(hint) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{path}: {_describe(value)} is not a list")
-            return None
-        return [convert(item_hint, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
+    if origin in (list, tuple) or hint in (list, tuple):
+        return _convert_sequence(hint, value, path, errors)
+    if origin is dict or hint is dict:
         key_hint, value_hint = typing.get_args(hint) or (str, Any)
         if not isinstance(value, dict):
             errors.append(f"{path}: {_describe(value)} is not a mapping")
             return None
-        return {k: convert(value_hint, v, f"{path}.{k}", errors) for k, v in value.items()}
+        converted = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                errors.append(f"{path}: key {_describe(key)} is not a string; quote it")
+                continue
+            converted[key] = convert(value_hint, item, f"{path}.{key}", errors)
+        return converted
     return _convert_scalar(hint, value, path, errors)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _convert_sequence(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """list[X] -> list; tuple[X, Y] (exact length) and tuple[X, ...] -> tuple, from YAML lists."""
+    args = typing.get_args(hint)
+    if not isinstance(value, (list, tuple)):
+        errors.append(f"{path}: {_describe(value)} is not {_type_name(hint)}")
+        return None
+    if typing.get_origin(hint) is list or hint is list:
+        item_hints = [args[0] if args else Any] * len(value)
+    elif not args or (len(args) == 2 and args[1] is Ellipsis):
+        item_hints = [args[0] if args else Any] * len(value)
+    else:
+        if len(value) != len(args):
+            errors.append(f"{path}: {_describe(value)} has {len(value)} items; expected "
+                          f"{_type_name(hint)}, e.g. {_describe([_example(a) for a in args])}")
+            return None
+        item_hints = list(args)
+    items = [convert(h, v, f"{path}[{i}]", errors) for i, (h, v) in enumerate(zip(item_hints, value))]
+    return items if typing.get_origin(hint) is list or hint is list else tuple(items)
+
+
+def _example(hint: Any) -> Any:
+    return {int: 1, float: 1.0, bool: True, str: "a"}.get(hint, "...")
 
 
 def _convert_scalar(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
@@ -115,23 +202,57 @@ def _convert_scalar(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                errors.append(f"{path}: {_describe(value)} is out of range; integers in a spec are "
+                              f"at most 2**63-1 in size ({MAX_INT:.2e})")
+                return None
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads `1e-3` as a string; accept numeric strings for floats.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _to_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                errors.append(f"{path}: {_describe(value)} is not a finite number; write a finite "
+                              "value (or null where the field allows it)")
+                return None
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+        for member in hint:
+            if _hashable(value) and value in (member.value, member.name):
+                return member
+    elif isinstance(hint, type) and issubclass(hint, pathlib.PurePath):
+        if isinstance(value, str) and value and "\x00" not in value:
+            return hint(value)
     else:
-        raise TypeError(f"schema: unsupported type hint {hint!r} at {path}")
-    errors.append(f"{path}: {_describe(value)} is not {_type_name(hint)}")
+        errors.append(f"{path}: type {_hint_text(hint)} is not supported in a spec; use {SUPPORTED_TYPES}")
+        return None
+    hint_text = ""
+    if hint in (int, float) and isinstance(value, str) and _SEXAGESIMAL.match(value):
+        hint_text = " (YAML 1.1 would read it as a base-60 number; gentrain does not: write the number itself)"
+    errors.append(f"{path}: {_describe(value)} is not {_type_name(hint)}{hint_text}")
     return None
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, float):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            return float(value)
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+def _hint_text(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if isinstance(hint, type) else None
+    return text or str(hint).replace("typing.", "")
 
 
 def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
@@ -142,26 +263,47 @@ def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     if not isinstance(data, dict):
         errors.append(f"{path or '<top level>'}: expected a mapping, got {_describe(data)}")
         return None
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:  # noqa: BLE001 - a job type's config class with a broken hint
+        errors.append(f"{path or cls.__name__}: cannot read the type hints of {cls.__qualname__} "
+                      f"({type(exc).__name__}: {exc}); fix the config class")
+        return None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            errors.append(f"{prefix}{key}: unknown key{_did_you_mean(str(key), list(fields))}")
-    kwargs = {}
+            errors.append(f"{prefix}{_describe(key) if not isinstance(key, str) else key}: unknown key"
+                          f"{_did_you_mean(str(key), list(fields))}")
+    kwargs, complete = {}, True
     for name, field in fields.items():
+        bad = unsupported_hint(hints[name])
+        if bad is not None:
+            errors.append(f"{prefix}{name}: type {_hint_text(bad)} (in {cls.__qualname__}) is not "
+                          f"supported in a spec; use {SUPPORTED_TYPES}")
+            complete = False
+            continue
+        no_default = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if no_default and data.get(name) is None:
+            help_text = field.metadata.get("required", "")
+            errors.append(f"{prefix}{name}: missing" + (f"; {help_text}" if help_text else ""))
+            complete = False
+            continue
         if name not in data:
             continue
         before = len(errors)
         value = convert(hints[name], data[name], prefix + name, errors)
         if len(errors) > before:
+            complete = complete and not no_default
             continue  # reported; keep the default so later checks still run
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check_bounds(value, field.metadata, prefix + name, errors)
         kwargs[name] = value
+    if not complete:
+        return None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        errors.append(f"{path or cls.__name__}: {exc}")
+        errors.append(f"{path or cls.__name__}: {redact(str(exc))[:500]}")
         return None
 
 
@@ -178,6 +320,10 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj

@@ -4,8 +4,10 @@
 
 A spec names a bundled spec (`vae/debug`, i.e. jobs/gentrain_jobs/vae/specs/debug.yaml)
 or a file. `key=value` overrides are parsed as YAML scalars (`train.lr=3e-4`,
-`strategy.grad_checkpointing=true`). Validation reports every problem at once; see
-`gentrain.schema` for how fields are checked.
+`strategy.grad_checkpointing=true`). Files and overrides are read strictly
+(`gentrain.specfile`: duplicate keys, base-60 numbers and absurd sizes are errors).
+Validation reports every problem at once; see `gentrain.schema` for how fields are
+checked and `gentrain.spec_checks` for names, paths, storage and secrets.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
-from gentrain.schema import SpecError, bounds, build, to_dict
+from gentrain.redaction import describe
+from gentrain.schema import SpecError, bounds, build, required, to_dict
+from gentrain.spec_checks import check_storage, expand_user, spec_problems
+from gentrain.specfile import MAX_DEPTH, YAMLProblem, load_yaml, read_spec_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
 StrategyName = Literal["ddp", "deepspeed", "accelerate"]
@@ -26,7 +31,8 @@ StrategyName = Literal["ddp", "deepspeed", "accelerate"]
 
 @dataclass
 class JobSection:
-    type: str = "vae"
+    type: str = field(metadata=required("name a registered job type, e.g. `type: vae` "
+                                        "(`gentrain list` shows them)"))
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,10 +178,11 @@ class EvalSection:
         return []
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobSpec:
     name: str = "gentrain"
-    job: JobSection = field(default_factory=JobSection)
+    job: JobSection = field(metadata=required(
+        "every spec names its job type, e.g. `job: {type: vae}` (`gentrain list` shows them)"))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
@@ -195,10 +202,7 @@ class JobSpec:
 
 def _cross_checks(spec: JobSpec) -> list[str]:
     """Rules that span fields (each says how to fix it)."""
-    problems = []
-    if not spec.name or any(c in spec.name for c in "/\\ ") or spec.name.startswith("."):
-        problems.append(f"name: {spec.name!r} must be non-empty without '/', '\\' or spaces "
-                        "(it names the run folder under storage_path)")
+    problems = spec_problems(spec)  # name, local paths, secrets
     gpus = spec.scaling.resources_per_worker.get("GPU", 0)
     if gpus and not spec.scaling.use_gpu:
         problems.append(f"scaling.resources_per_worker.GPU: {gpus} is set but scaling.use_gpu is "
@@ -239,9 +243,6 @@ def _cross_checks(spec: JobSpec) -> list[str]:
     if spec.train.schedule.warmup_steps >= spec.train.steps:
         problems.append(f"train.schedule.warmup_steps: {spec.train.schedule.warmup_steps} must be "
                         f"< train.steps ({spec.train.steps})")
-    for key in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        if key.lower() in str(spec.tracking.uri or "").lower():
-            problems.append(f"tracking.uri: secrets never go in a spec; set {key} in the environment")
     return problems
 
 
@@ -252,29 +253,29 @@ def bundled_spec_dir() -> Path:
 
 
 def find_spec_file(ref: str) -> Path:
-    """`vae/debug` -> the bundled spec file; anything that exists on disk -> itself."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
+    """`vae/debug` -> debug.yaml in job type vae's `spec_dir`; anything on disk -> itself."""
+    expanded, problems = expand_user("spec", ref)
+    if problems:
+        raise FileNotFoundError(problems[0])
+    path = Path(expanded)
+    try:
+        if path.is_file():
+            return path
+    except (OSError, ValueError):
+        pass  # a name too long, or with a NUL byte: no such file
     if "/" in ref and not ref.endswith((".yaml", ".yml")):
-        family, _, name = ref.partition("/")
-        for root in _spec_roots():
-            candidate = root / family / "specs" / f"{name}.yaml"
+        from gentrain.registry import job_types
+
+        type_name, _, name = ref.partition("/")
+        job_type = job_types().get(type_name)
+        # A plug-in's specs live wherever its JobType.spec_dir says, not in a fixed layout.
+        if job_type is not None and job_type.spec_dir is not None and "/" not in name:
+            candidate = Path(job_type.spec_dir) / f"{name}.yaml"
             if candidate.is_file():
                 return candidate
     known = ", ".join(bundled_specs()) or "none"
-    raise FileNotFoundError(f"spec {ref!r}: no such file and no bundled spec by that name "
+    raise FileNotFoundError(f"spec {describe(ref)}: no such file and no bundled spec by that name "
                             f"(bundled specs: {known}; `gentrain list` shows them)")
-
-
-def _spec_roots() -> list[Path]:
-    from gentrain.registry import job_types
-
-    roots = []
-    for job_type in job_types().values():
-        if job_type.spec_dir is not None:
-            roots.append(Path(job_type.spec_dir).parent.parent)
-    return list(dict.fromkeys(roots))
 
 
 def bundled_specs() -> list[str]:
@@ -289,18 +290,26 @@ def bundled_specs() -> list[str]:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=value` -> (["a", "b"], value), the value read by the same strict YAML loader as files."""
     parsed, problems = [], []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"override {item!r}: expected key=value, e.g. train.steps=200")
+        keys = key.split(".")
+        if not sep or not key or any(not part for part in keys):
+            problems.append(f"override {describe(item)}: expected key=value, e.g. train.steps=200")
+            continue
+        if len(keys) > MAX_DEPTH:
+            problems.append(f"override {describe(key)}: {len(keys)} levels deep; spec fields are a "
+                            "few levels deep, e.g. train.optimizer.lr=3e-4")
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            problems.append(f"override {item!r}: value is not valid YAML ({exc.problem})")
+            value = load_yaml(raw) if raw != "" else ""
+        except YAMLProblem as exc:
+            column = f" (column {exc.column} of the value)" if exc.column else ""
+            fix = f"; quote a string value, e.g. '{key}=\"...\"'" if "not valid YAML" in exc.problem else ""
+            problems.append(f"override {describe(key)}: {exc.problem}{column}{fix}")
             continue
-        parsed.append((key.split("."), value))
+        parsed.append((keys, value))
     if problems:
         raise SpecError(problems, "overrides")
     return parsed
@@ -319,16 +328,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)  # safe: a spec never constructs Python objects
-    except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML: {exc}"], str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SpecError([f"{path}: the top level must be a mapping of sections"], str(path))
-    return data
+    """The spec file's top-level mapping (strict and bounded: see gentrain.specfile)."""
+    return read_spec_file(Path(path))
 
 
 def from_dict(data: dict, source: str = "spec") -> JobSpec:
@@ -360,14 +361,16 @@ def _absolute_storage(path: str) -> str:
     # Ray workers run in another cwd: a relative path must be resolved on the driver.
     if "://" in path:
         return path
-    return str(Path(path).expanduser().resolve())
+    return str(Path(expand_user("storage_path", path)[0]).resolve())
 
 
 def load_spec(ref: str, overrides: list[str] | None = None) -> JobSpec:
+    """Find, read, override and validate a spec, then check this machine can run it:
+    the storage folder is writable (before Ray or MLflow start) and eval weights exist."""
     path = find_spec_file(ref)
     data = apply_overrides(read_yaml(path), overrides or [])
     spec = from_dict(data, source=str(path))
-    problems = spec.eval.environment_problems()
+    problems = spec.eval.environment_problems() + check_storage(spec)
     if problems:
         raise SpecError(problems, str(path))
     return spec

@@ -8,9 +8,12 @@ from gentrain.spec import (JobSpec, apply_overrides, bundled_specs, find_spec_fi
                            load_spec, parse_overrides)
 
 
+VAE = {"job": {"type": "vae"}}  # every spec names its job type
+
+
 def problems_of(data: dict) -> list[str]:
     with pytest.raises(SpecError) as info:
-        from_dict(data)
+        from_dict({**VAE, **data})
     return info.value.problems
 
 
@@ -62,7 +65,7 @@ def test_every_problem_reported_at_once_with_paths_values_and_fixes():
 
 def test_error_message_lists_problems():
     with pytest.raises(SpecError) as info:
-        from_dict({"train": {"batch_size": 0}}, source="my.yaml")
+        from_dict({**VAE, "train": {"batch_size": 0}}, source="my.yaml")
     text = str(info.value)
     assert text.startswith("my.yaml has 1 problem:")
     assert "train.batch_size: 0 must be >= 1 (samples per worker per step)" in text
@@ -76,7 +79,7 @@ def test_unknown_key_far_from_any_lists_known_keys():
 
 def test_bool_is_not_an_int_and_numeric_strings_are_floats():
     assert "train.steps: True is not int" in problems_of({"train": {"steps": True}})
-    spec = from_dict({"train": {"optimizer": {"lr": "1e-3"}}})  # YAML 1.1 reads 1e-3 as str
+    spec = from_dict({**VAE, "train": {"optimizer": {"lr": "1e-3"}}})  # YAML 1.1 reads 1e-3 as str
     assert spec.train.optimizer.lr == 1e-3
 
 
@@ -94,7 +97,7 @@ def test_cross_field_rules_name_the_fix():
 def test_strategy_not_supported_by_the_job_type_is_a_validate_error():
     from gentrain.registry import get_job_type
 
-    spec = from_dict({})
+    spec = from_dict(VAE)
     spec.strategy.name = "megatron"  # bypasses the Literal check to reach the job's own
     assert get_job_type("vae").check(spec) == [
         "strategy.name: 'megatron' is not supported by job type 'vae'; use one of ddp, deepspeed, accelerate"]
@@ -122,7 +125,7 @@ def test_spec_file_must_be_safe_yaml(tmp_path):
 
 def test_spec_file_from_disk_round_trips(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"name": "mine", "train": {"steps": 7}}))
+    path.write_text(yaml.safe_dump({"name": "mine", **VAE, "train": {"steps": 7}}))
     spec = load_spec(str(path), ["train.batch_size=3"])
     assert (spec.name, spec.train.steps, spec.train.batch_size) == ("mine", 7, 3)
     again = from_dict(spec.to_dict())
@@ -140,5 +143,5 @@ def test_deepspeed_config_conflicts_are_validate_errors():
                                          "deepspeed_config": {"gradient_clipping": 0.5}}})
     assert len(problems) == 1 and problems[0].startswith("strategy.deepspeed_config.gradient_clipping")
     assert "train.grad_clip" in problems[0]
-    spec = from_dict({"strategy": {"name": "deepspeed", "deepspeed_config": {"wall_clock_breakdown": True}}})
+    spec = from_dict({**VAE, "strategy": {"name": "deepspeed", "deepspeed_config": {"wall_clock_breakdown": True}}})
     assert spec.strategy.deepspeed_config == {"wall_clock_breakdown": True}
