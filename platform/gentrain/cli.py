@@ -28,8 +28,26 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
                         help="override spec fields, e.g. train.steps=200 scaling.num_workers=1")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options and `key=value` overrides in any order (`submit vae/debug --address URL name=x`).
+
+    argparse ends a `nargs="*"` positional at the first option, and
+    parse_intermixed_args refuses subcommands: what is left over after the options is
+    taken as overrides of the commands that have them, anything else is an error."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if hasattr(parsed, "overrides"):
+            overrides = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+            parsed.overrides = list(parsed.overrides or []) + overrides
+            extras = [arg for arg in extras if arg not in overrides]
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gentrain", description=__doc__.split("\n")[0],
+    parser = _Parser(prog="gentrain", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[1:]))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,28 +159,41 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ray.train import TrainingFailedError
-
     from gentrain.launch.local import run
     from gentrain.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     try:
         summary = run(spec)
-    except TrainingFailedError as exc:
+    except Exception as exc:
+        from ray.train import TrainingFailedError
+
+        _report_ray_failure()
+        if not isinstance(exc, TrainingFailedError):
+            raise
         print(f"error: training {spec.name} failed: {exc}\n"
               f"Checkpoints written before the failure are kept in {spec.run_dir}; "
               "fix the cause and run the same command to continue from the latest.",
               file=sys.stderr)
         return 1
-    print()
-    print(f"[gentrain] done: {spec.name}")
+    if summary.trained:
+        print()
+        print(f"[gentrain] done: {spec.name}")
     print(f"  checkpoints : {summary.checkpoint or 'none'}")
     print(f"  samples     : {summary.samples or 'none'}")
     if summary.mlflow_run_id:
         print(f"  mlflow run  : {summary.mlflow_run_id}")
         print(f"  view it     : {summary.mlflow_pointer}")
     return 0
+
+
+def _report_ray_failure() -> None:
+    """Ray's last lines, kept back while the run went well, and where its logs are."""
+    from gentrain.launch import console
+    from gentrain.launch.local import ray_log_dir
+
+    if console.current() is not None:
+        console.current().report_failure(ray_log_dir())
 
 
 def cmd_data_pack(args) -> int:
