@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from gentrain.data.index import default_cache_dir, resolve_builtin
 from gentrain.spec import JobSpec, dump_yaml
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API goes, before any auto-detection
 
 
 @dataclass
@@ -33,6 +36,7 @@ class RunSummary:
     mlflow_pointer: str | None
     samples: str | None
     metrics: dict
+    trained: bool = True  # False: the checkpoint had reached train.steps already
 
 
 class TrackingUnavailable(RuntimeError):
@@ -88,11 +92,14 @@ def cluster_address() -> str | None:
 def init_ray(spec: JobSpec) -> None:
     import ray
 
+    from gentrain.launch import console
+
     if ray.is_initialized():
-        return
+        return  # a Ray this process started already (tests run several runs on one)
     address = cluster_address()
     if address:
         ray.init(address=address)
+        console.install()
         return
     # Embedded: never attach to another Ray on this machine by accident.
     # One node that is this machine: nothing can be preempted, and Ray Train's preemption
@@ -101,17 +108,45 @@ def init_ray(spec: JobSpec) -> None:
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     cpus_per_worker = spec.scaling.resources_per_worker.get("CPU", 1)
     num_cpus = max(os.cpu_count() or 1, int(spec.scaling.num_workers * cpus_per_worker + 0.999))
-    # The dashboard stays on: without it Ray Train's state queries fail noisily.
+    # Token auth guards this machine-local cluster too; saying so on every run is noise.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # The dashboard stays on: without it Ray Train's state queries fail noisily. Those
+    # queries (the placement-group cleaner's) find their cluster by auto-detection, which
+    # fails as soon as a second Ray runs on the machine; pin them to this run's dashboard
+    # in every worker. Not RAY_ADDRESS: the driver would then join that address on its
+    # next run in this process (cluster_address), and it is unknown before ray.init.
+    dashboard_port = _free_port()
     ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-             logging_level="WARNING")
+             dashboard_port=dashboard_port, logging_level="WARNING",
+             runtime_env={"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{dashboard_port}"}})
+    console.install()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_log_dir() -> str | None:
+    """The folder of this process's Ray session logs, when it started one."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # noqa: SLF001 - no public accessor
+        return os.path.join(node.get_session_dir_path(), "logs") if node else None
+    except Exception:  # noqa: BLE001 - only a pointer in an error message
+        return None
 
 
 def run(spec: JobSpec) -> RunSummary:
-    spec = prepare_data(spec)
     previous = latest_checkpoint(spec.run_dir)
+    if previous and int(previous[1].get("step", 0)) >= spec.train.steps:
+        return _nothing_to_do(spec, *previous)  # decided before Ray and MLflow start
+    spec = prepare_data(spec)
     previous_run_id = previous[1].get("mlflow_run_id") if previous else None
     if previous:
-        print(f"[gentrain] continuing {spec.name} from {previous[0]}", flush=True)
+        print(continuing_message(spec, *previous), flush=True)
     from gentrain.launch.cluster_check import check_shared_paths
 
     joined = cluster_address() is not None
@@ -166,6 +201,71 @@ def _sigterm_as_interrupt():
 def _interrupted() -> bool:
     exc = sys.exc_info()[1]
     return isinstance(exc, KeyboardInterrupt)
+
+
+def continuing_message(spec: JobSpec, folder: Path, meta: dict) -> str:
+    message = f"[gentrain] continuing {spec.name} from step {meta.get('step', '?')} ({folder})"
+    if meta.get("mlflow_run_id") and spec.tracking.enabled:
+        message += f" in MLflow run {meta['mlflow_run_id']}"
+    changes = spec_changes(meta.get("spec"), spec.to_dict())
+    if changes:
+        message += "\n[gentrain] spec changed since that checkpoint: " + "; ".join(changes)
+    return message
+
+
+def _nothing_to_do(spec: JobSpec, folder: Path, meta: dict) -> RunSummary:
+    step = int(meta["step"])
+    if step == spec.train.steps:
+        print(f"[gentrain] already trained {step} of {spec.train.steps} steps; nothing to do "
+              f"({folder}). Raise train.steps to train on, or pick a new `name` to start fresh.")
+    else:
+        print(f"[gentrain] {spec.name} is already trained to step {step} ({folder}), past "
+              f"train.steps={spec.train.steps}; nothing to do. To train a new model for "
+              f"{spec.train.steps} steps pick a new `name` (e.g. name={spec.name}-{spec.train.steps}); "
+              f"to train this one on, raise train.steps above {step}.")
+    changes = spec_changes(meta.get("spec"), spec.to_dict(), ignore=("train.steps", "data.source"))
+    if changes:
+        print("[gentrain] not applied (the spec changed since that checkpoint): " + "; ".join(changes))
+    run_id = meta.get("mlflow_run_id") if spec.tracking.enabled else None
+    pointer = None
+    if run_id:
+        from gentrain import tracking
+
+        pointer = tracking.run_url(tracking.resolve_tracking_uri(spec.tracking.uri), run_id)
+    return RunSummary(run_dir=spec.run_dir, checkpoint=str(folder), mlflow_run_id=run_id,
+                      mlflow_pointer=pointer, samples=_latest_samples(spec), metrics={}, trained=False)
+
+
+def spec_changes(before: dict | None, after: dict, ignore: tuple[str, ...] = (), limit: int = 8) -> list[str]:
+    """`path old -> new` for every field that differs between two spec dicts."""
+    if not isinstance(before, dict):
+        return []  # a checkpoint written before gentrain kept the spec in it
+    old, new = _flatten(before), _flatten(after)
+    changed = [f"{key} {_short(old.get(key, '(unset)'))} -> {_short(new.get(key, '(unset)'))}"
+               for key in sorted(set(old) | set(new))
+               if old.get(key, _UNSET) != new.get(key, _UNSET) and not key.startswith(ignore)]
+    if len(changed) > limit:
+        changed = changed[:limit] + [f"and {len(changed) - limit} more"]
+    return changed
+
+
+_UNSET = object()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _short(value, width: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _latest_samples(spec: JobSpec) -> str | None:
