@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
+from gentrain.launch.console import route_worker_logs, worker_print
 from gentrain.registry import DataInfo, get_job_type
 from gentrain.spec import JobSpec, from_dict, job_config
 from gentrain.strategies import make_strategy
@@ -35,6 +35,7 @@ from gentrain.visual import save_image_grid
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ray.train.torch.TorchTrainer (config from launch.trainer)."""
+    route_worker_logs()
     worker = Worker(from_dict(config["spec"]), config.get("run_id"), config.get("tracking_uri"))
     try:
         worker.run()
@@ -232,8 +233,7 @@ class Worker:
         if total[-1] == 0:
             return
         metrics = {f"eval/{k}": float(v / total[-1]) for k, v in zip(keys, total[:-1])}
-        self._print("eval at step %d | %s" % (self.step, " | ".join(
-            f"{k[5:]} {v:.4f}" for k, v in metrics.items())))
+        self._print(_metrics_line(f"eval at step {self.step}", metrics))
         if self.logger:
             self.logger.log_metrics(metrics, step=self.step)
 
@@ -246,7 +246,7 @@ class Worker:
                                                    self.strategy.all_reduce)
         metrics = self._periodic(self.job, modules)
         if metrics:
-            self._print(f"eval at step {self.step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+            self._print(_metrics_line(f"eval at step {self.step}", metrics))
             if self.logger:
                 self.logger.log_metrics(metrics, step=self.step)
                 if self._periodic.reference is not None and not self._periodic.reference_logged:
@@ -316,9 +316,7 @@ class Worker:
 
     def _print(self, message: str) -> None:
         if self.rank == 0:
-            # Not print(): Ray Train patches it and, in workers, tees it (lines twice).
-            sys.stdout.write(f"[gentrain] {message}\n")
-            sys.stdout.flush()
+            worker_print(message)  # marked: the driver shows these lines, not Ray's chatter
 
     def close(self) -> None:
         if self.logger:
@@ -347,6 +345,21 @@ class _Window:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _metrics_line(head: str, metrics: dict[str, float], width: int = 100) -> str:
+    """`head | name value | ...` in about `width` characters, the top-level metrics first
+    (per-dimension breakdowns such as kl_dim/03 are left to MLflow, which has all)."""
+    names = sorted(metrics, key=lambda key: ("/" in key[5:], key))
+    line, shown = head, 0
+    for key in names:
+        part = f" | {key[5:]} {metrics[key]:.4f}"
+        if len(line) + len(part) > width or "/" in key[5:]:
+            break
+        line, shown = line + part, shown + 1
+    if shown < len(metrics):
+        line += f" | +{len(metrics) - shown} more in MLflow"
+    return line
 
 
 def _clock(seconds: float) -> str:
