@@ -116,3 +116,12 @@ def test_a_closed_logger_drops_calls_without_raising(sqlite_uri, tmp_path):
     run_logger.log_metrics({"loss": 1.0}, step=0)
     run_logger.log_artifact(tmp_path / "missing.txt")
     assert run_logger.flush() is True
+
+
+def test_a_normal_close_says_nothing_about_spooled_records(sqlite_uri, tmp_path, caplog):
+    # close() writes the last records to the spool before sending them: that is no outage.
+    caplog.set_level(logging.INFO, logger="gentrain.tracking")
+    run_logger = RunLogger(sqlite_uri, open_run(sqlite_uri, "unit", "quiet"), spool_dir=tmp_path / "spool")
+    run_logger.log_metrics({"loss": 1.0}, step=0)
+    assert run_logger.close(timeout=30) is True
+    assert not [record for record in caplog.records if "spooled" in record.getMessage()]

@@ -195,11 +195,11 @@ class _Sender:
         if error is not None:
             self._went_away(error)
             return
-        if sent:
-            # A warning when it ends an outage that was announced with one.
-            _log.log(logging.WARNING if self.offline else logging.INFO,
-                     "MLflow at %s reachable: sent %d spooled records for run %s",
-                     self.uri, sent, self.run_id)
+        if sent and self.offline:
+            # Only the end of an outage that was announced. The last records of every run
+            # go through the spool too (close() writes them to disk first): no news.
+            _log.warning("MLflow at %s reachable again: sent %d spooled records for run %s",
+                         self.uri, sent, self.run_id)
         self.offline, self.backoff_s = False, _RETRY_MIN_S
 
     def _went_away(self, error: Exception) -> None:
