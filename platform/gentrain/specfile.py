@@ -200,8 +200,6 @@ def _node_paths(root) -> dict[int, str]:
 
 def load_yaml(text: str) -> Any:
     """Parse one YAML document with StrictLoader; raise YAMLProblem naming the line."""
-    if "\x00" in text:
-        raise YAMLProblem("contains NUL bytes: a binary file, not a YAML spec")
     loader = StrictLoader(text)
     try:
         return loader.get_single_data()
@@ -238,6 +236,9 @@ def read_spec_file(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise SpecError([f"not a UTF-8 text file (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                          "a spec is a YAML text file: save it as UTF-8"], source) from None
+    if "\x00" in text:
+        raise SpecError([f"contains NUL bytes (first at byte {raw.index(0)}): a binary file, not a "
+                         "YAML spec; give the spec's .yaml file"], source)
     try:
         data = load_yaml(text)
     except YAMLProblem as exc:
