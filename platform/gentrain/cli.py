@@ -168,7 +168,8 @@ def cmd_run(args) -> int:
     except Exception as exc:
         from ray.train import TrainingFailedError
 
-        _report_ray_failure()
+        # A TrainingFailedError carries the workers' tracebacks: Ray's lines would repeat them.
+        _report_ray_failure(lines=0 if isinstance(exc, TrainingFailedError) else 30)
         if not isinstance(exc, TrainingFailedError):
             raise
         print(f"error: training {spec.name} failed: {exc}\n"
@@ -187,13 +188,13 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _report_ray_failure() -> None:
+def _report_ray_failure(lines: int) -> None:
     """Ray's last lines, kept back while the run went well, and where its logs are."""
     from gentrain.launch import console
     from gentrain.launch.local import ray_log_dir
 
     if console.current() is not None:
-        console.current().report_failure(ray_log_dir())
+        console.current().report_failure(ray_log_dir(), lines)
 
 
 def cmd_data_pack(args) -> int:

@@ -140,3 +140,15 @@ def test_worker_console_redraws_progress_on_a_terminal():
         "[gentrain] step 1/2 | loss 1.0", "[gentrain] step 2/2 | loss 0.5", "[gentrain] eval at step 2"]})
     assert out.getvalue() == ("\r\x1b[2K[gentrain] step 1/2 | loss 1.0\r\x1b[2K[gentrain] step 2/2 | loss 0.5"
                               "\n[gentrain] eval at step 2\n")
+
+
+def test_worker_console_leaves_out_the_autoscaler_and_caps_the_failure_report():
+    err = io.StringIO()
+    console = WorkerConsole(out=io.StringIO(), err=err, redraw=False)
+    console.handle({"pid": "autoscaler", "lines": ["======== Autoscaler status ========"]})
+    console.handle({"pid": 7, "actor_name": "TrainController", "lines": [f"line {i}" for i in range(50)]})
+    console.report_failure(None, lines=3)
+    assert err.getvalue() == ("Ray's last lines before the failure:\n  (TrainController pid=7) line 47\n"
+                              "  (TrainController pid=7) line 48\n  (TrainController pid=7) line 49\n")
+    console.report_failure("/logs", lines=0)
+    assert err.getvalue().endswith("line 49\nRay's logs (every worker and actor): /logs\n")

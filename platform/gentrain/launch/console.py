@@ -8,8 +8,10 @@ stream's printer (Ray's own handler is removed, so nothing prints twice):
   prefix or colour; progress lines (`[gentrain] step ...`) redraw in place on a terminal
   and stay plain lines in a file or CI;
 - everything else (Ray Train's controller, `ray.train.report`, the placement-group
-  cleaner, ...) is kept in a short buffer, printed with the folder of Ray's logs only
-  when the run fails. Ray's log files hold all of it either way.
+  cleaner, ...) is kept in a short buffer: when the run fails, the folder of Ray's logs
+  is printed, with the buffer's last lines unless the error already carries the
+  workers' tracebacks (Ray Train's TrainingFailedError does). Ray's log files hold all of
+  it either way.
 
 Workers print through `worker_print` and route the `gentrain` logger through
 `route_worker_logs`, so their warnings (an MLflow outage) carry the mark too.
@@ -69,6 +71,8 @@ class WorkerConsole:
 
     def handle(self, data: dict) -> None:
         """Ray's log-stream callback: one batch of lines of one process."""
+        if data.get("pid") == "autoscaler":
+            return  # the autoscaler's status tables; its own log keeps them
         source = data.get("actor_name") or data.get("task_name") or "ray"
         with self._lock:
             for line in data.get("lines", ()):
@@ -92,13 +96,14 @@ class WorkerConsole:
             self.out.write("\n")
             self._open_progress = False
 
-    def report_failure(self, log_dir: str | None) -> None:
-        """After a failed run: Ray's last lines and where the rest is."""
+    def report_failure(self, log_dir: str | None, lines: int = 30) -> None:
+        """After a failed run: Ray's last `lines` lines and where the rest is."""
         with self._lock:
             self.end_progress()
-            if self.recent:
+            last = list(self.recent)[-lines:] if lines > 0 else []
+            if last:
                 self.err.write("Ray's last lines before the failure:\n")
-                self.err.writelines(f"  {line}\n" for line in self.recent)
+                self.err.writelines(f"  {line}\n" for line in last)
             if log_dir:
                 self.err.write(f"Ray's logs (every worker and actor): {log_dir}\n")
             self.err.flush()
