@@ -40,7 +40,7 @@ class SpecError(ValueError):
     """
 
     def __init__(self, problems: list[str], source: str = "spec"):
-        self.problems = [redact(p) for p in problems]
+        self.problems = [_cut(redact(p)) for p in problems]
         self.source = redact(source)
         shown = self.problems[:MAX_PROBLEMS_SHOWN]
         lines = "\n".join(f"  - {p}" for p in shown)
@@ -48,6 +48,11 @@ class SpecError(ValueError):
             lines += f"\n  ... and {len(self.problems) - len(shown)} more"
         noun = "problem" if len(self.problems) == 1 else "problems"
         super().__init__(f"{self.source} has {len(self.problems)} {noun}:\n{lines}")
+
+
+def _cut(problem: str, limit: int = 2000) -> str:
+    # Values are cut where messages are written; this bounds a job type's own messages too.
+    return problem if len(problem) <= limit else f"{problem[:limit]}... ({len(problem)} chars)"
 
 
 def bounds(ge: float | None = None, gt: float | None = None, le: float | None = None,
