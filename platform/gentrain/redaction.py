@@ -29,7 +29,15 @@ _PARAM_IN_TEXT = re.compile(
     rf"(?i)([?&;][\w.\-]*(?:{_PARAM_NAMES})[\w.\-]*=|[?&;](?:{'|'.join(SECRET_PARAM_NAMES)})=)"
     r"[^&\s'\"#]*")
 
-_short = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, with each string redacted whole before it is cut."""
+
+    def repr_str(self, value, level):
+        value = redact(value)
+        return repr(value) if len(value) <= self.maxstring else repr(value[:self.maxstring]) + "..."
+
+
+_short = _ShortRepr()
 _short.maxlevel, _short.maxlist, _short.maxtuple, _short.maxdict = 3, 8, 8, 8
 _short.maxstring, _short.maxother, _short.maxlong = VALUE_LIMIT, VALUE_LIMIT, VALUE_LIMIT
 

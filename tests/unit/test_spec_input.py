@@ -128,6 +128,8 @@ def test_secret_in_other_urls_refused(capsys, field, value):
 def test_a_secret_in_any_message_is_redacted():
     assert redact(f"see http://u:{SECRET}@h/x and s3://b/k?sig={SECRET}&v=1") == \
         "see http://***@h/x and s3://b/k?sig=***&v=1"
+    long_secret = f"http://user:{SECRET * 20}@host"  # redacted whole, then cut
+    assert SECRET not in describe(long_secret) + describe([long_secret]) + describe({"k": [long_secret]})
     problems = SpecError([f"tracking: expected a mapping, got 'https://{SECRET}@h'"]).problems
     assert SECRET not in problems[0]
     with pytest.raises(SpecError) as info:  # a value in the wrong place is redacted too
