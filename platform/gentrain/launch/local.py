@@ -56,6 +56,8 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
     from gentrain import tracking
 
     uri = tracking.resolve_tracking_uri(spec.tracking.uri)
+    # "Creating initial MLflow database tables..." on a new SQLite store is no news to the user.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
                                    run_id=previous_run_id,
