@@ -22,7 +22,7 @@ LATENT = 4
 
 def make_spec(strategy: dict | None = None, **train) -> JobSpec:
     """A validated spec (as the VAE) with the given strategy section and train overrides."""
-    spec = from_dict({"train": {"steps": 100, "batch_size": GLOBAL_BATCH, "grad_clip": 1.0,
+    spec = from_dict({"job": {"type": "vae"}, "train": {"steps": 100, "batch_size": GLOBAL_BATCH, "grad_clip": 1.0,
                                 "optimizer": {"name": "adamw", "lr": 3e-3},
                                 "schedule": {"name": "cosine", "warmup_steps": 2}, **train}})
     # Strategy sections are applied after validation: these tests exercise strategies the

@@ -37,7 +37,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def make_spec(section: dict, precision: str, **train) -> JobSpec:
-    spec = from_dict({"train": {"steps": STEPS, "batch_size": BATCH, "grad_clip": 1.0,
+    spec = from_dict({"job": {"type": "vae"}, "train": {"steps": STEPS, "batch_size": BATCH, "grad_clip": 1.0,
                                 "optimizer": {"name": "adamw", "lr": 2e-3},
                                 "schedule": {"name": "constant"}, **train}})
     # Set after validation: fp16 needs GPU workers in `scaling`, which these ranks are not.

@@ -120,7 +120,7 @@ def test_supports_every_strategy_and_precision():
 
 
 def _spec(steps=1000):
-    return from_dict({"train": {"steps": steps, "batch_size": 128,
+    return from_dict({"job": {"type": "vae"}, "train": {"steps": steps, "batch_size": 128,
                                 "optimizer": {"name": "adam", "lr": 1e-3},
                                 "schedule": {"name": "constant"}}})
 

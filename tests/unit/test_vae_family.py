@@ -158,7 +158,7 @@ def trained(digits):
     """Trained by the family's own train_step behind a single-process DDP strategy,
     with a linear KL warm-up over the first 50 steps."""
     torch.manual_seed(0)
-    spec = from_dict({"train": {"steps": TRAIN_STEPS, "optimizer": {"name": "adam", "lr": 2e-3},
+    spec = from_dict({"job": {"type": "vae"}, "train": {"steps": TRAIN_STEPS, "optimizer": {"name": "adam", "lr": 2e-3},
                                 "schedule": {"name": "constant"}}})
     config = VAEConfig(latent_dim=8, channels=[32, 64], iwae_samples=8,
                        kl_anneal=KLAnneal(schedule="linear", warmup_steps=50))

@@ -125,7 +125,7 @@ def _measure_step_memory(section, precision, width, layers) -> dict:
         from gentrain.strategies import make_strategy
         from gentrain.strategies.base import make_optimizer
 
-        spec = from_dict({"train": {"steps": STEPS, "batch_size": BATCH, "grad_clip": 1.0,
+        spec = from_dict({"job": {"type": "vae"}, "train": {"steps": STEPS, "batch_size": BATCH, "grad_clip": 1.0,
                                     "optimizer": {"name": "adamw", "lr": 1e-5},
                                     "schedule": {"name": "constant"}}})
         spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, precision=precision,

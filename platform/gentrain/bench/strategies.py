@@ -172,7 +172,7 @@ def _gentrain(model_args, batch, precision, section, device, steps, warmup) -> f
 
 
 def _spec(precision: str, section: dict, total_steps: int, batch: int) -> JobSpec:
-    spec = from_dict({"train": {"steps": total_steps, "batch_size": batch, "grad_clip": 1.0,
+    spec = from_dict({"job": {"type": "vae"}, "train": {"steps": total_steps, "batch_size": batch, "grad_clip": 1.0,
                                 "optimizer": {"name": "adamw", "lr": 1e-4},
                                 "schedule": {"name": "constant"}}})
     # Set after validation: fp16 is refused for CPU-only scaling sections, and this bench

@@ -234,10 +234,23 @@ class DeepSpeedStrategy(Strategy):
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[dict[str, nn.Module]]:
         with super().evaluation() as modules:
+            # Under ZeRO-3 every forward of an engine's network is a collective: its hooks
+            # fetch and release partitioned weights. Rank 0's sample grids and visuals, or a
+            # rank with fewer held-out batches, would then enter collectives the others never
+            # do (gloo aborts: "distributed collective mismatch"). Inside the gather every
+            # rank holds the full weights: evaluation runs on hook-free views of them.
+            modules = {name: self._hook_free(name, module) for name, module in modules.items()}
             low = any(p.dtype in _LOW_PRECISION.values() for m in modules.values() for p in m.parameters())
             # Without EMA a network is the engine's bf16 one: samplers feed it fp32 noise.
             with self.autocast() if low else contextlib.nullcontext():
                 yield modules
+
+    def _hook_free(self, name: str, module: nn.Module) -> nn.Module:
+        engine = self._engines.get(name)
+        if engine is None or module is not engine.module or not engine.zero_optimization_partition_weights():
+            return module  # EMA copies and untrained networks have no ZeRO hooks
+        # Views of the gathered storage (no copy); valid until the gather ends with evaluation().
+        return _detached_copy(module, share=True)
 
     def ema_update(self, name: str, decay: float) -> None:
         if name in getattr(self, "_ema", {}):
@@ -364,20 +377,25 @@ def _grad_norm(module: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def _detached_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
+def _detached_copy(module: nn.Module, memo: dict | None = None, share: bool = False) -> nn.Module:
     """An fp32 copy of `module` with its current (gathered) weights, free of DeepSpeed.
 
     Not copy.deepcopy: that would also copy what ZeRO hangs on parameters (the ZeRO-3
     optimizer itself, fp32 partitions) and keep ZeRO's hooks, which would then try to fetch
     the copy's parameters. Other attributes are shared: they are read, never trained.
+    With `share`, tensors are views of the module's own (dtype kept, nothing copied).
     """
     memo = {} if memo is None else memo  # tied weights stay tied
-    clone = copy.copy(module)
+    tensor = (lambda t: t.detach()) if share else _fp32_copy
+    # Not copy.copy either: parametrized modules (spectral norm) refuse to be reduced.
+    clone = module.__class__.__new__(module.__class__)
+    clone.__dict__.update(vars(module))
     clone._parameters = {key: None if p is None else _memo(memo, p, lambda t: nn.Parameter(
-        _fp32_copy(t), requires_grad=False)) for key, p in module._parameters.items()}
-    clone._buffers = {key: None if b is None else _memo(memo, b, _fp32_copy)
+        tensor(t), requires_grad=False)) for key, p in module._parameters.items()}
+    clone._buffers = {key: None if b is None else _memo(memo, b, tensor)
                       for key, b in module._buffers.items()}
-    clone._modules = {key: None if m is None else _detached_copy(m, memo) for key, m in module._modules.items()}
+    clone._modules = {key: None if m is None else _detached_copy(m, memo, share)
+                      for key, m in module._modules.items()}
     hook_dicts = {key: value for key, value in vars(module).items() if "hooks" in key and isinstance(value, dict)}
     deepspeed_ids = {hook_id for hooks in hook_dicts.values() for hook_id, hook in hooks.items()
                      if _from_deepspeed(hook)}
