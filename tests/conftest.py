@@ -35,7 +35,22 @@ def gentrain_cache(tmp_path_factory):
         yield cache
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full-matrix", action="store_true",
+                     help="run every declared (job type, strategy, ZeRO stage, precision) through "
+                     "`gentrain run`, not only CI's share (tests/integration/test_strategy_matrix.py)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--full-matrix"):
+        kept = [item for item in items if item.get_closest_marker("full_matrix") is None]
+        if len(kept) != len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = kept
+    _cluster_tests_last(items)
+
+
+def _cluster_tests_last(items):
     """Tests on the session's two-node Ray cluster run last, together (a stable sort keeps
     every other order). Up, that cluster holds about 2 GB and a share of the 2 cores until
     the session ends; last, it lives only while its own tests run, and its raylets start

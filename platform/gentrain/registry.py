@@ -35,10 +35,54 @@ class DataInfo:
     num_classes: int = 0
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One way to train: a strategy, its ZeRO stage (deepspeed only) and a precision."""
+
+    strategy: str
+    precision: str
+    zero_stage: int | None = None
+
+    @property
+    def overrides(self) -> list[str]:
+        """The spec overrides that select it."""
+        stage = [] if self.zero_stage is None else [f"strategy.zero_stage={self.zero_stage}"]
+        return [f"strategy.name={self.strategy}", *stage, f"strategy.precision={self.precision}"]
+
+    def __str__(self) -> str:
+        zero = "" if self.zero_stage is None else f"-zero{self.zero_stage}"
+        return f"{self.strategy}{zero}-{self.precision}"
+
+
 @dataclass(frozen=True)
 class Supports:
+    """What a family declares it trains under. Every declared combination is run through
+    `gentrain run` by the strategy matrix (tests/integration/test_strategy_matrix.py).
+
+    `excluded` lists (strategy, precision, reason) pairs that the lists above would
+    include but the family does not run; `gentrain validate` refuses them with the reason.
+    """
+
     strategies: tuple[str, ...] = ("ddp",)
     precisions: tuple[str, ...] = ("fp32", "bf16")
+    zero_stages: tuple[int, ...] = ZERO_STAGES  # with strategy.name=deepspeed
+    excluded: tuple[tuple[str, str, str], ...] = ()
+
+    def exclusion(self, strategy: str, precision: str) -> str | None:
+        return next((reason for s, p, reason in self.excluded if (s, p) == (strategy, precision)), None)
+
+    def combinations(self) -> list[Combination]:
+        combos = []
+        for strategy in self.strategies:
+            for precision in self.precisions:
+                if self.exclusion(strategy, precision) is not None:
+                    continue
+                stages = self.zero_stages if strategy == "deepspeed" else (None,)
+                combos += [Combination(strategy, precision, stage) for stage in stages]
+        return combos
 
 
 @dataclass(frozen=True)
@@ -86,6 +130,14 @@ class JobType:
         if precision not in self.supports.precisions:
             problems.append(f"strategy.precision: {precision!r} is not supported by job type "
                             f"{self.name!r}; use one of {', '.join(self.supports.precisions)}")
+        reason = self.supports.exclusion(strategy, precision)
+        if reason is not None:
+            problems.append(f"strategy.precision: {precision!r} under strategy.name={strategy} does "
+                            f"not run the {self.name} job type: {reason}")
+        stage = spec.strategy.zero_stage
+        if strategy == "deepspeed" and stage not in self.supports.zero_stages:
+            problems.append(f"strategy.zero_stage: {stage} is not supported by job type {self.name!r}; "
+                            f"use one of {', '.join(map(str, self.supports.zero_stages))}")
         return problems
 
 

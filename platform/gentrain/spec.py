@@ -237,8 +237,8 @@ def _cross_checks(spec: JobSpec) -> list[str]:
                         "use strategy.accelerate_mode=ddp, or strategy.name=deepspeed with "
                         "strategy.zero_stage=3 to shard parameters")
     if spec.strategy.precision == "fp16" and not spec.scaling.use_gpu:
-        problems.append("strategy.precision: 'fp16' needs GPU workers (CPUs here have no fp16 "
-                        "units and engines would either fail or silently run fp32); use 'bf16' "
+        problems.append("strategy.precision: 'fp16' needs GPU workers (on CPUs, DDP and Accelerate "
+                        "silently run fp32 and DeepSpeed needs AVX512-FP16 units); use 'bf16' "
                         "on CPU, or set scaling.use_gpu=true")
     if spec.train.schedule.warmup_steps >= spec.train.steps:
         problems.append(f"train.schedule.warmup_steps: {spec.train.schedule.warmup_steps} must be "

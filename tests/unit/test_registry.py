@@ -43,3 +43,27 @@ def test_unknown_name_lists_the_known_ones():
 def test_only_job_types_register():
     with pytest.raises(TypeError, match="expected a gentrain.registry.JobType"):
         Registry().register(object(), origin="x")
+
+
+def test_declared_combinations_expand_zero_stages_and_drop_exclusions():
+    from gentrain.registry import Supports
+
+    supports = Supports(strategies=("ddp", "deepspeed"), precisions=("fp32", "bf16"), zero_stages=(1, 3),
+                        excluded=(("deepspeed", "bf16", "not yet"),))
+    assert [str(c) for c in supports.combinations()] == [
+        "ddp-fp32", "ddp-bf16", "deepspeed-zero1-fp32", "deepspeed-zero3-fp32"]
+    assert supports.combinations()[3].overrides == [
+        "strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.precision=fp32"]
+
+
+def test_validation_refuses_what_a_job_type_excludes_with_its_reason():
+    from gentrain.schema import SpecError
+    from gentrain.spec import load_spec
+
+    with pytest.raises(SpecError) as caught:
+        load_spec("gan/debug", ["strategy.name=deepspeed", "strategy.precision=bf16"])
+    assert ("strategy.precision: 'bf16' under strategy.name=deepspeed does not run the gan job type: "
+            "DeepSpeed keeps batch-norm buffers in fp32") in str(caught.value)
+    for combo in get_job_type("gan").supports.combinations():  # every declared one validates
+        if combo.precision != "fp16":  # needs GPU workers
+            load_spec("gan/debug", combo.overrides)

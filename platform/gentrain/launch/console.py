@@ -62,12 +62,19 @@ class WorkerConsole:
     """Prints the marked lines of Ray's worker log stream; keeps the rest for a failure."""
 
     def __init__(self, out=None, err=None, keep: int = 200, redraw: bool | None = None):
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
+        self._out, self._err = out, err  # None: sys.stdout/sys.stderr as they are at each write
         self.recent: collections.deque[str] = collections.deque(maxlen=keep)
         self.redraw = _is_terminal(self.out) if redraw is None else redraw
         self._open_progress = False  # a redrawn progress line is on screen, not yet ended
         self._lock = threading.Lock()
+
+    @property
+    def out(self):
+        return self._out or sys.stdout
+
+    @property
+    def err(self):
+        return self._err or sys.stderr
 
     def handle(self, data: dict) -> None:
         """Ray's log-stream callback: one batch of lines of one process."""
