@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args) -> int:
-    from gentrain.spec import dump_yaml, load_spec
+    from gentrain.spec import dump_yaml
+    from gentrain.validation import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     if args.print:
@@ -146,7 +147,7 @@ def cmd_validate(args) -> int:
 
 def cmd_list(args) -> int:
     from gentrain.registry import job_types
-    from gentrain.spec import bundled_specs
+    from gentrain.validation import bundled_specs
 
     print("job types:")
     for name, job_type in sorted(job_types().items()):
@@ -160,11 +161,12 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from gentrain.launch.local import run
-    from gentrain.spec import load_spec
+    from gentrain.validation import load_job
 
-    spec = load_spec(args.spec, args.overrides)
+    job = load_job(args.spec, args.overrides)
+    spec = job.spec
     try:
-        summary = run(spec)
+        summary = run(job)
     except Exception as exc:
         from ray.train import TrainingFailedError
 
@@ -211,15 +213,11 @@ def cmd_data_pack(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
     from gentrain.inference import load_trained
     from gentrain.visual import save_image_grid
 
     trained = load_trained(args.ref, use_ema=not args.no_ema)
-    generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        images = trained.job.sample(trained.modules, args.n, generator)
+    images = trained.sample(args.n, args.seed)
     path = save_image_grid(images, args.out)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
           f"{trained.checkpoint}) -> {path}")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from gentrain.checkpoint import MODEL_FILE, latest_checkpoint, read_meta
-from gentrain.registry import DataInfo, JobType, get_job_type
-from gentrain.spec import JobSpec, from_dict, job_config
+from gentrain.registry import DataInfo, JobType, get_job_type, job_config
+from gentrain.spec import JobSpec, parse_spec
 
 
 @dataclass
@@ -31,6 +31,11 @@ class Trained:
     checkpoint: Path
     step: int
     mlflow_run_id: str | None
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """`n` samples in data space, the same for the same seed (what `gentrain sample` draws)."""
+        return self.job.sample(self.modules, n, torch.Generator().manual_seed(seed))
 
 
 def resolve_checkpoint(ref: str) -> Path:
@@ -73,7 +78,8 @@ def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = T
     if not model_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no {MODEL_FILE}: it was written by an older "
                                 "gentrain; resume training once to write a new checkpoint")
-    spec = from_dict(meta["spec"], source=f"{checkpoint}/gentrain.json")
+    # Validated when the run started: read back as it was, not judged by today's rules.
+    spec = parse_spec(meta["spec"], source=f"{checkpoint}/gentrain.json")
     job = get_job_type(spec.job.type)
     config = job_config(spec)
     info = meta.get("data_info", {})

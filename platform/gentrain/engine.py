@@ -1,0 +1,266 @@
+"""The training engine: one job's networks, optimizers, strategy and step, without Ray.
+
+    engine = Engine(load_spec("vae/debug", ["train.steps=20"]))
+    engine.fit()                                   # checkpoints into <storage_path>/<name>/step-N/
+    images = engine.sample(16, seed=0)
+
+The Ray Train worker (gentrain.loop) adapts it: it supplies the rank and world size,
+restores from Ray's checkpoint and reports each saved folder. Tests, benchmarks and
+notebooks drive the same object on one process (world size 1 under ddp needs no process
+group; deepspeed and accelerate need one: `gentrain.bench.common.one_rank_process_group`).
+
+    build -> strategy.setup -> StepContext -> per step: micro_step -> job.train_step
+
+This is the only place that sequence is written. The job type owns what happens inside
+a step; the engine owns when things happen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from gentrain.checkpoint import MODEL_FILE, read_meta, step_dir_name, write_meta
+from gentrain.context import StepContext
+from gentrain.data.augment import Augmentation
+from gentrain.data.index import load_index
+from gentrain.data.pipeline import batches_per_epoch, train_batches
+from gentrain.progress import Window, clock
+from gentrain.registry import DataInfo, get_job_type
+from gentrain.spec import JobSpec, job_config
+from gentrain.strategies import make_strategy
+from gentrain.strategies.base import make_optimizer
+
+
+class Engine:
+    """Everything one rank of a job holds. Collectives (optimizer_step, evaluate, save,
+    train_metrics) must be entered by every rank at the same step."""
+
+    def __init__(self, spec: JobSpec, config=None, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str | None = None, data_info: DataInfo | None = None,
+                 logger=None, print_fn: Callable[[str], None] | None = print):
+        """`config`: the job type's config (default: from the spec); `data_info`: what a sample
+        is (default: read from the data index); `logger`: a tracking.RunLogger or anything with
+        log_metrics/log_artifact/set_tag (rank 0 only); `print_fn`: progress lines (rank 0)."""
+        if not spec.scaling.use_gpu:
+            # DeepSpeed picks its accelerator when first imported; say CPU before it guesses.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.spec = spec
+        self.job = get_job_type(spec.job.type)
+        self.config = job_config(spec) if config is None else config
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device or "cpu")
+        self.logger = logger if rank == 0 else None
+        self._print_fn = print_fn
+        self._index = None
+        self.data_info = data_info or DataInfo(tuple(self.index.shape), self.index.num_classes)
+        torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+        modules = self.job.build(self.config, self.data_info)
+        if spec.strategy.grad_checkpointing:
+            for module in modules.values():
+                if hasattr(module, "enable_grad_checkpointing"):
+                    module.enable_grad_checkpointing(True)
+        self.strategy = make_strategy(spec, self.device)
+        self.strategy.setup(modules, self._optimizers(modules))
+        self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
+        self.step = 0  # optimizer steps done
+        self.batches_consumed = 0  # per rank, micro-batches included: where the data continues
+        self.resumed = False
+        self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
+        self.skipped_before = 0  # data/skipped_samples at the checkpoint this engine resumed from
+        self.run_id = None  # the MLflow run the checkpoints name (a restart keeps logging into it)
+        self._evaluator = None
+
+    @property
+    def index(self):
+        """The data set's index (loaded when first needed: a test feeding its own batches
+        with `data_info` given never reads one)."""
+        if self._index is None:
+            self._index = load_index(self.spec.data.source, allow_pipe=self.spec.data.allow_pipe)
+        return self._index
+
+    def _optimizers(self, modules):
+        section = self.spec.train.optimizer
+        if self.job.optimizers is not None:
+            def build(params, lr=None, betas=None):  # the spec's optimizer, per-network lr/betas
+                changes = {k: v for k, v in (("lr", lr), ("betas", betas)) if v is not None}
+                return make_optimizer(params, dataclasses.replace(section, **changes))
+
+            return self.job.optimizers(self.config, modules, build)
+        return {name: make_optimizer(module.parameters(), section)
+                for name, module in modules.items() if any(True for _ in module.parameters())}
+
+    # -- training -------------------------------------------------------------------
+    def fit(self, save: Callable[["Engine"], None] | None = None) -> None:
+        """Train to spec.train.steps from where the engine stands: progress every
+        train.log_every steps, evaluation at the start, every eval.every steps and at the
+        end, a checkpoint every checkpoint.every steps and at the end through `save`
+        (default: self.save into <run dir>/step-N/)."""
+        spec = self.spec
+        save = save or (lambda engine: engine.save(os.path.join(spec.run_dir, step_dir_name(engine.step))))
+        if self.step >= spec.train.steps:
+            self.print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
+            return
+        if not self.resumed:
+            self.evaluate()
+        batches = self.train_batches()
+        window = Window()
+        while self.step < spec.train.steps:
+            window.add(self.optimizer_step(batches))
+            if self.step % spec.train.log_every == 0 or self.step == spec.train.steps:
+                self._report(window)
+                window = Window()
+            if spec.eval.every and self.step % spec.eval.every == 0 and self.step != spec.train.steps:
+                self.evaluate()
+            if self.step % spec.checkpoint.every == 0 or self.step == spec.train.steps:
+                save(self)
+                if self.logger:
+                    self.logger.set_tag("gentrain.last_checkpoint_step", str(self.step))
+        self.evaluate()
+
+    def train_batches(self) -> Iterator[dict]:
+        """This rank's training batches from the engine's data position (mid-epoch after a restore)."""
+        data = self.spec.data
+        epoch_samples = data.epoch_samples if data.resampled else None
+        per_epoch = batches_per_epoch(self.index, data.train_split, self.spec.train.batch_size,
+                                      self.world_size, epoch_samples=epoch_samples)
+        epoch, skip = divmod(self.batches_consumed, per_epoch)
+        self.train_data = train_batches(
+            self.index, data.train_split, self.spec.train.batch_size, self.rank, self.world_size,
+            self.spec.train.seed, loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
+            start_epoch=epoch, start_batch=skip,
+            augment=Augmentation(flip=data.augment.flip, crop_padding=data.augment.crop_padding),
+            resampled=data.resampled, epoch_samples=data.epoch_samples, on_error=data.on_error,
+            allow_pipe=data.allow_pipe)
+        return self.train_data
+
+    def optimizer_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step over train.grad_accum micro-batches drawn from `batches`; returns
+        this rank's metrics (micro-batch means; per-network step outputs such as
+        grad_norm/<name> once)."""
+        accum = self.spec.train.grad_accum
+        totals: dict[str, float] = {}
+        micro_batches = [to_device(next(batches), self.device) for _ in range(accum)]
+        self.batches_consumed += accum
+        # Seeded per (seed, rank, step), after the data is drawn: noise is the same with
+        # or without a restart.
+        torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank * 10_007 + self.step)
+        for micro, batch in enumerate(micro_batches):
+            self.ctx.global_step = self.step
+            with self.strategy.micro_step(is_last=micro == accum - 1):
+                metrics = self.job.train_step(self.ctx, batch)
+            loss = metrics.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {self.step} on rank {self.rank}; checkpoints up to "
+                    f"the last good one are kept in {self.spec.run_dir}. Lower "
+                    "train.optimizer.lr, set train.grad_clip, or try strategy.precision=fp32")
+            for key, value in metrics.items():
+                weight = 1.0 if "/" in key else 1.0 / accum  # step outputs come once
+                totals[key] = totals.get(key, 0.0) + value * weight
+        self.step += 1
+        return totals
+
+    def train_metrics(self, window: Window) -> dict[str, float]:
+        """train/* (means over all ranks), samples/s, learning rates and
+        data/skipped_samples for the steps in `window` (a collective)."""
+        spec = self.spec
+        means = window.means()
+        keys = sorted(means)
+        reduced = self.strategy.all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+        metrics = {f"train/{k}": float(v) for k, v in zip(keys, reduced)}
+        samples = window.count * spec.train.batch_size * spec.train.grad_accum * self.world_size
+        metrics["train/samples_per_second"] = samples / max(window.elapsed(), 1e-9)
+        for name in self.strategy.names:
+            lr = self.strategy.lr(name)
+            if lr is not None:
+                metrics[f"train/lr/{name}"] = lr
+        if spec.data.on_error == "skip":
+            metrics["data/skipped_samples"] = self.skipped_samples()
+        return metrics
+
+    def _report(self, window: Window) -> None:
+        metrics = self.train_metrics(window)
+        eta = (self.spec.train.steps - self.step) * max(window.elapsed(), 1e-9) / window.count
+        skipped = ""
+        if "data/skipped_samples" in metrics:
+            skipped = f" | {metrics['data/skipped_samples']:,} samples skipped"
+        self.print(f"step {self.step}/{self.spec.train.steps} | loss {metrics.get('train/loss', float('nan')):.4f} | "
+                   f"{metrics['train/samples_per_second']:,.0f} samples/s | eta {clock(eta)}{skipped}")
+        if self.logger:
+            self.logger.log_metrics(metrics, step=self.step)
+
+    def skipped_samples(self) -> int:
+        """data/skipped_samples: all ranks' skips in this run plus the total before a restart.
+        A collective: every rank calls it at the same step."""
+        mine = torch.tensor([float(self.train_data.skipped_samples if self.train_data else 0)],
+                            dtype=torch.float64)
+        return self.skipped_before + int(self.strategy.all_reduce(mine, op="sum")[0])
+
+    # -- evaluation and samples -------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, eval.metrics (FID, ...), a sample grid and the job type's visuals
+        (a collective); returns the metrics on rank 0."""
+        if self._evaluator is None:
+            from gentrain.evaluation.training import TrainingEvaluator
+
+            self._evaluator = TrainingEvaluator(self)
+        return self._evaluator()
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """`n` samples in data space from the evaluation weights (EMA where kept); seed
+        defaults to train.seed (the grids' seed). A collective under ZeRO-3."""
+        generator = torch.Generator().manual_seed(self.spec.train.seed if seed is None else seed)
+        with self.strategy.evaluation() as modules:
+            return self.job.sample(modules, n, generator)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Every rank writes its share of the training state into `directory`; rank 0 adds
+        model.pt (plain fp32 weights) and, last, the metadata. A collective."""
+        directory = str(directory)
+        os.makedirs(directory, exist_ok=True)
+        skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
+        exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
+        self.strategy.save(directory, self.rank)
+        self.strategy.barrier()  # ranks sharing a folder: every share is written before the metadata
+        if self.rank != 0:
+            return
+        # Plain fp32 weights of every network: sampling, eval and scoring load these
+        # without knowing the strategy that trained them.
+        torch.save({"networks": exported, "ema": self.strategy.ema_state()}, os.path.join(directory, MODEL_FILE))
+        write_meta(directory, {
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "skipped_samples": skipped,
+            "world_size": self.world_size,
+            "data_info": {"shape": list(self.data_info.shape), "num_classes": self.data_info.num_classes},
+            "mlflow_run_id": self.run_id,
+            "job_type": self.spec.job.type,
+            "spec": self.spec.to_dict(),
+            "time": time.time(),
+        })
+
+    def restore(self, directory: str | os.PathLike) -> dict:
+        """Load what `save` wrote (every rank reads); the next step continues exactly."""
+        self.strategy.load(str(directory))
+        meta = read_meta(str(directory)) or {}
+        self.step = int(meta.get("step", 0))
+        self.batches_consumed = int(meta.get("batches_consumed", 0))
+        self.skipped_before = int(meta.get("skipped_samples", 0))
+        self.resumed = True
+        return meta
+
+    def print(self, message: str) -> None:
+        if self.rank == 0 and self._print_fn is not None:
+            self._print_fn(message)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,128 @@
+"""Evaluation during training (Engine.evaluate): held-out metrics, eval.metrics, sample grids.
+
+At step 0, every eval.every steps and at the end, all ranks together:
+
+- the job type's `evaluate` over up to eval.max_batches held-out batches per rank,
+  weighted by batch size and all-reduced -> eval/<metric>;
+- eval.metrics (FID, KID, ...) through evaluation/periodic.py (every rank samples a share);
+- on rank 0, a grid of eval.num_samples samples into <run dir>/samples/step-N.png and
+  the job type's visuals (reconstructions, traversals, ...) into samples/<name>/.
+
+Under ZeRO-3 every network's weights are gathered for the whole block
+(strategy.evaluation()), so a rank-0-only forward enters no collective.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gentrain.checkpoint import step_dir_name
+from gentrain.data.pipeline import eval_batches
+from gentrain.engine import to_device
+from gentrain.progress import metrics_line
+from gentrain.visual import save_image_grid
+
+
+class TrainingEvaluator:
+    def __init__(self, engine):
+        self.engine = engine
+        self.spec = engine.spec
+        self._periodic = None  # eval.metrics: built at the first evaluation (extractor, reference)
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        engine, spec = self.engine, self.spec
+        metrics: dict[str, float] = {}
+        with engine.strategy.evaluation() as modules:
+            if engine.job.evaluate is not None:
+                metrics.update(self._held_out(modules))
+            if spec.eval.metrics:
+                metrics.update(self._sample_metrics(modules))
+            if engine.rank == 0:
+                generator = torch.Generator().manual_seed(spec.train.seed)
+                self._save_grid(engine.job.sample(modules, spec.eval.num_samples, generator))
+                if engine.job.visuals is not None:
+                    self._save_visuals(modules, generator)
+        return metrics
+
+    def _held_out(self, modules) -> dict[str, float]:
+        engine, spec = self.engine, self.spec
+        sums: dict[str, float] = {}
+        count = 0
+        batches = eval_batches(engine.index, spec.data.eval_split, spec.train.batch_size,
+                               engine.rank, engine.world_size, on_error=spec.data.on_error,
+                               allow_pipe=spec.data.allow_pipe)
+        for i, batch in enumerate(batches):
+            if i >= spec.eval.max_batches:
+                break
+            batch = to_device(batch, engine.device)
+            size = len(batch["image"]) if "image" in batch else len(next(iter(batch.values())))
+            for key, value in engine.job.evaluate(modules, batch).items():
+                sums[key] = sums.get(key, 0.0) + value * size
+            count += size
+        keys = self._all_keys(sums)
+        vector = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64)
+        total = engine.strategy.all_reduce(vector, op="sum")
+        if total[-1] == 0:
+            return {}
+        metrics = {f"eval/{k}": float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        self._publish(metrics)
+        return metrics
+
+    def _sample_metrics(self, modules) -> dict[str, float]:
+        """eval.metrics (FID, KID, ...): every rank samples and extracts its share (a collective)."""
+        engine = self.engine
+        if self._periodic is None:
+            from gentrain.evaluation.periodic import PeriodicSampleMetrics
+
+            self._periodic = PeriodicSampleMetrics(self.spec, engine.index, engine.rank, engine.world_size,
+                                                   engine.device, engine.strategy.all_reduce)
+        metrics = self._periodic(engine.job, modules)
+        if metrics:
+            self._publish(metrics)
+            reference = self._periodic.reference
+            if engine.logger and reference is not None and not self._periodic.reference_logged:
+                engine.logger.log_artifact(str(reference.path), "eval/reference")
+                self._periodic.reference_logged = True
+        return metrics
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
+        if self.engine.logger:
+            self.engine.logger.log_metrics(metrics, step=self.engine.step)
+
+    def _all_keys(self, sums: dict) -> list[str]:
+        # Every rank must reduce the same keys, even one whose eval share was empty.
+        if not torch.distributed.is_initialized():
+            return sorted(sums)
+        gathered: list = [None] * self.engine.world_size
+        torch.distributed.all_gather_object(gathered, sorted(sums))
+        return sorted(set().union(*gathered))
+
+    def _save_grid(self, images: torch.Tensor, kind: str = "samples") -> Path:
+        """A grid PNG into <run dir>/<kind>/step-N.png, logged as an MLflow artifact."""
+        if "://" in self.spec.storage_path:
+            folder = Path(tempfile.mkdtemp())
+        else:
+            folder = Path(self.spec.run_dir) / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{step_dir_name(self.engine.step)}.png"
+        save_image_grid(images.detach().float().cpu(), path)
+        if self.engine.logger:
+            self.engine.logger.log_artifact(str(path), kind)
+        return path
+
+    def _save_visuals(self, modules, generator) -> None:
+        """The job type's extra grids (reconstructions, latent traversals, ...) from a fixed
+        held-out batch."""
+        spec = self.spec
+        batch = next(iter(eval_batches(self.engine.index, spec.data.eval_split, spec.eval.num_samples,
+                                       0, 1, on_error=spec.data.on_error, allow_pipe=spec.data.allow_pipe)), None)
+        if batch is None:
+            return
+        for name, images in self.engine.job.visuals(modules, to_device(batch, self.engine.device),
+                                                    generator).items():
+            self._save_grid(images, f"samples/{name}")
