@@ -13,14 +13,12 @@ import torch
 from gentrain.data.index import load_index
 from gentrain.data.pack import pack_source
 from gentrain.data.pipeline import eval_batches, train_batches
+from gentrain.engine import Engine
 from gentrain.inference import Trained
 from gentrain.registry import DataInfo
 from gentrain.schema import SpecError
-from gentrain.context import StepContext
 from gentrain.scoring import score_dataset
 from gentrain.spec import from_dict, load_spec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
 from gentrain_jobs.vae import JOB, KLAnneal, VAEConfig, build, evaluate, visuals
 from gentrain_jobs.vae.likelihoods import LEVELS, discretized_logistic_log_prob, log_likelihood
 from gentrain_jobs.vae.monitors import active_units, evaluation_metrics
@@ -155,27 +153,21 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """Trained by the family's own train_step behind a single-process DDP strategy,
+    """Trained by the family's own train_step through the engine (single-process DDP),
     with a linear KL warm-up over the first 50 steps."""
-    torch.manual_seed(0)
     spec = from_dict({"job": {"type": "vae"}, "train": {"steps": TRAIN_STEPS, "optimizer": {"name": "adam", "lr": 2e-3},
                                 "schedule": {"name": "constant"}}})
     config = VAEConfig(latent_dim=8, channels=[32, 64], iwae_samples=8,
                        kl_anneal=KLAnneal(schedule="linear", warmup_steps=50))
-    modules = build(config, DataInfo(tuple(digits.shape)))
-    strategy = make_strategy(spec, torch.device("cpu"))
-    strategy.setup(modules, {"vae": make_optimizer(modules["vae"].parameters(), spec.train.optimizer)})
-    ctx = StepContext(strategy, config, TRAIN_STEPS)
+    engine = Engine(spec, config, data_info=DataInfo(tuple(digits.shape)), print_fn=None)
     batches = train_batches(digits, "train", 64, rank=0, world_size=1, seed=0)
     weights = []
-    for step, batch in zip(range(TRAIN_STEPS), batches):
-        ctx.global_step = step
-        with strategy.micro_step(is_last=True):
-            metrics = JOB.train_step(ctx, batch)
+    for _ in range(TRAIN_STEPS):
+        metrics = engine.optimizer_step(batches)
         weights.append(metrics["kl_weight"])
     assert weights[0] == 0.0 and weights[25] == 0.5 and weights[-1] == 1.0
     assert metrics["loss"] == pytest.approx(-metrics["elbo"], rel=1e-6)  # weight 1, no free bits
-    return strategy.unwrap("vae").eval()
+    return engine.strategy.unwrap("vae").eval()
 
 
 @pytest.fixture(scope="module")
