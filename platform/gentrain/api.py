@@ -21,7 +21,8 @@ from gentrain.engine import Engine
 from gentrain.inference import Trained, load_trained
 from gentrain.launch.local import RunSummary
 from gentrain.launch.local import run as run_local
-from gentrain.spec import JobSpec, load_spec
+from gentrain.spec import JobSpec
+from gentrain.validation import load_spec, validate
 
 __all__ = ["Engine", "Trained", "load", "open_run", "run"]
 
@@ -34,8 +35,10 @@ def load(spec_ref: str, overrides: Sequence[str] = ()) -> JobSpec:
 
 def run(spec: JobSpec) -> RunSummary:
     """Train `spec` as `gentrain run` does (embedded Ray unless RAY_ADDRESS names a cluster);
-    continues from the latest checkpoint of the same name and storage_path."""
-    return run_local(spec)
+    continues from the latest checkpoint of the same name and storage_path. The spec is
+    validated here, on the driver (it may have been changed since `load`); the workers
+    receive what passed."""
+    return run_local(validate(spec.to_dict(), source=spec.name))
 
 
 def open_run(ref: str, device: str = "cpu", use_ema: bool = True) -> Trained:

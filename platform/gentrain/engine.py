@@ -31,8 +31,8 @@ from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
-from gentrain.registry import DataInfo, get_job_type
-from gentrain.spec import JobSpec, job_config
+from gentrain.registry import DataInfo, get_job_type, job_config
+from gentrain.spec import JobSpec
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
 

@@ -17,14 +17,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from gentrain.schema import SpecError, build
+
 if TYPE_CHECKING:
     import torch
 
     from gentrain.spec import JobSpec
 
 ENTRY_POINT_GROUP = "gentrain.jobs"
-ALL_STRATEGIES = ("ddp", "deepspeed", "accelerate")
-ALL_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,11 @@ class JobType:
     spec_dir: str | None = None
     description: str = ""
 
+    def parse_config(self, mapping: Any, problems: list[str]) -> Any:
+        """This family's config dataclass from the spec's `job.config` (None if it is invalid:
+        every problem appended, named by its YAML path)."""
+        return build(self.config, mapping, "job.config", problems)
+
     def check(self, spec: "JobSpec") -> list[str]:
         """Problems with running this family under the spec's strategy and precision."""
         problems = []
@@ -202,3 +207,13 @@ def get_job_type(name: str) -> JobType:
 
 def job_types() -> dict[str, JobType]:
     return default_registry().all()
+
+
+def job_config(spec: "JobSpec") -> Any:
+    """The job type's config dataclass of a spec (validated by gentrain.validation, or read
+    from a checkpoint that was); raise SpecError if `job.config` does not fit it."""
+    problems: list[str] = []
+    config = get_job_type(spec.job.type).parse_config(spec.job.config, problems)
+    if problems:
+        raise SpecError(problems)
+    return config

@@ -2,12 +2,15 @@
 
     gentrain validate vae/debug train.steps=200 scaling.num_workers=1
 
-A spec names a bundled spec (`vae/debug`, i.e. jobs/gentrain_jobs/vae/specs/debug.yaml)
-or a file. `key=value` overrides are parsed as YAML scalars (`train.lr=3e-4`,
-`strategy.grad_checkpointing=true`). Files and overrides are read strictly
-(`gentrain.specfile`: duplicate keys, base-60 numbers and absurd sizes are errors).
-Validation reports every problem at once; see `gentrain.schema` for how fields are
-checked and `gentrain.spec_checks` for names, paths, storage and secrets.
+A leaf: plain dataclasses, the strict YAML reading of files and `key=value` overrides
+(`gentrain.specfile`: duplicate keys, base-60 numbers and absurd sizes are errors), and
+the rules that need nothing but the spec itself (types, bounds, fields that only apply
+together). It imports no gentrain module but the schema helpers (schema, specfile,
+redaction). What needs the registry, the strategies, the metrics, or this machine (the
+job type's config, named specs such as `vae/debug`, storage, weight files) is checked
+once, on the driver, by `gentrain.validation`; workers receive what it validated.
+Overrides are parsed as YAML scalars (`train.optimizer.lr=3e-4`,
+`strategy.grad_checkpointing=true`); every problem is reported at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import yaml
 
 from gentrain.redaction import describe
 from gentrain.schema import SpecError, bounds, build, required, to_dict
-from gentrain.spec_checks import check_storage, expand_user, spec_problems
 from gentrain.specfile import MAX_DEPTH, YAMLProblem, load_yaml, read_spec_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -133,6 +135,7 @@ class EvalSection:
     num_samples: int = field(default=64, metadata=bounds(ge=1))
     max_batches: int = field(default=20, metadata=bounds(ge=1))
     # Sample metrics at every evaluation (gentrain.evaluation.periodic): fid, kid, is, pr.
+    # Names, extractor and settings are checked against the metrics by gentrain.validation.
     metrics: list[str] = field(default_factory=list)
     fid_samples: int = field(default=10_000, metadata=bounds(ge=2, help="50000 is the published standard"))
     sample_batch_size: int = field(default=250, metadata=bounds(ge=1, help="samples drawn and extracted at once"))
@@ -142,40 +145,6 @@ class EvalSection:
     kid_subsets: int = field(default=100, metadata=bounds(ge=2, help="kid_std is the spread over the subsets"))
     kid_subset_size: int | None = field(default=None, metadata=bounds(
         ge=2, help="below fid_samples; null: min(1000, fid_samples // 2)"))
-
-    def __post_init__(self):
-        from gentrain.evaluation.extractors import check_extractor_choice
-        from gentrain.metrics.settings import SPEC_NAMES, MetricSettings
-        from gentrain.metrics.summary import SAMPLE_METRICS
-
-        problems = []
-        unknown = [name for name in self.metrics if name not in SAMPLE_METRICS]
-        if unknown:
-            problems.append(f"metrics has unknown {', '.join(map(repr, unknown))}; known: "
-                            f"{', '.join(SAMPLE_METRICS)} (likelihoods come from the job type's evaluate)")
-        problem = check_extractor_choice(self.extractor)
-        if problem:
-            problems.append(f"extractor {problem}")
-        problems += MetricSettings.of_spec(self).problems(self.metrics, self.fid_samples, SPEC_NAMES,
-                                                          bounds_checked=True)
-        if problems:
-            raise ValueError("; ".join(problems))
-        reference = self.extractor[len("classifier:"):]
-        if self.extractor.startswith("classifier:") and os.path.exists(os.path.expanduser(reference)):
-            # Ray workers run in another cwd: a relative folder is resolved here, on the driver.
-            self.extractor = "classifier:" + os.path.abspath(os.path.expanduser(reference))
-
-    def environment_problems(self) -> list[str]:
-        """What this machine lacks for the spec (checked by load_spec, not for a checkpoint's spec)."""
-        if not self.metrics or self.extractor != "inception":
-            return []
-        from gentrain.metrics.inception_weights import InceptionWeightsNotFoundError, resolve_weights_path
-
-        try:
-            resolve_weights_path(self.inception_weights)
-        except InceptionWeightsNotFoundError as error:
-            return [f"eval.inception_weights: {error}"]
-        return []
 
 
 @dataclass(kw_only=True)
@@ -200,9 +169,9 @@ class JobSpec:
         return os.path.join(self.storage_path, self.name)
 
 
-def _cross_checks(spec: JobSpec) -> list[str]:
-    """Rules that span fields (each says how to fix it)."""
-    problems = spec_problems(spec)  # name, local paths, secrets
+def field_rules(spec: JobSpec) -> list[str]:
+    """Rules that span fields of the spec alone (each says how to fix it)."""
+    problems = []
     gpus = spec.scaling.resources_per_worker.get("GPU", 0)
     if gpus and not spec.scaling.use_gpu:
         problems.append(f"scaling.resources_per_worker.GPU: {gpus} is set but scaling.use_gpu is "
@@ -217,13 +186,6 @@ def _cross_checks(spec: JobSpec) -> list[str]:
             if getattr(strategy, key):
                 problems.append(f"strategy.{key}: only applies to strategy.name=deepspeed "
                                 f"(got {strategy.name!r}); remove it or switch strategy")
-    if strategy.name == "deepspeed" and strategy.deepspeed_config:
-        from gentrain.strategies.deepspeed import deepspeed_config
-
-        try:  # conflicts with gentrain's own settings surface here, not on the workers
-            deepspeed_config(spec, spec.scaling.num_workers)
-        except SpecError as exc:
-            problems += exc.problems
     if strategy.offload_param and strategy.zero_stage != 3:
         problems.append(f"strategy.offload_param: needs strategy.zero_stage=3 (got {strategy.zero_stage})")
     if strategy.offload_optimizer and strategy.zero_stage == 0:
@@ -231,62 +193,10 @@ def _cross_checks(spec: JobSpec) -> list[str]:
     if strategy.accelerate_mode != "ddp" and strategy.name != "accelerate":
         problems.append(f"strategy.accelerate_mode: only applies to strategy.name=accelerate "
                         f"(got {strategy.name!r})")
-    elif strategy.accelerate_mode == "fsdp":
-        problems.append("strategy.accelerate_mode: 'fsdp' is not supported yet (Accelerate 1.15 "
-                        "silently keeps DDP on CPUs, and gentrain's GPU FSDP path is not built); "
-                        "use strategy.accelerate_mode=ddp, or strategy.name=deepspeed with "
-                        "strategy.zero_stage=3 to shard parameters")
-    if spec.strategy.precision == "fp16" and not spec.scaling.use_gpu:
-        problems.append("strategy.precision: 'fp16' needs GPU workers (on CPUs, DDP and Accelerate "
-                        "silently run fp32 and DeepSpeed needs AVX512-FP16 units); use 'bf16' "
-                        "on CPU, or set scaling.use_gpu=true")
     if spec.train.schedule.warmup_steps >= spec.train.steps:
         problems.append(f"train.schedule.warmup_steps: {spec.train.schedule.warmup_steps} must be "
                         f"< train.steps ({spec.train.steps})")
     return problems
-
-
-def bundled_spec_dir() -> Path:
-    import gentrain_jobs
-
-    return Path(gentrain_jobs.__file__).resolve().parent
-
-
-def find_spec_file(ref: str) -> Path:
-    """`vae/debug` -> debug.yaml in job type vae's `spec_dir`; anything on disk -> itself."""
-    expanded, problems = expand_user("spec", ref)
-    if problems:
-        raise FileNotFoundError(problems[0])
-    path = Path(expanded)
-    try:
-        if path.is_file():
-            return path
-    except (OSError, ValueError):
-        pass  # a name too long, or with a NUL byte: no such file
-    if "/" in ref and not ref.endswith((".yaml", ".yml")):
-        from gentrain.registry import job_types
-
-        type_name, _, name = ref.partition("/")
-        job_type = job_types().get(type_name)
-        # A plug-in's specs live wherever its JobType.spec_dir says, not in a fixed layout.
-        if job_type is not None and job_type.spec_dir is not None and "/" not in name:
-            candidate = Path(job_type.spec_dir) / f"{name}.yaml"
-            if candidate.is_file():
-                return candidate
-    known = ", ".join(bundled_specs()) or "none"
-    raise FileNotFoundError(f"spec {describe(ref)}: no such file and no bundled spec by that name "
-                            f"(bundled specs: {known}; `gentrain list` shows them)")
-
-
-def bundled_specs() -> list[str]:
-    """Short names of every bundled spec, e.g. `vae/debug`."""
-    from gentrain.registry import job_types
-
-    names = []
-    for type_name, job_type in sorted(job_types().items()):
-        if job_type.spec_dir is not None and Path(job_type.spec_dir).is_dir():
-            names += [f"{type_name}/{p.stem}" for p in sorted(Path(job_type.spec_dir).glob("*.yaml"))]
-    return names
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -332,59 +242,24 @@ def read_yaml(path: Path) -> dict:
     return read_spec_file(Path(path))
 
 
-def from_dict(data: dict, source: str = "spec") -> JobSpec:
-    """Validate a spec mapping, including the job type's own config; raise SpecError."""
-    from gentrain.registry import UnknownJobType, get_job_type
-
-    problems: list[str] = []
+def build_spec(data: Any, problems: list[str]) -> JobSpec | None:
+    """The JobSpec of a mapping, appending every field and cross-field problem to `problems`
+    (None when a required field is missing). `job.config` stays a plain mapping here: the
+    job type's own config is gentrain.validation's to check."""
     spec = build(JobSpec, data, "", problems)
     if spec is not None:
-        problems += _cross_checks(spec)
-        try:
-            job_type = get_job_type(spec.job.type)
-        except UnknownJobType as exc:
-            problems.append(f"job.type: {exc}")
-        else:
-            config = build(job_type.config, spec.job.config, "job.config", problems)
-            if config is not None:
-                spec.job.config = to_dict(config)  # resolved: defaults filled in
-                problems += job_type.check(spec)
-                if job_type.validate is not None:
-                    problems += job_type.validate(config, spec)
+        problems += field_rules(spec)
+    return spec
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """A spec checked on its own (types, bounds, field rules); raise SpecError.
+    `gentrain.validation.validate` is the full check a job must pass before it runs."""
+    problems: list[str] = []
+    spec = build_spec(data, problems)
     if problems:
         raise SpecError(problems, source)
-    spec.storage_path = _absolute_storage(spec.storage_path)
     return spec
-
-
-def _absolute_storage(path: str) -> str:
-    # Ray workers run in another cwd: a relative path must be resolved on the driver.
-    if "://" in path:
-        return path
-    return str(Path(expand_user("storage_path", path)[0]).resolve())
-
-
-def load_spec(ref: str, overrides: list[str] | None = None) -> JobSpec:
-    """Find, read, override and validate a spec, then check this machine can run it:
-    the storage folder is writable (before Ray or MLflow start) and eval weights exist."""
-    path = find_spec_file(ref)
-    data = apply_overrides(read_yaml(path), overrides or [])
-    spec = from_dict(data, source=str(path))
-    problems = spec.eval.environment_problems() + check_storage(spec)
-    if problems:
-        raise SpecError(problems, str(path))
-    return spec
-
-
-def job_config(spec: JobSpec):
-    """The job type's config dataclass instance for a validated spec."""
-    from gentrain.registry import get_job_type
-
-    problems: list[str] = []
-    config = build(get_job_type(spec.job.type).config, spec.job.config, "job.config", problems)
-    if problems:
-        raise SpecError(problems)
-    return config
 
 
 def dump_yaml(spec: JobSpec) -> str:

@@ -1,8 +1,8 @@
-"""Spec checks on names, paths, storage and secrets (used by gentrain.spec).
+"""Spec checks on names, paths, storage and secrets (part of gentrain.validation).
 
-`spec_problems` runs in validation (`from_dict`), the one place every command goes
-through; `check_storage` runs in `load_spec` only, because it touches this machine's
-file system (a spec submitted to a cluster writes to the cluster's storage).
+`spec_problems` runs in `validate`, the one place every command goes through;
+`check_storage` runs in `load_job` only, because it touches this machine's file system
+(a spec submitted to a cluster writes to the cluster's storage).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gentrain.paths import is_local_path
 from gentrain.redaction import describe, url_secret_problems
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ def expand_user(path: str, value: str) -> tuple[str, list[str]]:
     return expanded, []
 
 
-def _is_local(value: str) -> bool:
-    return "://" not in value and not value.startswith(("builtin:", "pipe:"))
-
-
 def spec_problems(spec: "JobSpec") -> list[str]:
     """Names, local paths and secrets of a spec (each problem names the field and the fix)."""
     problems = name_problems(spec.name)
@@ -74,7 +71,7 @@ def spec_problems(spec: "JobSpec") -> list[str]:
     if spec.eval.extractor.startswith("classifier:"):
         paths["eval.extractor"] = spec.eval.extractor[len("classifier:"):]
     for path, value in paths.items():
-        if value and _is_local(value):
+        if value and is_local_path(value):
             problems += expand_user(path, value)[1]
     problems += url_secret_problems("tracking.uri", spec.tracking.uri)
     problems += url_secret_problems("data.source", spec.data.source)
@@ -89,7 +86,7 @@ def check_storage(spec: "JobSpec") -> list[str]:
     The folders this creates to find out are removed again, so `validate` leaves no trace.
     """
     storage = spec.storage_path
-    if not _is_local(storage):
+    if not is_local_path(storage):
         return []
     fix = ("runs write checkpoints under it: choose a folder you can write, e.g. "
            "storage_path=./runs, or remote storage such as s3://bucket/runs")

@@ -253,7 +253,7 @@ def test_ingresses_only_when_enabled_and_to_the_right_services():
 
 
 def test_rayjob_runs_gentrain_on_the_configmap_spec(tmp_path):
-    from gentrain.spec import load_spec
+    from gentrain.validation import load_spec
 
     docs = render(str(FULL_VALUES))
     (job,) = of_kind(docs, "RayJob")

@@ -9,9 +9,10 @@ import dataclasses
 
 import torch
 
-from gentrain.spec import JobSpec, from_dict
+from gentrain.spec import JobSpec
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
+from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
 

@@ -19,10 +19,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
-from gentrain.spec import from_dict
 from gentrain.strategies import make_strategy
 from gentrain.strategies.accelerate import AccelerateStrategy
 from gentrain.strategies.base import make_optimizer
+from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
 from common import close

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gentrain.schema import SpecError
-from gentrain.spec import JobSpec, from_dict
+from gentrain.spec import JobSpec
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
 from gentrain.strategies.deepspeed import deepspeed_config
+from gentrain.validation import from_dict
 from harness import run_world
 
 STEPS = 6

@@ -13,9 +13,10 @@ import os
 
 import torch
 
-from gentrain.spec import JobSpec, from_dict
+from gentrain.spec import JobSpec
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
+from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
 
@@ -197,7 +198,7 @@ def periodic_metrics(rank: int, world: int, device_type: str, data_dir: str, wei
     from gentrain.data.index import load_index
     from gentrain.evaluation.periodic import PeriodicSampleMetrics
     from gentrain.registry import DataInfo, get_job_type
-    from gentrain.spec import job_config
+    from gentrain.registry import job_config
 
     os.environ["GENTRAIN_CACHE"] = cache  # a cache per device: each computes its reference
     torch.backends.cuda.matmul.allow_tf32 = False

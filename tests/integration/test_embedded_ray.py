@@ -13,7 +13,7 @@ import ray
 
 from gentrain.launch import console
 from gentrain.launch.local import API_SERVER_ENV, cluster_address, init_ray
-from gentrain.spec import load_spec
+from gentrain.validation import load_spec
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from gentrain.cli import main
 from gentrain.evaluation.distributed import ExtractorChoice, GeneratedWork, summarize
 from gentrain.evaluation.work import generated_units
 from gentrain.launch.local import run
-from gentrain.spec import load_spec
+from gentrain.validation import load_job
 
 pytestmark = pytest.mark.slow
 GENTRAIN = str(Path(sys.executable).parent / "gentrain")
@@ -35,10 +35,10 @@ def runs(tmp_path_factory, mlflow_server):
     storage = tmp_path_factory.mktemp("eval-runs")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        run(load_spec("classifier/debug", COMMON + [f"storage_path={storage}", "train.steps=60",
+        run(load_job("classifier/debug", COMMON + [f"storage_path={storage}", "train.steps=60",
                                                     "checkpoint.every=60", "tracking.enabled=false"]))
         classifier = storage / "classifier-debug"
-        vae = run(load_spec("vae/debug", COMMON + [
+        vae = run(load_job("vae/debug", COMMON + [
             f"storage_path={storage}", "train.steps=20", "checkpoint.every=20", f"tracking.uri={mlflow_server}",
             "tracking.experiment=eval-e2e", "eval.metrics=[fid,kid]", f"eval.extractor=classifier:{classifier}",
             "eval.fid_samples=200", "eval.sample_batch_size=100"]))

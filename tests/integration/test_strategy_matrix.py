@@ -22,7 +22,7 @@ import ray
 
 from gentrain import cli
 from gentrain.registry import ZERO_STAGES, Combination, job_types
-from gentrain.spec import load_spec
+from gentrain.validation import load_spec
 
 pytestmark = pytest.mark.slow
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 needs GPU workers (refused at validate time here)

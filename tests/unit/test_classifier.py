@@ -10,10 +10,10 @@ import torch
 from gentrain.context import StepContext
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import eval_batches, train_batches
-from gentrain.registry import DataInfo, get_job_type
-from gentrain.spec import job_config, load_spec
+from gentrain.registry import DataInfo, get_job_type, job_config
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
+from gentrain.validation import load_spec
 from gentrain_jobs.classifier import ClassifierConfig, build
 
 

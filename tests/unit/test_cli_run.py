@@ -16,7 +16,7 @@ from gentrain.checkpoint import step_dir_name, write_meta
 from gentrain.cli import build_parser, main
 from gentrain.launch.console import WorkerConsole
 from gentrain.launch.local import continuing_message, spec_changes
-from gentrain.spec import load_spec
+from gentrain.validation import load_spec
 
 
 @pytest.mark.parametrize("argv", [

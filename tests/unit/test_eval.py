@@ -17,7 +17,7 @@ from gentrain.metrics import RunningStatistics, feature_statistics, inception_sc
 from gentrain.metrics.reference import ReferenceStatistics
 from gentrain.metrics.summary import FeatureSummary, summary_metrics
 from gentrain.schema import SpecError
-from gentrain.spec import load_spec
+from gentrain.validation import load_spec
 
 
 def stream(rows=600, dim=6, classes=5, seed=0):
@@ -141,7 +141,7 @@ def test_spec_eval_fields_are_validated_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(SpecError) as error:
         load_spec("vae/debug", ["eval.metrics=[fid,fdi,precision]", "eval.extractor=vgg"])
     message = str(error.value)
-    assert "'fdi', 'precision'; known: fid, kid, is, pr" in message and "extractor 'vgg'" in message
+    assert "'fdi', 'precision'; known: fid, kid, is, pr" in message and "eval.extractor: 'vgg'" in message
     with pytest.raises(SpecError) as error:  # inception without a weight file: a validate-time error
         load_spec("vae/debug", ["eval.metrics=[fid]", f"eval.inception_weights={tmp_path / 'none.pth'}"])
     assert "eval.inception_weights" in str(error.value) and "curl -L" in str(error.value)

@@ -1,7 +1,7 @@
 """The GAN's mathematics (losses, gradient penalty, spectral norm) and that it learns.
 
-The learning tests drive the family's own train_step through a StepContext over a
-single-process DDP strategy, as the training loop does.
+The learning tests drive the family's own train_step through the training engine
+(single-process DDP), as every Ray worker does.
 """
 
 import math
@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from gentrain.context import StepContext
+from gentrain.engine import Engine
 from gentrain.registry import DataInfo
 from gentrain.schema import SpecError
-from gentrain.spec import from_dict
 from gentrain.strategies import make_strategy
 from gentrain.strategies.base import make_optimizer
+from gentrain.validation import from_dict
 from gentrain_jobs.gan import JOB, GANConfig, build, optimizers, sample
 from gentrain_jobs.gan.objective import discriminator_loss, generator_loss, gradient_penalty
 
@@ -120,28 +121,21 @@ def test_supports_every_strategy_and_precision():
 
 
 def _spec(steps=1000):
-    return from_dict({"job": {"type": "vae"}, "train": {"steps": steps, "batch_size": 128,
+    return from_dict({"job": {"type": "gan"}, "train": {"steps": steps, "batch_size": 128,
                                 "optimizer": {"name": "adam", "lr": 1e-3},
                                 "schedule": {"name": "constant"}}})
 
 
-def _trainer(config: GANConfig, shape: tuple, steps: int):
-    """The family's networks and optimizers behind a single-process DDP strategy."""
-    spec = _spec(steps)
-    modules = build(config, DataInfo(shape))
-    make = lambda params, lr=None, betas=None: make_optimizer(  # noqa: E731 - as the loop's
-        params, type(spec.train.optimizer)(**{**vars(spec.train.optimizer), "lr": lr, "betas": list(betas)}))
-    strategy = make_strategy(spec, torch.device("cpu"))
-    strategy.setup(modules, optimizers(config, modules, make))
-    return strategy, StepContext(strategy, config, steps)
+def _trainer(config: GANConfig, shape: tuple, steps: int) -> Engine:
+    """The family's networks and optimizers in the engine (single-process DDP)."""
+    return Engine(_spec(steps), config, data_info=DataInfo(shape), print_fn=None)
 
 
-def _train(strategy, ctx, data_fn, steps: int, batch: int) -> dict:
+def _train(engine: Engine, data_fn, steps: int, batch: int) -> dict:
+    batches = iter(lambda: {"image": data_fn(batch)}, None)
     metrics = {}
-    for step in range(steps):
-        ctx.global_step = step
-        with strategy.micro_step(is_last=True):
-            metrics = JOB.train_step(ctx, {"image": data_fn(batch)})
+    for _ in range(steps):
+        metrics = engine.optimizer_step(batches)
     return metrics
 
 
@@ -163,9 +157,10 @@ def test_train_step_reports_monitoring_metrics_and_keeps_an_ema_generator(loss, 
     shape = (2,) if arch == "mlp" else (1, 8, 8)
     config = GANConfig(arch=arch, channels=[8, 16], hidden=16, latent_dim=4, loss=loss, d_norm=d_norm,
                        n_critic=2, ema_decay=0.9)
-    strategy, ctx = _trainer(config, shape, 5)
+    engine = _trainer(config, shape, 5)
+    strategy = engine.strategy
     data = _ring if arch == "mlp" else (lambda n: torch.rand(n, *shape))
-    metrics = _train(strategy, ctx, data, 5, batch=16)
+    metrics = _train(engine, data, 5, batch=16)
     for key in ("loss", "d_loss", "g_loss", "d_real", "d_fake", "gradient_penalty",
                 "grad_norm/generator", "grad_norm/discriminator"):
         assert math.isfinite(metrics[key]), key
@@ -198,11 +193,11 @@ def test_learns_all_eight_modes_of_a_ring_of_gaussians(one_thread):
     config = GANConfig(arch="mlp", latent_dim=8, hidden=128, depth=3, loss="hinge", d_norm="spectral",
                        g_lr=2e-4, d_lr=2e-4, betas=[0.0, 0.9], ema_decay=0.99)
     steps = 1600
-    strategy, ctx = _trainer(config, (2,), steps)
+    engine = _trainer(config, (2,), steps)
     start = time.perf_counter()
-    metrics = _train(strategy, ctx, _ring, steps, batch=128)
+    metrics = _train(engine, _ring, steps, batch=128)
     elapsed = time.perf_counter() - start
-    with strategy.evaluation() as modules:  # the EMA generator
+    with engine.strategy.evaluation() as modules:  # the EMA generator
         points = sample(modules, 2000, torch.Generator().manual_seed(1)) * 2.0 - 1.0
     distance = torch.cdist(points, CENTERS)
     nearest, mode = distance.min(dim=1)
@@ -228,11 +223,11 @@ def test_learns_digits_samples_cover_all_ten_classes_under_a_classifier(one_thre
     config = GANConfig(latent_dim=32, channels=[32, 64], loss="hinge", d_norm="spectral",
                        g_lr=2e-4, d_lr=2e-4, betas=[0.5, 0.999], ema_decay=0.99)
     steps = 600
-    strategy, ctx = _trainer(config, (1, 8, 8), steps)
+    engine = _trainer(config, (1, 8, 8), steps)
     start = time.perf_counter()
-    _train(strategy, ctx, lambda n: images[torch.randint(0, len(images), (n,))], steps, batch=64)
+    _train(engine, lambda n: images[torch.randint(0, len(images), (n,))], steps, batch=64)
     elapsed = time.perf_counter() - start
-    with strategy.evaluation() as modules:
+    with engine.strategy.evaluation() as modules:
         samples = sample(modules, 1000, torch.Generator().manual_seed(1))
         scores = JOB.evaluate(modules, {"image": images[:256]})
     labels = classifier.predict(samples.view(1000, -1).numpy())
@@ -245,7 +240,7 @@ def test_learns_digits_samples_cover_all_ten_classes_under_a_classifier(one_thre
 def test_wgan_gp_under_deepspeed_zero3_is_a_clear_error():
     import dataclasses
 
-    from gentrain.spec import load_spec
+    from gentrain.validation import load_spec
 
     spec = _spec()
     spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, name="deepspeed", zero_stage=3))

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 from gentrain.cli import main
-from gentrain.evaluation.periodic import REPORTED as PERIODIC_REPORTED
 from gentrain.evaluation.periodic import pack_summary, unpack_summary
 from gentrain.evaluation.run import metric_values
 from gentrain.metrics import compute_metrics, feature_statistics, inception_score_from_logits, kernel_inception_distance
 from gentrain.metrics.reference import ReferenceStatistics
 from gentrain.metrics.settings import CLI_NAMES, MetricSettings
-from gentrain.metrics.summary import FeatureSummary, summary_metrics
+from gentrain.metrics.summary import LOGGED_SETTINGS, FeatureSummary, summary_metrics
 from gentrain.schema import SpecError
-from gentrain.spec import load_spec
+from gentrain.validation import load_spec
 
 
 @pytest.mark.parametrize("n", [50, 200, 1000])
@@ -112,6 +111,6 @@ def test_reports_say_which_settings_were_used():
                                   "kid_num_real": 200, "kid_num_fake": 300}
     assert report["kid_std"] > 0
     logged = metric_values({"samples": {**report, "extractor_label": "inception"}})
-    assert logged["eval/inception/kid_subset_size"] == 100.0 and "kid_subset_size" in PERIODIC_REPORTED
+    assert logged["eval/inception/kid_subset_size"] == 100.0 and "kid_subset_size" in LOGGED_SETTINGS
     chosen = summary_metrics(reference, fake, ["kid"], extractor_name="x", settings=MetricSettings(kid_subset_size=50))
     assert chosen["settings"]["kid_subset_size"] == 50 and chosen["settings"]["kid_subset_size_rule"] == "set"

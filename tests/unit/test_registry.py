@@ -58,7 +58,7 @@ def test_declared_combinations_expand_zero_stages_and_drop_exclusions():
 
 def test_validation_refuses_what_a_job_type_excludes_with_its_reason():
     from gentrain.schema import SpecError
-    from gentrain.spec import load_spec
+    from gentrain.validation import load_spec
 
     with pytest.raises(SpecError) as caught:
         load_spec("gan/debug", ["strategy.name=deepspeed", "strategy.precision=bf16"])

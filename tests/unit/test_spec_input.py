@@ -9,8 +9,8 @@ import gentrain.launch.local
 from gentrain.cli import main
 from gentrain.redaction import describe, redact
 from gentrain.schema import SpecError
-from gentrain.spec import from_dict, load_spec
 from gentrain.spec_checks import check_storage
+from gentrain.validation import from_dict, load_spec
 
 HEAD = "name: mine\njob: {type: vae}\n"
 SECRET = "S3CRETvalue"
@@ -34,8 +34,8 @@ def refused(capsys, *argv) -> str:
 @pytest.fixture
 def no_ray(monkeypatch):
     """`gentrain run` must refuse these specs before it starts Ray: fail if it gets there."""
-    def run(spec):
-        raise AssertionError(f"Ray would have started for {spec.name}")
+    def run(job):
+        raise AssertionError(f"Ray would have started for {job.spec.name}")
 
     monkeypatch.setattr(gentrain.launch.local, "run", run)
 

@@ -11,9 +11,9 @@ import pytest
 
 import gentrain.registry
 from gentrain.cli import main
-from gentrain.registry import Registry
+from gentrain.registry import Registry, job_config
 from gentrain.schema import SpecError, build, to_dict
-from gentrain.spec import find_spec_file, job_config, load_spec
+from gentrain.validation import find_spec_file, load_spec
 
 TOYFLOW = textwrap.dedent('''\
     from dataclasses import dataclass, field

@@ -18,7 +18,7 @@ from gentrain.inference import Trained
 from gentrain.registry import DataInfo
 from gentrain.schema import SpecError
 from gentrain.scoring import score_dataset
-from gentrain.spec import from_dict, load_spec
+from gentrain.validation import from_dict, load_spec
 from gentrain_jobs.vae import JOB, KLAnneal, VAEConfig, build, evaluate, visuals
 from gentrain_jobs.vae.likelihoods import LEVELS, discretized_logistic_log_prob, log_likelihood
 from gentrain_jobs.vae.monitors import active_units, evaluation_metrics
@@ -269,7 +269,7 @@ def test_in_distribution_digits_score_lower_than_out_of_distribution(trained, he
 def test_real_specs_build_networks_for_their_data(name, shape, tmp_path, monkeypatch):
     from gentrain.metrics.inception_weights import WEIGHTS_ENV
     from gentrain.schema import SpecError
-    from gentrain.spec import job_config
+    from gentrain.registry import job_config
 
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # nor the default ~/.cache/gentrain place

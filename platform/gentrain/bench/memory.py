@@ -121,7 +121,7 @@ def _measure_step_memory(section, precision, width, layers) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        from gentrain.spec import from_dict
+        from gentrain.validation import from_dict
         from gentrain.strategies import make_strategy
         from gentrain.strategies.base import make_optimizer
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from gentrain.checkpoint import latest_checkpoint
 from gentrain.data.index import default_cache_dir, resolve_builtin
 from gentrain.spec import JobSpec, dump_yaml
+from gentrain.validation import ValidatedJob
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API goes, before any auto-detection
@@ -141,11 +142,14 @@ def ray_log_dir() -> str | None:
         return None
 
 
-def run(spec: JobSpec) -> RunSummary:
+def run(job: ValidatedJob) -> RunSummary:
+    """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster."""
+    spec = job.spec
     previous = latest_checkpoint(spec.run_dir)
     if previous and int(previous[1].get("step", 0)) >= spec.train.steps:
         return _nothing_to_do(spec, *previous)  # decided before Ray and MLflow start
     spec = prepare_data(spec)
+    job = dataclasses.replace(job, spec=spec)
     previous_run_id = previous[1].get("mlflow_run_id") if previous else None
     if previous:
         print(continuing_message(spec, *previous), flush=True)
@@ -162,7 +166,7 @@ def run(spec: JobSpec) -> RunSummary:
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
 
-    trainer = build_trainer(spec, run_id, uri)
+    trainer = build_trainer(job, run_id, uri)
     try:
         with _sigterm_as_interrupt():
             result = trainer.fit()

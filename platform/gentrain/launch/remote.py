@@ -30,7 +30,9 @@ from pathlib import Path
 
 from gentrain.launch.staging import stage_working_dir
 from gentrain.schema import SpecError
-from gentrain.spec import JobSpec, apply_overrides, find_spec_file, from_dict, read_yaml
+from gentrain.paths import is_remote
+from gentrain.spec import JobSpec, apply_overrides, read_yaml
+from gentrain.validation import find_spec_file, from_dict
 
 ADDRESS_ENV = "RAY_ADDRESS"
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
@@ -150,7 +152,7 @@ def resolve_for_cluster(ref: str, overrides: list[str]) -> tuple[JobSpec, dict]:
     data = apply_overrides(read_yaml(path), overrides)
     storage = str(data.get("storage_path", JobSpec.storage_path))
     problems = []
-    if "://" not in storage and not os.path.isabs(storage):
+    if not is_remote(storage) and not os.path.isabs(storage):
         problems.append(
             f"storage_path: {storage!r} is relative; on a cluster it would land in the job's temporary "
             "working folder and be lost. Use storage every node sees: storage_path=s3://bucket/runs, "
@@ -251,7 +253,3 @@ def format_jobs(jobs) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
-
-def redacted_env(runtime_env: dict | None) -> dict:
-    env = dict((runtime_env or {}).get("env_vars") or {})
-    return {key: ("***" if key in CREDENTIAL_ENV else value) for key, value in env.items()}

@@ -1,4 +1,8 @@
-"""Assemble Ray Train's TorchTrainer from a spec: scaling, failure and checkpoint config."""
+"""Assemble Ray Train's TorchTrainer from a validated job: scaling, failure and checkpoint config.
+
+The workers receive the ValidatedJob itself (the spec and the job type's config, checked
+once here on the driver): they never validate again.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from gentrain.loop import train_loop_per_worker
 from gentrain.spec import JobSpec
+from gentrain.validation import ValidatedJob
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -15,7 +20,8 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
-def build_trainer(spec: JobSpec, run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+    spec = job.spec
     run_config = RunConfig(
         name=spec.name,
         storage_path=spec.storage_path,
@@ -24,7 +30,7 @@ def build_trainer(spec: JobSpec, run_id: str | None, tracking_uri: str | None) -
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,

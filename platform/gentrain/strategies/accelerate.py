@@ -27,27 +27,18 @@ import torch
 from torch import nn
 
 from gentrain.strategies.base import Strategy, make_scheduler
+from gentrain.strategies.limits import fp16_problem, fsdp_problem
 
 STATE_FILE = "accelerate_state.pt"
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def check_supported(mode: str, precision: str, device: torch.device) -> None:
-    """Refuse what Accelerate would silently run as something else (see module doc)."""
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError(
-            "strategy.precision: 'fp16' under strategy.name=accelerate on a CPU would run as "
-            "plain fp32 (Accelerate 1.15 ignores fp16 on CPUs without a warning); use "
-            "strategy.precision=bf16 on CPU, or set scaling.use_gpu=true")
-    if mode == "fsdp":
-        where = ("on a CPU Accelerate 1.15 never enters FSDP (it quietly keeps DDP)"
-                 if device.type == "cpu" else
-                 "gentrain's FSDP path (sharded EMA, gathering for samples, sharded "
-                 "checkpoints) is not built yet")
-        raise ValueError(
-            f"strategy.accelerate_mode: 'fsdp' is not supported: {where}; use "
-            "strategy.accelerate_mode=ddp, or strategy.name=deepspeed with "
-            "strategy.zero_stage=3 to shard parameters")
+    """Refuse what Accelerate would silently run as something else (gentrain.strategies.limits)."""
+    on_gpu = device.type != "cpu"
+    problem = fp16_problem(precision, on_gpu) or fsdp_problem(mode, on_gpu)
+    if problem:
+        raise ValueError(problem)
 
 
 def new_accelerator(precision: str, device: torch.device):
