@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+from gentrain.paths import is_remote
+
 META_FILE = "gentrain.json"
 MODEL_FILE = "model.pt"  # {network: fp32 state_dict}, independent of the strategy
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -39,7 +41,7 @@ def read_meta(directory: str) -> dict | None:
 
 def complete_checkpoints(run_dir: str) -> list[tuple[int, Path]]:
     """(step, folder) of every finished checkpoint under `run_dir`, oldest first."""
-    if "://" in run_dir:
+    if is_remote(run_dir):
         return []  # remote storage: Ray Train restores it; nothing to read here
     root = Path(run_dir)
     if not root.is_dir():

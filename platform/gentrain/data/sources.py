@@ -170,13 +170,6 @@ SOURCES: dict[str, Callable[[], ArraySource]] = {
 }
 
 
-def register_source(name: str, loader: Callable[[], ArraySource]) -> None:
-    """Add a source; a name registered twice raises so that two loaders never shadow each other."""
-    if name in SOURCES:
-        raise ValueError(f"data source {name!r} is already registered")
-    SOURCES[name] = loader
-
-
 def known_sources() -> list[str]:
     return sorted(SOURCES)
 

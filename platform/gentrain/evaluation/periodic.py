@@ -26,9 +26,7 @@ from gentrain.evaluation.work import data_units, generated_units, kept_rows, sum
 from gentrain.metrics.frechet import RunningStatistics
 from gentrain.metrics.reference import find_cached_reference, store_reference
 from gentrain.metrics.settings import MetricSettings
-from gentrain.metrics.summary import FeatureSummary, summary_metrics
-
-REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "kid_subset_size")
+from gentrain.metrics.summary import LOGGED_SETTINGS, REPORTED, FeatureSummary, summary_metrics
 
 
 class PeriodicSampleMetrics:
@@ -59,7 +57,7 @@ class PeriodicSampleMetrics:
             return {}
         report = summary_metrics(self.reference, merged, settings.metrics, extractor_name=self.extractor.name,
                                  settings=MetricSettings.of_spec(settings))
-        return {f"eval/{self.extractor.label}/{key}": float(report[key]) for key in REPORTED if key in report}
+        return {f"eval/{self.extractor.label}/{key}": float(report[key]) for key in REPORTED + LOGGED_SETTINGS if key in report}
 
     def _keep(self, total: int, shuffled: bool) -> np.ndarray:
         wanted = {"kid", "pr"} & set(self.spec.eval.metrics)

@@ -38,15 +38,12 @@ from gentrain.evaluation.work import data_units, generated_units, kept_rows
 from gentrain.metrics.kid import check_kid_settings
 from gentrain.metrics.reference import find_cached_reference, store_reference
 from gentrain.metrics.settings import CLI_NAMES, MAX_KEPT_FEATURES, MetricSettings
-from gentrain.metrics.summary import SAMPLE_METRICS, summary_metrics
+from gentrain.metrics.summary import LOGGED_SETTINGS, REPORTED, SAMPLE_METRICS, summary_metrics
 
 LIKELIHOOD_METRICS = ("nll", "heldout")
 ALL_METRICS = SAMPLE_METRICS + LIKELIHOOD_METRICS
 # evaluate() outputs that are likelihoods or bounds on them (what `nll` selects).
 LIKELIHOOD_KEY = re.compile(r"(elbo|nll|iwae|bits_per_dim|bpd|log_likelihood|logprob|perplexity)")
-REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall")
-# Settings logged beside the metrics: KID's default subset size depends on the set sizes.
-LOGGED_SETTINGS = ("kid_subset_size",)
 
 
 @dataclass

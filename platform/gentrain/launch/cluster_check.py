@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from gentrain.paths import is_local_path
 from gentrain.spec import JobSpec
 
 MARKER_PREFIX = ".gentrain-shared-check-"
@@ -36,10 +37,6 @@ def _read_on_node(paths: list[str]) -> list[str | None]:
         except OSError:
             texts.append(None)
     return texts
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("builtin:")
 
 
 def _alive_nodes() -> list[dict]:
@@ -73,7 +70,7 @@ def check_shared_paths(spec: JobSpec) -> None:
         return
     checks = []  # (field, file to read, expected text or None for "any", fix)
     marker = None
-    if _is_local(spec.storage_path):
+    if is_local_path(spec.storage_path):
         folder = Path(spec.storage_path)
         folder.mkdir(parents=True, exist_ok=True)
         marker = folder / f"{MARKER_PREFIX}{secrets.token_hex(8)}"
@@ -83,7 +80,7 @@ def check_shared_paths(spec: JobSpec) -> None:
                        "every worker writes its checkpoint there and a restart reads it back. Use "
                        "storage_path=s3://bucket/prefix or gs://bucket/prefix, or a shared file system "
                        "(NFS, ...) mounted at the same path on every node"))
-    if _is_local(spec.data.source):
+    if is_local_path(spec.data.source):
         index = Path(spec.data.source) / "index.json"
         checks.append(("data.source", str(index), index.read_text(encoding="utf-8") if index.is_file() else None,
                        "every worker reads its shards from there. Pack the data onto shared storage "

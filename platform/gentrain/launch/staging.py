@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from gentrain.paths import is_remote
+
 # Environments, caches, VCS data and run outputs: large, machine-specific or both.
 DEFAULT_EXCLUDES = (".git", ".hg", ".venv", "venv", ".tox", "__pycache__", "*.pyc", ".pytest_cache",
                     ".mypy_cache", ".ruff_cache", "node_modules", "*.egg-info", ".ipynb_checkpoints",
@@ -61,7 +63,7 @@ def stage_working_dir(project: Path, extra_files: dict[str, str], excludes: list
     project = project.expanduser().resolve()
     if not project.is_dir():
         raise FileNotFoundError(f"--working-dir {project}: no such folder")
-    skip_paths = [Path(p).expanduser().resolve() for p in (skip or []) if "://" not in p]
+    skip_paths = [Path(p).expanduser().resolve() for p in (skip or []) if not is_remote(p)]
     with tempfile.TemporaryDirectory(prefix="gentrain-submit-") as temp:
         staged = Path(temp) / project.name
         shutil.copytree(project, staged, symlinks=True, ignore=_ignore(project, excludes, skip_paths, [0]))

@@ -36,6 +36,10 @@ from gentrain.metrics.precision_recall import precision_recall
 from gentrain.metrics.settings import MetricSettings
 
 SAMPLE_METRICS = ("fid", "kid", "is", "pr")
+# What summary_metrics reports for them: printed, and logged to MLflow.
+REPORTED = ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall")
+# Settings logged beside them: KID's default subset size depends on the set sizes.
+LOGGED_SETTINGS = ("kid_subset_size",)
 
 
 class FeatureSummary:

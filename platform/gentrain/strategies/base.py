@@ -24,6 +24,9 @@ from torch import nn
 
 from gentrain.spec import JobSpec, OptimizerSection, ScheduleSection
 
+# strategy.precision -> the dtype of autocast (ddp, bench) and of DeepSpeed engines; fp32: none.
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def make_optimizer(params, section: OptimizerSection) -> torch.optim.Optimizer:
     if section.name == "adamw":

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gentrain.strategies.base import Strategy, make_scheduler
+from gentrain.strategies.base import LOW_PRECISION_DTYPES, Strategy, make_scheduler
 
 STATE_FILE = "ddp_state.pt"
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DDPStrategy(Strategy):
@@ -48,7 +47,7 @@ class DDPStrategy(Strategy):
         return self._plain[name]
 
     def autocast(self):
-        dtype = _AUTOCAST_DTYPES.get(self.spec.strategy.precision)
+        dtype = LOW_PRECISION_DTYPES.get(self.spec.strategy.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)

@@ -23,10 +23,9 @@ from torch import nn
 
 from gentrain.schema import SpecError
 from gentrain.spec import JobSpec
-from gentrain.strategies.base import Strategy, make_scheduler
+from gentrain.strategies.base import LOW_PRECISION_DTYPES, Strategy, make_scheduler
 
 EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
-_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # DeepSpeed config keys that gentrain sets, and the spec field a user changes instead.
 _SPEC_FIELD = {
@@ -165,12 +164,12 @@ class DeepSpeedStrategy(Strategy):
     @property
     def input_dtype(self) -> torch.dtype:
         """The dtype the engines' parameters hold: bf16/fp16 engines cast the whole network."""
-        return _LOW_PRECISION.get(self.spec.strategy.precision, torch.float32)
+        return LOW_PRECISION_DTYPES.get(self.spec.strategy.precision, torch.float32)
 
     def autocast(self):
         # A bf16 engine holds bf16 weights; autocast casts fp32 inputs at matmuls and convs
         # (and keeps reductions such as losses and norms in fp32), so jobs feed fp32 data.
-        dtype = _LOW_PRECISION.get(self.spec.strategy.precision)
+        dtype = LOW_PRECISION_DTYPES.get(self.spec.strategy.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -240,7 +239,7 @@ class DeepSpeedStrategy(Strategy):
             # do (gloo aborts: "distributed collective mismatch"). Inside the gather every
             # rank holds the full weights: evaluation runs on hook-free views of them.
             modules = {name: self._hook_free(name, module) for name, module in modules.items()}
-            low = any(p.dtype in _LOW_PRECISION.values() for m in modules.values() for p in m.parameters())
+            low = any(p.dtype in LOW_PRECISION_DTYPES.values() for m in modules.values() for p in m.parameters())
             # Without EMA a network is the engine's bf16 one: samplers feed it fp32 noise.
             with self.autocast() if low else contextlib.nullcontext():
                 yield modules
@@ -279,7 +278,7 @@ class DeepSpeedStrategy(Strategy):
             with self.gathered(name):
                 # Copies: under ZeRO-3 the gathered storage is freed when the gather ends.
                 state = {key: _fp32_copy(value.cpu()) for key, value in module.state_dict().items()}
-                if name in self._engines and self.spec.strategy.precision in _LOW_PRECISION:
+                if name in self._engines and self.spec.strategy.precision in LOW_PRECISION_DTYPES:
                     for key, param in module.named_parameters():
                         master = safe_get_full_fp32_param(param)  # collective under ZeRO
                         if master is not None:
