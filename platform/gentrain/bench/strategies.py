@@ -29,11 +29,14 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from gentrain.bench.common import one_rank_process_group, publish, timestamp
-from gentrain.spec import JobSpec, from_dict
+from gentrain.registry import DataInfo, get_job_type
+from gentrain.spec import JobSpec
 from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.strategies.base import LOW_PRECISION_DTYPES, make_optimizer
+from gentrain.validation import from_dict
 
 REPEATS = 3
 STRATEGIES = {
@@ -106,16 +109,20 @@ def format_table(result: dict) -> str:
 
 # -- the two loops ---------------------------------------------------------------------------
 def _model(model_args):
-    from gentrain_jobs.vae.model import ConvVAE
-
+    """The VAE job type's network, found through the registry (the core never imports a family)."""
+    shape, latent, channels = model_args
+    job = get_job_type("vae")
+    config = job.parse_config({"latent_dim": latent, "channels": channels, "likelihood": "bernoulli"}, [])
     torch.manual_seed(0)
-    return ConvVAE(*model_args, "bernoulli")
+    return job.build(config, DataInfo(tuple(shape)))["vae"]
 
 
 def _loss(model, x, noise):
-    from gentrain_jobs.vae.objective import elbo_terms
-
-    return elbo_terms(model, x, "bernoulli", noise=noise)["loss"].float().mean()
+    """The negative Bernoulli ELBO of the VAE's reparameterised pass with fixed noise."""
+    decoded, mean, log_var, _ = model(x, noise=noise)
+    reconstruction = F.binary_cross_entropy_with_logits(decoded.float(), x.float(), reduction="none")
+    kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1 - log_var.float())
+    return (reconstruction.flatten(1).sum(1) + kl.sum(1)).mean()
 
 
 def _batches(model_args, batch, device, dtype=torch.float32):
@@ -130,7 +137,7 @@ def _plain(model_args, batch, precision, device, steps, warmup) -> float:
     model = _model(model_args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = LOW_PRECISION_DTYPES.get(precision)
     data = _batches(model_args, batch, device)
 
     def step(i):
