@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gentrain.context import StepContext
-from gentrain.data.index import load_index
+from gentrain.engine import Engine
 from gentrain.data.pipeline import eval_batches, train_batches
-from gentrain.registry import DataInfo, get_job_type, job_config
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.registry import DataInfo
 from gentrain.validation import load_spec
 from gentrain_jobs.classifier import ClassifierConfig, build
 
@@ -21,20 +18,10 @@ from gentrain_jobs.classifier import ClassifierConfig, build
 def trained(one_thread_module):
     """The debug spec's network trained 150 steps on the packed digits (one process)."""
     spec = load_spec("classifier/debug", ["train.steps=150"])
-    job, config = get_job_type("classifier"), job_config(spec)
-    index = load_index(spec.data.source)
-    torch.manual_seed(0)
-    modules = job.build(config, DataInfo(tuple(index.shape), index.num_classes))
-    strategy = make_strategy(spec, torch.device("cpu"))
-    strategy.setup(modules, {"classifier": make_optimizer(modules["classifier"].parameters(), spec.train.optimizer)})
-    ctx = StepContext(strategy, config, spec.train.steps)
-    batches = train_batches(index, "train", 32, 0, 1, seed=0)
-    history = []
-    for step in range(spec.train.steps):
-        ctx.global_step = step
-        with strategy.micro_step(is_last=True):
-            history.append(job.train_step(ctx, next(batches)))
-    return job, strategy.unwrap("classifier").eval(), index, history
+    engine = Engine(spec, print_fn=None)
+    batches = train_batches(engine.index, "train", 32, 0, 1, seed=0)
+    history = [engine.optimizer_step(batches) for _ in range(spec.train.steps)]
+    return engine.job, engine.strategy.unwrap("classifier").eval(), engine.index, history
 
 
 @pytest.fixture(scope="module")
