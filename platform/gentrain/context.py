@@ -52,7 +52,7 @@ class StepContext:
     def ema_update(self, name: str, decay: float) -> None:
         """Keep EMA weights of `name` (used for samples and evaluation); call after step."""
         if self.strategy.at_boundary:
-            self.strategy.ema_update(name, decay)
+            self.strategy.ema.update(name, decay)
 
     def frozen(self, name: str) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """`name`'s parameters get no gradients inside (a critic while its generator learns);

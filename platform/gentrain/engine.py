@@ -33,8 +33,8 @@ from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
 from gentrain.registry import DataInfo, get_job_type, job_config
 from gentrain.spec import JobSpec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.optim import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
 
 
 class Engine:
@@ -65,7 +65,7 @@ class Engine:
             for module in modules.values():
                 if hasattr(module, "enable_grad_checkpointing"):
                     module.enable_grad_checkpointing(True)
-        self.strategy = make_strategy(spec, self.device)
+        self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
         self.strategy.setup(modules, self._optimizers(modules))
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done
@@ -234,7 +234,7 @@ class Engine:
             return
         # Plain fp32 weights of every network: sampling, eval and scoring load these
         # without knowing the strategy that trained them.
-        torch.save({"networks": exported, "ema": self.strategy.ema_state()}, os.path.join(directory, MODEL_FILE))
+        torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()}, os.path.join(directory, MODEL_FILE))
         write_meta(directory, {
             "step": self.step,
             "batches_consumed": self.batches_consumed,

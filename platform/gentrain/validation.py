@@ -108,10 +108,11 @@ def strategy_problems(spec: JobSpec) -> list[str]:
         problems.append(fsdp_problem(strategy.accelerate_mode, spec.scaling.use_gpu))
     problems = [problem for problem in problems if problem]
     if strategy.name == "deepspeed" and strategy.deepspeed_config:
+        from gentrain.strategies.base import StepSettings
         from gentrain.strategies.deepspeed import deepspeed_config
 
         try:  # conflicts with gentrain's own settings surface here, not on the workers
-            deepspeed_config(spec, spec.scaling.num_workers)
+            deepspeed_config(strategy, StepSettings.from_train(spec.train), spec.scaling.num_workers)
         except SpecError as exc:
             problems += exc.problems
     return problems

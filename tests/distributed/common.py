@@ -9,9 +9,9 @@ import dataclasses
 
 import torch
 
+from gentrain.optim import make_optimizer
 from gentrain.spec import JobSpec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
 from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
@@ -41,7 +41,7 @@ def build_strategy(spec: JobSpec):
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
     model = ConvVAE(SHAPE, LATENT, [8, 16], "bernoulli")
     model.enable_grad_checkpointing(spec.strategy.grad_checkpointing)  # as the loop does
-    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     strategy.setup({"vae": model}, {"vae": make_optimizer(model.parameters(), spec.train.optimizer)})
     return strategy
 
@@ -72,7 +72,7 @@ def train(strategy, spec: JobSpec, rank: int, world: int, first: int, last: int)
 
 
 def _input_dtype(strategy) -> torch.dtype:
-    return getattr(strategy, "input_dtype", torch.float32)
+    return strategy.input_dtype
 
 
 def flat_params(strategy) -> torch.Tensor:
@@ -110,7 +110,7 @@ def run_gan(rank: int, world: int, strategy_section: dict, steps: int):
         "discriminator": torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)),
     }
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
-    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     strategy.setup(networks, {name: make_optimizer(net.parameters(), spec.train.optimizer)
                               for name, net in networks.items()})
     generator = torch.Generator().manual_seed(100 + rank)

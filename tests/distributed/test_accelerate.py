@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
-from gentrain.strategies import make_strategy
+from gentrain.optim import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.accelerate import AccelerateStrategy
-from gentrain.strategies.base import make_optimizer
 from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
@@ -54,7 +54,7 @@ def make_spec(strategy: str, precision: str = "fp32", mode: str = "ddp", **train
 
 
 def new_strategy(spec, modules: dict):
-    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     strategy.setup(modules, {name: make_optimizer(m.parameters(), spec.train.optimizer)
                              for name, m in modules.items()})
     return strategy
@@ -89,11 +89,11 @@ def train_vae(strategy, spec, rank: int, world: int, first: int, last: int) -> d
                 strategy.backward(loss, "vae")
                 stepped = strategy.step("vae")
             step_loss += loss.detach().float() / accum
-        strategy.ema_update("vae", 0.9)
+        strategy.ema.update("vae", 0.9)
         losses.append(float(strategy.all_reduce(step_loss)))
         norms.append(stepped["grad_norm"])
     return {"losses": losses, "norms": norms, "params": flat(strategy, "vae"),
-            "ema": flat_module(strategy.ema("vae"))}
+            "ema": flat_module(strategy.ema.get("vae"))}
 
 
 def flat_module(module) -> torch.Tensor:
@@ -297,10 +297,12 @@ def test_accelerate_alone_would_downgrade_fsdp_and_fp16_on_cpu(main_world):
 
 
 def test_fsdp_on_cpu_is_refused_with_the_field_named():
+    spec = make_spec("accelerate", mode="fsdp")
     with pytest.raises(ValueError, match="strategy.accelerate_mode: 'fsdp'.*zero_stage=3"):
-        AccelerateStrategy(make_spec("accelerate", mode="fsdp"), torch.device("cpu"))
+        AccelerateStrategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
 
 
 def test_fp16_on_cpu_is_an_error_naming_bf16():
+    spec = make_spec("accelerate", "fp16")
     with pytest.raises(ValueError, match="strategy.precision: 'fp16'.*strategy.precision=bf16"):
-        AccelerateStrategy(make_spec("accelerate", "fp16"), torch.device("cpu"))
+        AccelerateStrategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gentrain.optim import make_optimizer
 from gentrain.schema import SpecError
 from gentrain.spec import JobSpec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.deepspeed import deepspeed_config
 from gentrain.validation import from_dict
 from harness import run_world
@@ -63,13 +63,17 @@ def make_spec(strategy: dict | None = None, **train) -> JobSpec:
     return dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, **(strategy or {})))
 
 
+def _config(spec: JobSpec, world_size: int) -> dict:
+    return deepspeed_config(spec.strategy, StepSettings.from_train(spec.train), world_size)
+
+
 def build(spec: JobSpec, extra_untrained: bool = False):
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
     net = TinyNet()
     modules = {"net": net}
     if extra_untrained:
         modules["prior"] = nn.Linear(4, 4)
-    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     strategy.setup(modules, {"net": make_optimizer(net.parameters(), spec.train.optimizer)})
     return strategy
 
@@ -98,7 +102,7 @@ def train(strategy, spec: JobSpec, rank: int, world: int, first: int, last: int,
                 strategy.backward(loss, "net")
                 stepped = strategy.step("net")
                 if ema and strategy.at_boundary:
-                    strategy.ema_update("net", 0.8)
+                    strategy.ema.update("net", 0.8)
             step_loss += loss.detach().float() / accum
         losses.append(float(strategy.all_reduce(step_loss)))
         norms.append(stepped["grad_norm"])
@@ -199,7 +203,7 @@ def _resume(rank: int, world: int, directory: str):
         half = STEPS // 2
         straight = build(spec, extra_untrained=True)
         train(straight, spec, rank, world, 0, STEPS, ema=True)
-        expected = straight.export_state_dicts(), straight.ema_state()["net"], straight.lr("net")
+        expected = straight.export_state_dicts(), straight.ema.state_dict()["net"], straight.lr("net")
         del straight
         first = build(spec, extra_untrained=True)
         train(first, spec, rank, world, 0, half, ema=True)
@@ -214,7 +218,7 @@ def _resume(rank: int, world: int, directory: str):
         resumed = build(spec, extra_untrained=True)
         resumed.load(merged)
         train(resumed, spec, rank, world, half, STEPS, ema=True)
-        got = resumed.export_state_dicts(), resumed.ema_state()["net"], resumed.lr("net")
+        got = resumed.export_state_dicts(), resumed.ema.state_dict()["net"], resumed.lr("net")
         results[stage] = {
             "params": float((flat(got[0]["net"]) - flat(expected[0]["net"])).abs().max()),
             "untrained": float((flat(got[0]["prior"]) - flat(expected[0]["prior"])).abs().max()),
@@ -241,7 +245,7 @@ def _gan(rank: int, world: int, section: dict) -> list[tuple[float, float]]:
     spec = make_spec(section, grad_clip=1.0, optimizer={"name": "adam", "lr": 2e-3, "betas": [0.5, 0.999]})
     torch.manual_seed(0)
     generator, discriminator = TinyNet(4, WIDTH), TinyNet(WIDTH, 1)
-    strategy = make_strategy(spec, torch.device("cpu"))
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     strategy.setup({"generator": generator, "discriminator": discriminator},
                    {name: make_optimizer(m.parameters(), spec.train.optimizer)
                     for name, m in (("generator", generator), ("discriminator", discriminator))})
@@ -395,7 +399,7 @@ def test_fp16_on_cpu_is_an_error_naming_bf16_unless_the_cpu_has_fp16_units(featu
 def test_conflicting_raw_key_names_both_values_and_the_spec_field():
     spec = make_spec(_section(2, deepspeed_config={"gradient_clipping": 0.5, "steps_per_print": 7}))
     with pytest.raises(SpecError) as caught:
-        deepspeed_config(spec, world_size=2)
+        _config(spec, world_size=2)
     assert ("strategy.deepspeed_config.gradient_clipping: 0.5 conflicts with train.grad_clip: 1.0; "
             "set train.grad_clip instead") in str(caught.value)
 
@@ -404,7 +408,7 @@ def test_nested_conflicts_and_owned_keys_are_reported_together():
     raw = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
            "optimizer": {"type": "AdamW"}, "bf16": {"enabled": True}}
     with pytest.raises(SpecError) as caught:
-        deepspeed_config(make_spec(_section(1, deepspeed_config=raw)), world_size=2)
+        _config(make_spec(_section(1, deepspeed_config=raw)), world_size=2)
     problems = "\n".join(caught.value.problems)
     assert "zero_optimization.stage: 3 conflicts with strategy.zero_stage: 1" in problems
     assert "offload_optimizer.device: \"cpu\" conflicts with strategy.offload_optimizer: false" in problems
@@ -416,7 +420,7 @@ def test_nested_conflicts_and_owned_keys_are_reported_together():
 def test_keys_gentrain_does_not_set_pass_through():
     raw = {"steps_per_print": 7, "zero_optimization": {"reduce_bucket_size": 1000,
                                                        "offload_optimizer": {"pin_memory": True}}}
-    config = deepspeed_config(make_spec(_section(2, offload_optimizer=True, deepspeed_config=raw)), 2)
+    config = _config(make_spec(_section(2, offload_optimizer=True, deepspeed_config=raw)), 2)
     assert config["steps_per_print"] == 7
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000,
                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
@@ -427,4 +431,4 @@ def test_keys_gentrain_does_not_set_pass_through():
 def test_a_section_given_as_a_scalar_is_an_error():
     spec = make_spec(_section(2, deepspeed_config={"zero_optimization": 2}))
     with pytest.raises(SpecError, match="zero_optimization: 2 must be a mapping"):
-        deepspeed_config(spec, world_size=2)
+        _config(spec, world_size=2)

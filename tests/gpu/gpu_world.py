@@ -13,9 +13,9 @@ import os
 
 import torch
 
+from gentrain.optim import make_optimizer
 from gentrain.spec import JobSpec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
 from gentrain.validation import from_dict
 from gentrain_jobs.vae.model import ConvVAE
 from gentrain_jobs.vae.objective import elbo_terms
@@ -57,14 +57,14 @@ def build(spec: JobSpec):
     torch.manual_seed(0)
     model = ConvVAE(SHAPE, LATENT, CHANNELS, "bernoulli")
     device = torch.device("cuda", torch.cuda.current_device())
-    strategy = make_strategy(spec, device)
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), device)
     strategy.setup({"vae": model}, {"vae": make_optimizer(model.parameters(), spec.train.optimizer)})
     return strategy, device
 
 
 def train(strategy, device, first: int, last: int, poison_step: int | None = None) -> list[float]:
     losses = []
-    dtype = getattr(strategy, "input_dtype", torch.float32)
+    dtype = strategy.input_dtype
     for step in range(first, last):
         x = data(step).to(device)
         noise = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(step)).to(device)

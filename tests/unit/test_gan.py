@@ -15,7 +15,7 @@ from gentrain.context import StepContext
 from gentrain.engine import Engine
 from gentrain.registry import DataInfo
 from gentrain.schema import SpecError
-from gentrain.strategies import make_strategy
+from gentrain.strategies import StepSettings, make_strategy
 from gentrain.validation import from_dict
 from gentrain_jobs.gan import JOB, GANConfig, build, optimizers, sample
 from gentrain_jobs.gan.objective import discriminator_loss, generator_loss, gradient_penalty
@@ -165,7 +165,7 @@ def test_train_step_reports_monitoring_metrics_and_keeps_an_ema_generator(loss, 
                 "grad_norm/generator", "grad_norm/discriminator"):
         assert math.isfinite(metrics[key]), key
     assert (metrics["gradient_penalty"] > 0) == (loss == "wgan-gp")
-    ema = strategy.ema("generator")
+    ema = strategy.ema.get("generator")
     raw = strategy.unwrap("generator")
     assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
     with strategy.evaluation() as modules:
@@ -245,7 +245,8 @@ def test_wgan_gp_under_deepspeed_zero3_is_a_clear_error():
 
     spec = _spec()
     spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, name="deepspeed", zero_stage=3))
-    strategy = make_strategy(spec, torch.device("cpu"))  # not set up: the check comes first
+    # Not set up: the check comes first.
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
     ctx = StepContext(strategy, GANConfig(arch="mlp", loss="wgan-gp", d_norm="none"), 1)
     with pytest.raises(ValueError, match="use strategy.zero_stage=2 or lower"):
         JOB.train_step(ctx, {"image": torch.rand(4, 2)})

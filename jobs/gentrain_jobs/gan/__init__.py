@@ -111,8 +111,8 @@ def _critic_update(ctx, real: torch.Tensor) -> dict[str, torch.Tensor]:
 def _refuse_gp_under_zero(ctx) -> None:
     """The penalty runs through the plain critic, whose weights ZeRO-3 keeps partitioned
     outside a gather; say so instead of failing inside a matrix product."""
-    section = getattr(getattr(ctx.strategy, "spec", None), "strategy", None)
-    if section is not None and section.name == "deepspeed" and getattr(section, "zero_stage", 0) >= 3:
+    section = ctx.strategy.section
+    if section.name == "deepspeed" and section.zero_stage >= 3:
         raise ValueError(_GP_UNDER_ZERO3.format(stage=section.zero_stage))
 
 

@@ -122,17 +122,17 @@ def _measure_step_memory(section, precision, width, layers) -> dict:
             optimizer.zero_grad(set_to_none=True)
     else:
         from gentrain.validation import from_dict
-        from gentrain.strategies import make_strategy
-        from gentrain.strategies.base import make_optimizer
+        from gentrain.strategies import StepSettings, make_strategy
+        from gentrain.optim import make_optimizer
 
         spec = from_dict({"job": {"type": "vae"}, "train": {"steps": STEPS, "batch_size": BATCH, "grad_clip": 1.0,
                                     "optimizer": {"name": "adamw", "lr": 1e-5},
                                     "schedule": {"name": "constant"}}})
         spec = dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, precision=precision,
                                                                       **section))
-        strategy = make_strategy(spec, device)
+        strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), device)
         strategy.setup({"net": model}, {"net": make_optimizer(model.parameters(), spec.train.optimizer)})
-        inputs = x.to(getattr(strategy, "input_dtype", torch.float32))
+        inputs = x.to(strategy.input_dtype)
 
         def step():
             with strategy.micro_step(is_last=True):

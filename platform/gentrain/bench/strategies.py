@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from gentrain.bench.common import one_rank_process_group, publish, timestamp
 from gentrain.registry import DataInfo, get_job_type
 from gentrain.spec import JobSpec
-from gentrain.strategies import make_strategy
-from gentrain.strategies.base import LOW_PRECISION_DTYPES, make_optimizer
+from gentrain.optim import make_optimizer
+from gentrain.strategies import StepSettings, make_strategy
+from gentrain.strategies.base import LOW_PRECISION_DTYPES
 from gentrain.validation import from_dict
 
 REPEATS = 3
@@ -157,9 +158,9 @@ def _plain(model_args, batch, precision, device, steps, warmup) -> float:
 def _gentrain(model_args, batch, precision, section, device, steps, warmup) -> float:
     spec = _spec(precision, section, steps + warmup, batch)
     model = _model(model_args)
-    strategy = make_strategy(spec, device)
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), device)
     strategy.setup({"vae": model}, {"vae": make_optimizer(model.parameters(), spec.train.optimizer)})
-    data = _batches(model_args, batch, device, getattr(strategy, "input_dtype", torch.float32))
+    data = _batches(model_args, batch, device, strategy.input_dtype)
 
     def step(i):
         x, noise = data(i)

@@ -9,7 +9,7 @@ the newest AccelerateStrategy of a process may be used.
 
 Numbers match `DDPStrategy` exactly in fp32: gradient accumulation is the loop's
 (`micro_step`), the loss is scaled by 1/grad_accum here, the lr schedule is the
-plain `make_scheduler` (Accelerate's scheduler wrapper would step it once per process).
+plain torch scheduler of StepSettings (Accelerate's scheduler wrapper would step it once per process).
 
 What Accelerate 1.15 cannot do on a CPU, refused at start-up rather than passed on:
 - fp16: it runs plain fp32 without a word (no autocast, no scaler).
@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from gentrain.strategies.base import Strategy, make_scheduler
+from gentrain.strategies.base import Strategy
 from gentrain.strategies.limits import fp16_problem, fsdp_problem
 
 STATE_FILE = "accelerate_state.pt"
@@ -93,10 +93,10 @@ def _check_state(accelerator, precision: str, device: torch.device) -> None:
 
 
 class AccelerateStrategy(Strategy):
-    def __init__(self, spec, device):
-        super().__init__(spec, device)
-        check_supported(spec.strategy.accelerate_mode, spec.strategy.precision, device)
-        self._accelerator = new_accelerator(spec.strategy.precision, device)
+    def __init__(self, section, settings, device):
+        super().__init__(section, settings, device)
+        check_supported(section.accelerate_mode, section.precision, device)
+        self._accelerator = new_accelerator(section.precision, device)
 
     def setup(self, modules, optimizers):
         accelerator = self._accelerator
@@ -117,8 +117,7 @@ class AccelerateStrategy(Strategy):
         self._optimizers = dict(zip(optimizers, prepared[len(trained):]))
         # The schedule is stepped by hand on the plain optimizer: Accelerate's scheduler
         # wrapper steps once per process per call unless batches are split.
-        self._schedulers = {name: make_scheduler(opt.optimizer, self.spec.train.steps,
-                                                 self.spec.train.schedule)
+        self._schedulers = {name: self.settings.scheduler(opt.optimizer)
                             for name, opt in self._optimizers.items()}
 
     @property

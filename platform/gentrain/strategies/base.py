@@ -9,63 +9,64 @@ A job type never knows which strategy runs it. It calls, through its step contex
 
 Gradient accumulation lives here too: the loop opens `micro_step(is_last)` around each
 micro-batch; `backward` scales the loss and `step` only steps on the last micro-batch.
+
+A strategy receives its own section (spec.strategy), the StepSettings below (batch size,
+accumulation, clipping, the lr schedule) and the optimizers already built
+(gentrain.optim), never the whole spec. Everything the engine, the evaluation and the
+job types read from it is declared in `Strategy`: nothing is looked up with getattr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
+import functools
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from gentrain.spec import JobSpec, OptimizerSection, ScheduleSection
+from gentrain.ema import EMA
+from gentrain.optim import make_scheduler
+from gentrain.spec import StrategySection, TrainSection
 
 # strategy.precision -> the dtype of autocast (ddp, bench) and of DeepSpeed engines; fp32: none.
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_optimizer(params, section: OptimizerSection) -> torch.optim.Optimizer:
-    if section.name == "adamw":
-        return torch.optim.AdamW(params, lr=section.lr, betas=tuple(section.betas),
-                                 weight_decay=section.weight_decay)
-    if section.name == "adam":
-        return torch.optim.Adam(params, lr=section.lr, betas=tuple(section.betas),
-                                weight_decay=section.weight_decay)
-    return torch.optim.SGD(params, lr=section.lr, momentum=section.momentum,
-                           weight_decay=section.weight_decay)
+def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def lr_multiplier(step: int, total_steps: int, schedule: ScheduleSection) -> float:
-    """Pure function: the factor on the base lr at optimizer step `step` (0-based)."""
-    warmup = schedule.warmup_steps
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule.name == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    floor = schedule.min_lr_ratio
-    if schedule.name == "linear":
-        return floor + (1.0 - floor) * (1.0 - progress)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class StepSettings:
+    """What a strategy needs to know of the training (from spec.train); the rest of the spec
+    is not its business. Its own section (spec.strategy) comes beside it."""
 
+    batch_size: int  # per rank per micro-batch: DeepSpeed's config counts it
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    # optimizer -> its lr schedule, stepped once per optimizer step
+    scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] = constant_lr
 
-def make_scheduler(optimizer, total_steps: int, schedule: ScheduleSection):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, schedule))
+    @classmethod
+    def from_train(cls, train: TrainSection) -> StepSettings:
+        return cls(batch_size=train.batch_size, grad_accum=train.grad_accum, grad_clip=train.grad_clip,
+                   scheduler=functools.partial(make_scheduler, total_steps=train.steps, schedule=train.schedule))
 
 
 class Strategy(ABC):
     """One interface for DDP, DeepSpeed and Accelerate."""
 
-    def __init__(self, spec: JobSpec, device: torch.device):
-        self.spec = spec
+    def __init__(self, section: StrategySection, settings: StepSettings, device: torch.device):
+        self.section = section  # spec.strategy: name, precision and the strategy's own options
+        self.settings = settings
         self.device = device
-        self.grad_accum = spec.train.grad_accum
-        self.grad_clip = spec.train.grad_clip
+        self.grad_accum = settings.grad_accum
+        self.grad_clip = settings.grad_clip
+        self.ema = EMA(self.full_weights)  # averaged weights: ctx.ema_update fills it
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._last_micro = True
 
     # -- set-up -----------------------------------------------------------------
@@ -118,7 +119,7 @@ class Strategy(ABC):
 
         Strategies that keep torch optimizers in `self._optimizers` need not override it.
         """
-        optimizer = getattr(self, "_optimizers", {}).get(name)
+        optimizer = self._optimizers.get(name)
         return optimizer.param_groups[0]["lr"] if optimizer is not None else None
 
     # -- collectives ------------------------------------------------------------
@@ -155,29 +156,22 @@ class Strategy(ABC):
             for p, flag in zip(params, previous):
                 p.requires_grad_(flag)
 
-    # -- EMA weights and evaluation ---------------------------------------------------
+    # -- full weights and evaluation ---------------------------------------------------
     def gathered(self, name: str) -> contextlib.AbstractContextManager:
         """Full parameters of `name` readable inside (ZeRO-3 overrides this to gather)."""
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def ema_update(self, name: str, decay: float) -> None:
-        """ema <- decay * ema + (1 - decay) * weights, kept in fp32 beside the network."""
-        if not hasattr(self, "_ema"):
-            self._ema: dict[str, nn.Module] = {}
+    @contextlib.contextmanager
+    def full_weights(self, name: str) -> Iterator[nn.Module]:
+        """The plain network `name` with all its weights readable inside (the EMA reads it)."""
         with self.gathered(name):
-            module = self.unwrap(name)
-            if name not in self._ema:
-                self._ema[name] = copy.deepcopy(module).float().eval().requires_grad_(False)
-                return
-            ema = self._ema[name]
-            for ema_param, param in zip(ema.parameters(), module.parameters()):
-                ema_param.lerp_(param.detach().float(), 1.0 - decay)
-            for ema_buffer, buffer in zip(ema.buffers(), module.buffers()):
-                ema_buffer.copy_(buffer)
+            yield self.unwrap(name)
 
-    def ema(self, name: str) -> nn.Module | None:
-        return getattr(self, "_ema", {}).get(name)
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the networks' parameters hold in training: inputs fed to
+        `module(name)` outside autocast should have it (fp32 unless an engine casts the network)."""
+        return torch.float32
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[dict[str, nn.Module]]:
@@ -186,7 +180,7 @@ class Strategy(ABC):
             modules = {}
             for name in self.names:
                 stack.enter_context(self.gathered(name))
-                modules[name] = self.ema(name) or self.unwrap(name)
+                modules[name] = self.ema.get(name) or self.unwrap(name)
             was_training = {name: m.training for name, m in modules.items()}
             for module in modules.values():
                 module.eval()
@@ -195,16 +189,6 @@ class Strategy(ABC):
             finally:
                 for name, module in modules.items():
                     module.train(was_training[name])
-
-    def ema_state(self) -> dict[str, dict]:
-        return {name: module.state_dict() for name, module in getattr(self, "_ema", {}).items()}
-
-    def load_ema_state(self, state: dict[str, dict]) -> None:
-        for name, ema_state in state.items():
-            with self.gathered(name):
-                self._ema = getattr(self, "_ema", {})
-                self._ema[name] = copy.deepcopy(self.unwrap(name)).float().eval().requires_grad_(False)
-            self._ema[name].load_state_dict(ema_state)
 
     # -- checkpoints ------------------------------------------------------------
     @abstractmethod
@@ -222,7 +206,7 @@ class Strategy(ABC):
             "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
             "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
             "scaler": scaler_state,
-            "ema": self.ema_state(),
+            "ema": self.ema.state_dict(),
         }, path)
 
     def _load_replica(self, path: str, optimizers: dict, schedulers: dict) -> dict:
@@ -234,7 +218,7 @@ class Strategy(ABC):
             optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
-        self.load_ema_state(state.get("ema", {}))
+        self.ema.load_state_dict(state.get("ema", {}))
         return state
 
     def export_state_dicts(self) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gentrain.strategies.base import LOW_PRECISION_DTYPES, Strategy, make_scheduler
+from gentrain.strategies.base import LOW_PRECISION_DTYPES, Strategy
 
 STATE_FILE = "ddp_state.pt"
 
@@ -31,10 +31,8 @@ class DDPStrategy(Strategy):
             else:
                 self._wrapped[name] = module
         self._optimizers = dict(optimizers)
-        self._schedulers = {name: make_scheduler(opt, self.spec.train.steps, self.spec.train.schedule)
-                            for name, opt in self._optimizers.items()}
-        precision = self.spec.strategy.precision
-        self._scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self._schedulers = {name: self.settings.scheduler(opt) for name, opt in self._optimizers.items()}
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.section.precision == "fp16")
 
     @property
     def names(self):
@@ -47,7 +45,7 @@ class DDPStrategy(Strategy):
         return self._plain[name]
 
     def autocast(self):
-        dtype = LOW_PRECISION_DTYPES.get(self.spec.strategy.precision)
+        dtype = LOW_PRECISION_DTYPES.get(self.section.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)

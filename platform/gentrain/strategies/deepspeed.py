@@ -21,9 +21,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from gentrain.ema import EMA
 from gentrain.schema import SpecError
-from gentrain.spec import JobSpec
-from gentrain.strategies.base import LOW_PRECISION_DTYPES, Strategy, make_scheduler
+from gentrain.spec import StrategySection
+from gentrain.strategies.base import LOW_PRECISION_DTYPES, StepSettings, Strategy
 
 EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
 
@@ -47,15 +48,14 @@ _OWNED = {"optimizer": "train.optimizer", "scheduler": "train.schedule"}
 
 
 # -- the config ---------------------------------------------------------------------------
-def gentrain_settings(spec: JobSpec, world_size: int) -> dict[str, Any]:
+def gentrain_settings(strategy: StrategySection, settings: StepSettings, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config keys that the spec decides."""
-    strategy = spec.strategy
     return {
-        "train_micro_batch_size_per_gpu": spec.train.batch_size,
-        "train_batch_size": spec.train.batch_size * spec.train.grad_accum * world_size,
-        "gradient_accumulation_steps": spec.train.grad_accum,
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "train_batch_size": settings.batch_size * settings.grad_accum * world_size,
+        "gradient_accumulation_steps": settings.grad_accum,
         "managed_gradient_accumulation": True,  # the loop marks each accumulation boundary
-        "gradient_clipping": spec.train.grad_clip or 0.0,  # DeepSpeed: 0 disables clipping
+        "gradient_clipping": settings.grad_clip or 0.0,  # DeepSpeed: 0 disables clipping
         "bf16": {"enabled": strategy.precision == "bf16"},
         "fp16": {"enabled": strategy.precision == "fp16"},
         "zero_optimization": {
@@ -70,41 +70,42 @@ def gentrain_settings(spec: JobSpec, world_size: int) -> dict[str, Any]:
     }
 
 
-def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
+def deepspeed_config(strategy: StrategySection, settings: StepSettings, world_size: int) -> dict[str, Any]:
     """gentrain's settings over the user's raw `strategy.deepspeed_config`; conflicts raise."""
-    raw = spec.strategy.deepspeed_config
+    raw = strategy.deepspeed_config
     problems = [f"strategy.deepspeed_config.{key}: gentrain passes its own {key} (built from "
                 f"{field}); remove this key and set {field} instead"
                 for key, field in _OWNED.items() if key in raw]
-    merged = _merge(gentrain_settings(spec, world_size), raw, "", spec, problems)
+    sections = {"strategy": strategy, "train": settings}
+    merged = _merge(gentrain_settings(strategy, settings, world_size), raw, "", sections, problems)
     if problems:
         raise SpecError(problems, "strategy.deepspeed_config")
     return merged
 
 
-def _merge(ours: dict, theirs: dict, prefix: str, spec: JobSpec, problems: list[str]) -> dict:
+def _merge(ours: dict, theirs: dict, prefix: str, sections: dict, problems: list[str]) -> dict:
     merged = copy.deepcopy(theirs)
     for key, value in ours.items():
         path = f"{prefix}{key}"
         if key not in theirs:
             merged[key] = copy.deepcopy(value)
         elif isinstance(value, dict) and isinstance(theirs[key], dict):
-            merged[key] = _merge(value, theirs[key], f"{path}.", spec, problems)
+            merged[key] = _merge(value, theirs[key], f"{path}.", sections, problems)
         elif theirs[key] != value:
-            problems.append(_conflict(path, theirs[key], value, spec))
+            problems.append(_conflict(path, theirs[key], value, sections))
     return merged
 
 
-def _conflict(path: str, theirs: Any, ours: Any, spec: JobSpec) -> str:
+def _conflict(path: str, theirs: Any, ours: Any, sections: dict) -> str:
     field = _SPEC_FIELD.get(path)
     if field is None:  # a section that gentrain fills in, given as something else
         return (f"strategy.deepspeed_config.{path}: {_show(theirs)} must be a mapping: gentrain "
                 f"sets {_show(ours)} there from the spec")
-    spec_value: Any = spec
-    for part in field.split("."):
-        spec_value = getattr(spec_value, part, None)
-    spec_value = getattr(spec_value, "name", spec_value)  # train.optimizer -> its name
-    shown = _show(spec_value)
+    section, _, name = field.partition(".")
+    if not hasattr(sections[section], name):  # train.optimizer: the strategy never sees it
+        return (f"strategy.deepspeed_config.{path}: {_show(theirs)} conflicts with what gentrain sets "
+                f"for {field} ({path}: {_show(ours)}); remove this key")
+    shown = _show(getattr(sections[section], name))
     note = "" if shown == _show(ours) else f" (gentrain sets {path}: {_show(ours)})"
     return (f"strategy.deepspeed_config.{path}: {_show(theirs)} conflicts with {field}: "
             f"{shown}{note}; set {field} instead")
@@ -116,13 +117,18 @@ def _show(value: Any) -> str:
 
 # -- the strategy -------------------------------------------------------------------------
 class DeepSpeedStrategy(Strategy):
+    def __init__(self, section, settings, device):
+        super().__init__(section, settings, device)
+        # EMA copies without what ZeRO hangs on the network (hooks, partitions): _detached_copy.
+        self.ema = EMA(self.full_weights, copy=lambda module: _detached_copy(module).eval())
+
     def setup(self, modules, optimizers):
         if not torch.distributed.is_initialized():
             raise RuntimeError("strategy.name=deepspeed needs a torch.distributed process group "
                                "(Ray Train creates one in every worker); run through "
                                "`gentrain run`, or call init_process_group first")
         self._plain = dict(modules)
-        config = deepspeed_config(self.spec, torch.distributed.get_world_size())
+        config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
         self._engines = {name: self._engine(name, module, optimizers[name], config)
                          for name, module in modules.items() if name in optimizers}
         for name, module in modules.items():
@@ -131,12 +137,10 @@ class DeepSpeedStrategy(Strategy):
 
     def _engine(self, name: str, module: nn.Module, optimizer, config: dict):
         deepspeed = _import_deepspeed(self.device)
-        schedule = functools.partial(make_scheduler, total_steps=self.spec.train.steps,
-                                     schedule=self.spec.train.schedule)
         try:
             with _broadcasts_take_scalars(deepspeed):
                 # The callable builds gentrain's schedule on the optimizer the engine steps.
-                engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=self.settings.scheduler,
                                                   config=copy.deepcopy(config), dist_init_required=False)
         except ValueError as exc:
             if "fp16 is not supported" in str(exc):
@@ -164,12 +168,12 @@ class DeepSpeedStrategy(Strategy):
     @property
     def input_dtype(self) -> torch.dtype:
         """The dtype the engines' parameters hold: bf16/fp16 engines cast the whole network."""
-        return LOW_PRECISION_DTYPES.get(self.spec.strategy.precision, torch.float32)
+        return LOW_PRECISION_DTYPES.get(self.section.precision, torch.float32)
 
     def autocast(self):
         # A bf16 engine holds bf16 weights; autocast casts fp32 inputs at matmuls and convs
         # (and keeps reductions such as losses and norms in fp32), so jobs feed fp32 data.
-        dtype = LOW_PRECISION_DTYPES.get(self.spec.strategy.precision)
+        dtype = LOW_PRECISION_DTYPES.get(self.section.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -251,22 +255,6 @@ class DeepSpeedStrategy(Strategy):
         # Views of the gathered storage (no copy); valid until the gather ends with evaluation().
         return _detached_copy(module, share=True)
 
-    def ema_update(self, name: str, decay: float) -> None:
-        if name in getattr(self, "_ema", {}):
-            super().ema_update(name, decay)
-            return
-        with self.gathered(name):
-            self._ema = getattr(self, "_ema", {})
-            self._ema[name] = _detached_copy(self.unwrap(name)).eval()
-
-    def load_ema_state(self, state: dict[str, dict]) -> None:
-        for name, ema_state in state.items():
-            with self.gathered(name):
-                ema = _detached_copy(self.unwrap(name)).eval()
-            ema.load_state_dict(ema_state)
-            self._ema = getattr(self, "_ema", {})
-            self._ema[name] = ema
-
     @torch.no_grad()
     def export_state_dicts(self) -> dict[str, dict[str, Any]]:
         """fp32 state_dicts on CPU, full on every rank; bf16/fp16 engines give the fp32 masters."""
@@ -278,7 +266,7 @@ class DeepSpeedStrategy(Strategy):
             with self.gathered(name):
                 # Copies: under ZeRO-3 the gathered storage is freed when the gather ends.
                 state = {key: _fp32_copy(value.cpu()) for key, value in module.state_dict().items()}
-                if name in self._engines and self.spec.strategy.precision in LOW_PRECISION_DTYPES:
+                if name in self._engines and self.section.precision in LOW_PRECISION_DTYPES:
                     for key, param in module.named_parameters():
                         master = safe_get_full_fp32_param(param)  # collective under ZeRO
                         if master is not None:
@@ -293,7 +281,7 @@ class DeepSpeedStrategy(Strategy):
             engine.save_checkpoint(directory, tag=name, save_latest=False)
         if rank == 0:
             untrained = {name: m.state_dict() for name, m in self._plain.items() if name not in self._engines}
-            torch.save({"ema": self.ema_state(), "untrained": untrained}, os.path.join(directory, EXTRA_FILE))
+            torch.save({"ema": self.ema.state_dict(), "untrained": untrained}, os.path.join(directory, EXTRA_FILE))
 
     def load(self, directory):
         for name, engine in self._engines.items():
@@ -308,7 +296,7 @@ class DeepSpeedStrategy(Strategy):
             extra = torch.load(extra_path, map_location=self.device, weights_only=True)
             for name, state in extra["untrained"].items():
                 self._plain[name].load_state_dict(state)
-            self.load_ema_state(extra["ema"])
+            self.ema.load_state_dict(extra["ema"])
 
 
 def _import_deepspeed(device: torch.device):
