@@ -4,7 +4,7 @@
     gentrain validate path/to/spec.yaml
     gentrain list
     gentrain data pack digits --out data/digits --per-shard 256
-    gentrain sample runs/vae-debug --n 64 --out grid.png
+    gentrain sample runs/vae-debug --n 64 --out grid.png --set temperature=0.8
     gentrain score runs/vae-debug builtin:digits --out scores.csv
     gentrain eval runs/vae-debug --metrics fid,kid,is,pr,nll --extractor classifier:runs/classifier-debug
     gentrain bench data
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
+    sample.add_argument("--set", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sampler setting of the job type over the spec's job.sampling, e.g. "
+                             "--set temperature=0.8 (vae), --set truncation=1.0 (gan); repeatable")
     sample.set_defaults(handler=cmd_sample)
 
     score = commands.add_parser("score", help="per-sample anomaly scores of a data set (CSV)")
@@ -216,7 +219,7 @@ def cmd_sample(args) -> int:
     from gentrain.inference import load_trained
     from gentrain.visual import save_image_grid
 
-    trained = load_trained(args.ref, use_ema=not args.no_ema)
+    trained = load_trained(args.ref, use_ema=not args.no_ema, sampling=args.sampling)
     images = trained.sample(args.n, args.seed)
     path = save_image_grid(images, args.out)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "

@@ -31,7 +31,7 @@ from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
-from gentrain.registry import DataInfo, get_job_type, job_config
+from gentrain.registry import DataInfo, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec
 from gentrain.optim import make_optimizer
 from gentrain.strategies import StepSettings, make_strategy
@@ -53,12 +53,14 @@ class Engine:
         self.spec = spec
         self.job = get_job_type(spec.job.type)
         self.config = job_config(spec) if config is None else config
+        self.sampler = sampler_settings(spec)  # the job type's sampler settings (job.sampling)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device or "cpu")
         self.logger = logger if rank == 0 else None
         self._print_fn = print_fn
         self._index = None
-        self.data_info = data_info or DataInfo(tuple(self.index.shape), self.index.num_classes)
+        self.data_info = data_info or DataInfo.of_index(self.index)
+        self.job.check_data(self.data_info)
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         modules = self.job.build(self.config, self.data_info)
         if spec.strategy.grad_checkpointing:
@@ -218,7 +220,7 @@ class Engine:
         defaults to train.seed (the grids' seed). A collective under ZeRO-3."""
         generator = torch.Generator().manual_seed(self.spec.train.seed if seed is None else seed)
         with self.strategy.evaluation() as modules:
-            return self.job.sample(modules, n, generator)
+            return self.job.sample(modules, self.config, SampleRequest(n, generator, self.sampler))
 
     # -- checkpoints ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -240,7 +242,7 @@ class Engine:
             "batches_consumed": self.batches_consumed,
             "skipped_samples": skipped,
             "world_size": self.world_size,
-            "data_info": {"shape": list(self.data_info.shape), "num_classes": self.data_info.num_classes},
+            "data_info": self.data_info.to_dict(),
             "mlflow_run_id": self.run_id,
             "job_type": self.spec.job.type,
             "spec": self.spec.to_dict(),

@@ -1,6 +1,6 @@
 """Load a trained job from a checkpoint for sampling, evaluation and scoring.
 
-    gentrain sample runs/vae-debug --n 64 --out grid.png
+    gentrain sample runs/vae-debug --n 64 --out grid.png --set temperature=0.8
     gentrain score runs/vae-debug builtin:digits --out scores.csv
 
 A reference is a checkpoint folder (`.../step-00000300`), a run folder
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gentrain.checkpoint import MODEL_FILE, latest_checkpoint, read_meta
-from gentrain.registry import DataInfo, JobType, get_job_type, job_config
+from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec, parse_spec
 
 
@@ -31,11 +31,21 @@ class Trained:
     checkpoint: Path
     step: int
     mlflow_run_id: str | None
+    sampler: object = None  # the job type's sampler settings (job.sampling, then --set)
+    data_info: DataInfo | None = None
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
         """`n` samples in data space, the same for the same seed (what `gentrain sample` draws)."""
-        return self.job.sample(self.modules, n, torch.Generator().manual_seed(seed))
+        return self.draw(n, torch.Generator().manual_seed(seed), labels)
+
+    @torch.no_grad()
+    def draw(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.job.sample(self.modules, self.config, SampleRequest(n, generator, self.sampler, labels))
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        return self.job.evaluate(self.modules, self.config, batch, generator)
 
 
 def resolve_checkpoint(ref: str) -> Path:
@@ -71,7 +81,9 @@ def _run_dir_from_mlflow(run_id: str) -> str:
     return run_dir
 
 
-def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = True) -> Trained:
+def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = True,
+                 sampling: list[str] | None = None) -> Trained:
+    """`sampling`: "key=value" changes to the spec's job.sampling (`gentrain sample --set`)."""
     checkpoint = resolve_checkpoint(ref)
     meta = read_meta(str(checkpoint))
     model_path = checkpoint / MODEL_FILE
@@ -82,12 +94,14 @@ def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = T
     spec = parse_spec(meta["spec"], source=f"{checkpoint}/gentrain.json")
     job = get_job_type(spec.job.type)
     config = job_config(spec)
-    info = meta.get("data_info", {})
+    sampler = sampler_settings(spec, sampling)
+    data_info = DataInfo.from_dict(meta["data_info"])
     torch.manual_seed(spec.train.seed)
-    modules = job.build(config, DataInfo(tuple(info["shape"]), int(info.get("num_classes", 0))))
+    modules = job.build(config, data_info)
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     for name, module in modules.items():
         weights = saved["ema"].get(name) if use_ema else None
         module.load_state_dict(weights or saved["networks"][name])
         module.to(device).eval()
-    return Trained(spec, job, config, modules, checkpoint, int(meta["step"]), meta.get("mlflow_run_id"))
+    return Trained(spec, job, config, modules, checkpoint, int(meta["step"]), meta.get("mlflow_run_id"),
+                   sampler, data_info)

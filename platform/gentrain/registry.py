@@ -6,7 +6,8 @@ entry point in the group `gentrain.jobs`, exactly as the built-in ones do:
     [project.entry-points."gentrain.jobs"]
     my_family = "my_package.family:JOB"
 
-The core never imports a family by name; it asks this registry.
+The core never imports a family by name; it asks this registry. The whole contract,
+with a complete minimal family, is docs/job-types.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import difflib
 import importlib.metadata
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from gentrain.schema import SpecError, build
 
@@ -26,13 +27,98 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "gentrain.jobs"
 
+# What one sample is, and the keys of the batches a job type receives for it (the data
+# pipeline's collate, train_step, evaluate, visuals and score all read this table):
+#   image:  {"image": float32 [B, C, H, W] in [0, 1], "label": int64 [B]}
+#   tokens: {"tokens": int64 [B, T] in [0, vocab_size)}
+#   vector: {"x": float32 [B, D], "label": int64 [B]}
+# Held-out batches (evaluate, score) also carry "key": the samples' names.
+BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "image": ("image", "label"),
+    "tokens": ("tokens",),
+    "vector": ("x", "label"),
+}
+# Units a family may declare for its likelihood metrics (JobType.likelihoods).
+LIKELIHOOD_UNITS = ("nats", "bits/dim", "bits/char", "perplexity")
+
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a family needs to know about its data to build networks."""
+    """What a sample is: a job type builds its networks from this.
+
+    kind "image": shape (C, H, W), num_classes from the labels (0: unlabelled);
+    kind "tokens": shape (T,), vocab_size tokens; kind "vector": shape (D,).
+    """
 
     shape: tuple[int, ...]  # one sample, e.g. (1, 28, 28)
     num_classes: int = 0
+    kind: str = "image"
+    vocab_size: int = 0  # tokens only
+
+    def __post_init__(self):
+        if self.kind not in BATCH_KEYS:
+            raise ValueError(f"data kind {self.kind!r} is not one of {', '.join(BATCH_KEYS)}")
+        if self.kind == "tokens" and self.vocab_size < 1:
+            raise ValueError("data kind 'tokens' needs vocab_size >= 1")
+
+    @property
+    def input_key(self) -> str:
+        """The batch key holding the samples themselves ("image", "tokens" or "x")."""
+        return BATCH_KEYS[self.kind][0]
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return BATCH_KEYS[self.kind]
+
+    @classmethod
+    def of_index(cls, index) -> "DataInfo":
+        """From a packed data set's index (its "text" kind holds byte tokens)."""
+        kind = {"text": "tokens"}.get(index.kind, index.kind)
+        return cls(tuple(index.shape), index.num_classes, kind, int(getattr(index, "vocab_size", 0) or 0))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
+                "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "DataInfo":
+        """What to_dict wrote (a checkpoint's metadata; older ones hold only shape and classes)."""
+        return cls(tuple(data["shape"]), int(data.get("num_classes", 0)), data.get("kind", "image"),
+                   int(data.get("vocab_size", 0)))
+
+
+def batch_inputs(batch: Mapping) -> "torch.Tensor":
+    """The samples of a batch of any kind (batch["image"], ["tokens"] or ["x"])."""
+    for kind_keys in BATCH_KEYS.values():
+        if kind_keys[0] in batch:
+            return batch[kind_keys[0]]
+    raise KeyError(f"a batch holds one of {', '.join(k[0] for k in BATCH_KEYS.values())}; got {sorted(batch)}")
+
+
+def batch_length(batch: Mapping) -> int:
+    return len(batch_inputs(batch))
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The sampler settings of a family that has none."""
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What `sample` is asked to draw.
+
+    settings: the family's sampler dataclass (JobType.sampler), filled from the spec's
+    `job.sampling` and `gentrain sample --set key=value`; labels: class conditioning, one
+    int64 per sample, or None (the family picks, e.g. uniformly); generator: the only
+    randomness to use (CPU; move draws to the networks' device), so a seed gives the same
+    samples on any machine.
+    """
+
+    n: int
+    generator: "torch.Generator"
+    settings: Any = field(default_factory=NoSettings)
+    labels: "torch.Tensor | None" = None
 
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -87,46 +173,84 @@ class Supports:
 
 @dataclass(frozen=True)
 class JobType:
-    """A model family: builders the training loop calls, and nothing else.
+    """A model family: functions the platform calls, and declarations it reads.
+
+    Every function receives the networks (`modules`, {name: nn.Module}) and the family's
+    config dataclass; the platform never calls a network itself.
 
     - build(config, data_info) -> {name: nn.Module}
     - train_step(ctx, batch) -> {metric: float}; calls ctx.backward(loss, name) and
-      ctx.step(name) as often and in whatever order the family needs.
-    - sample(modules, n, generator) -> Tensor in data space ([0, 1] for images)
-    - evaluate(modules, batch) -> {metric: per-sample mean} (optional)
+      ctx.step(name) as often and in whatever order the family needs (gentrain.context).
+    - sample(modules, config, request: SampleRequest) -> Tensor [n, ...] in data space
+      ([0, 1] for images); request.n, request.generator, request.settings (the `sampler`
+      dataclass), request.labels (optional class conditioning).
+    - evaluate(modules, config, batch, generator) -> {metric: per-sample mean} on a
+      held-out batch (optional); draw any randomness (IWAE samples, fixed z) from generator.
     - optimizers(config, modules, make_optimizer) -> {name: Optimizer} (optional;
       default: one optimizer per module, from the spec's train.optimizer;
       make_optimizer(params, lr=None, betas=None) uses the spec's settings unless given)
-    - visuals(modules, batch, generator) -> {name: images [N, C, H, W] in [0, 1]}
-      (optional: extra grids such as reconstructions or latent traversals, saved at
-      every evaluation as samples/<name>/step-N.png)
-    - score(modules, batch) -> {score name: per-sample tensor [B]} (optional: anomaly
-      scores for `gentrain score`; lower = more typical)
+    - visuals(modules, config, batch, generator) -> {name: images [N, C, H, W] in [0, 1]}
+      (optional: extra grids such as reconstructions, saved at every evaluation as
+      samples/<name>/step-N.png)
+    - score(modules, config, batch) -> {score name: per-sample tensor [B]} (optional:
+      anomaly scores for `gentrain score`; lower = more typical)
     - validate(config, spec) -> [problem, ...] (optional: rules that span the family's
       config and the rest of the spec, reported by `gentrain validate`)
+
+    Declarations:
+    - config: the hyperparameter dataclass (the spec's `job.config`)
+    - sampler: the sampler settings dataclass (the spec's `job.sampling`; every field
+      with a default); NoSettings when there are none
+    - likelihoods: {evaluate metric: unit} for the metrics that are log-likelihoods or
+      bounds on them, unit one of LIKELIHOOD_UNITS (what `gentrain eval --metrics nll` reports)
+    - generative: False when `sample` draws no samples of the data distribution (a
+      classifier's class visualisations): sample metrics (FID, ...) are refused
+    - data_kinds: the DataInfo kinds it trains on ("image", "tokens", "vector")
+    - supports: the (strategy, precision, ZeRO stage) combinations it trains under
     """
 
     name: str
     config: type
     build: Callable[[Any, DataInfo], dict[str, "torch.nn.Module"]]
     train_step: Callable[[Any, dict], dict[str, float]]
-    sample: Callable[[dict, int, "torch.Generator"], "torch.Tensor"]
-    evaluate: Callable[[dict, dict], dict[str, float]] | None = None
+    sample: Callable[[dict, Any, SampleRequest], "torch.Tensor"]
+    evaluate: Callable[[dict, Any, dict, "torch.Generator"], dict[str, float]] | None = None
     optimizers: Callable | None = None
-    visuals: Callable[[dict, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
-    score: Callable[[dict, dict], dict[str, "torch.Tensor"]] | None = None
+    visuals: Callable[[dict, Any, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
+    score: Callable[[dict, Any, dict], dict[str, "torch.Tensor"]] | None = None
     validate: Callable[[Any, "JobSpec"], list[str]] | None = None
+    sampler: type = NoSettings
+    likelihoods: Mapping[str, str] = field(default_factory=dict)
+    generative: bool = True
+    data_kinds: tuple[str, ...] = ("image",)
     supports: Supports = field(default_factory=Supports)
     spec_dir: str | None = None
     description: str = ""
+
+    def __post_init__(self):
+        wrong = {metric: unit for metric, unit in self.likelihoods.items() if unit not in LIKELIHOOD_UNITS}
+        if wrong:
+            raise ValueError(f"job type {self.name!r}: likelihoods {wrong} use units outside "
+                             f"{', '.join(LIKELIHOOD_UNITS)}")
+        if self.likelihoods and self.evaluate is None:
+            raise ValueError(f"job type {self.name!r} declares likelihoods but no evaluate() to compute them")
+        unknown = [kind for kind in self.data_kinds if kind not in BATCH_KEYS]
+        if unknown:
+            raise ValueError(f"job type {self.name!r}: data_kinds {unknown} are not among {', '.join(BATCH_KEYS)}")
 
     def parse_config(self, mapping: Any, problems: list[str]) -> Any:
         """This family's config dataclass from the spec's `job.config` (None if it is invalid:
         every problem appended, named by its YAML path)."""
         return build(self.config, mapping, "job.config", problems)
 
+    def parse_sampler(self, mapping: Any, problems: list[str]) -> Any:
+        """This family's sampler settings from the spec's `job.sampling` (None if invalid)."""
+        return build(self.sampler, mapping, "job.sampling", problems)
+
     def check(self, spec: "JobSpec") -> list[str]:
-        """Problems with running this family under the spec's strategy and precision."""
+        """Problems with running this family under the spec's strategy and precision: the
+        one reading of `supports` (`gentrain validate`, the engine's callers and the strategy
+        matrix's combinations all come from it)."""
         problems = []
         strategy, precision = spec.strategy.name, spec.strategy.precision
         if strategy not in self.supports.strategies:
@@ -144,6 +268,12 @@ class JobType:
             problems.append(f"strategy.zero_stage: {stage} is not supported by job type {self.name!r}; "
                             f"use one of {', '.join(map(str, self.supports.zero_stages))}")
         return problems
+
+    def check_data(self, data: DataInfo) -> None:
+        """Raise if this family does not train on `data`'s kind of sample."""
+        if data.kind not in self.data_kinds:
+            raise ValueError(f"job type {self.name!r} trains on {' or '.join(self.data_kinds)} data; "
+                             f"data.source holds {data.kind} samples of shape {list(data.shape)}")
 
 
 class UnknownJobType(KeyError):
@@ -217,3 +347,19 @@ def job_config(spec: "JobSpec") -> Any:
     if problems:
         raise SpecError(problems)
     return config
+
+
+def sampler_settings(spec: "JobSpec", overrides: list[str] | None = None) -> Any:
+    """The job type's sampler settings: the spec's `job.sampling` with `overrides`
+    ("key=value", as `gentrain sample --set temperature=0.8` gives them) on top; SpecError
+    naming `job.sampling.<key>` if any does not fit."""
+    from gentrain.spec import apply_overrides
+
+    mapping = dict(spec.job.sampling or {})
+    if overrides:
+        mapping = apply_overrides(mapping, list(overrides))
+    problems: list[str] = []
+    settings = get_job_type(spec.job.type).parse_sampler(mapping, problems)
+    if problems:
+        raise SpecError(problems)
+    return settings

@@ -2,7 +2,7 @@
 
     gentrain score runs/vae-debug builtin:digits --split test --out scores.csv
 
-The job type's `score(modules, batch)` returns per-sample tensors (for a VAE: the
+The job type's `score(modules, config, batch)` returns per-sample tensors (for a VAE: the
 negative ELBO and the reconstruction error); each becomes a CSV column beside the
 sample's key and label. Lower means more typical of the training data.
 """
@@ -29,11 +29,12 @@ def score_dataset(trained, data: str, split: str, out: str, batch_size: int = 25
         writer = csv.writer(handle)
         for batch in eval_batches(index, split, batch_size, 0, 1):
             scores = {name: value.detach().float().cpu() for name, value in
-                      trained.job.score(trained.modules, batch).items()}
+                      trained.job.score(trained.modules, trained.config, batch).items()}
             if columns is None:
                 columns = sorted(scores)
                 writer.writerow(["key", "label", *columns])
             for i, key in enumerate(batch["key"]):
-                writer.writerow([key, int(batch["label"][i]), *(f"{float(scores[c][i]):.6g}" for c in columns)])
+                label = int(batch["label"][i]) if "label" in batch else ""  # token data has none
+                writer.writerow([key, label, *(f"{float(scores[c][i]):.6g}" for c in columns)])
             rows += len(batch["key"])
     return rows, columns or []

@@ -36,6 +36,9 @@ class JobSection:
     type: str = field(metadata=required("name a registered job type, e.g. `type: vae` "
                                         "(`gentrain list` shows them)"))
     config: dict[str, Any] = field(default_factory=dict)
+    # The job type's sampler settings (its `sampler` dataclass), e.g. `sampling: {temperature: 0.8}`;
+    # `gentrain sample --set temperature=0.7` overrides them for one call.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -94,6 +94,9 @@ def _job_type_problems(spec: JobSpec, problems: list[str]) -> Any:
     if config is None:
         return None
     spec.job.config = to_dict(config)  # resolved: defaults filled in
+    sampling = job_type.parse_sampler(spec.job.sampling, problems)
+    if sampling is not None:
+        spec.job.sampling = to_dict(sampling)
     problems += job_type.check(spec)
     if job_type.validate is not None:
         problems += job_type.validate(config, spec)

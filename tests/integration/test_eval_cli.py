@@ -74,6 +74,8 @@ def test_gentrain_eval_logs_metrics_and_report_into_the_run(runs, mlflow_server,
     assert samples["num_fake"] == 300 and samples["num_real"] == 300
     assert samples["fid"] > 0 and 1.0 <= samples["is"] <= 10.0 and 0.0 <= samples["precision"] <= 1.0
     assert set(report["likelihood"]["metrics"]) >= {"elbo", "nll_bits_per_dim"}
+    assert report["likelihood"]["units"] == {"elbo": "nats", "iwae": "nats", "nelbo_bits_per_dim": "bits/dim",
+                                             "nll_bits_per_dim": "bits/dim"}  # as the VAE declares them
     client = mlflow.MlflowClient(mlflow_server)
     assert (20, samples["fid"]) in history(client, run_id, f"eval/{LABEL}/fid")  # at the checkpoint's step
     assert history(client, run_id, "eval/test/nll_bits_per_dim") == [(20, report["likelihood"]["metrics"]

@@ -9,7 +9,7 @@ import torch
 
 from gentrain.engine import Engine
 from gentrain.data.pipeline import eval_batches, train_batches
-from gentrain.registry import DataInfo
+from gentrain.registry import DataInfo, SampleRequest
 from gentrain.validation import load_spec
 from gentrain_jobs.classifier import ClassifierConfig, build
 
@@ -37,7 +37,7 @@ def test_learns_digits_far_above_chance(trained):
     totals = {"accuracy": 0.0, "loss": 0.0}
     count = 0
     for batch in eval_batches(index, "test", 64, 0, 1):
-        metrics = job.evaluate({"classifier": model}, batch)
+        metrics = job.evaluate({"classifier": model}, ClassifierConfig(), batch, torch.Generator())
         for key in totals:
             totals[key] += metrics[key] * len(batch["label"])
         count += len(batch["label"])
@@ -62,11 +62,15 @@ def test_features_and_logits_are_the_penultimate_layer_and_the_head(trained):
 
 def test_class_visualisations_raise_their_class_logit_and_stay_in_range(trained):
     job, model, _, _ = trained
-    images = job.sample({"classifier": model}, 20, torch.Generator().manual_seed(0))
+    images = job.sample({"classifier": model}, ClassifierConfig(), SampleRequest(20, torch.Generator().manual_seed(0)))
     assert images.shape == (20, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     with torch.no_grad():
         predicted = model(images).argmax(dim=1)
     assert (predicted == torch.arange(20) % 10).float().mean() >= 0.8
+    threes = job.sample({"classifier": model}, ClassifierConfig(),
+                        SampleRequest(10, torch.Generator().manual_seed(1), labels=torch.full((10,), 3)))
+    with torch.no_grad():
+        assert (model(threes).argmax(dim=1) == 3).float().mean() >= 0.8  # conditioned on the labels asked for
 
 
 def test_unlabelled_or_non_image_data_is_a_clear_error():

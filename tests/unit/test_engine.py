@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import gentrain
+import gentrain.inference
 from gentrain.checkpoint import latest_checkpoint, step_dir_name
 from gentrain.engine import Engine
+from gentrain.schema import SpecError
 
 STEPS = 6
 
@@ -83,3 +85,10 @@ def test_open_run_samples_a_saved_checkpoint(spec):
     assert 0 <= float(first.min()) and float(first.max()) <= 1
     # The engine's own sampler draws the same from the same weights (no EMA in the VAE).
     assert torch.equal(engine.sample(5, seed=1), first)
+    assert trained.data_info == engine.data_info and trained.data_info.kind == "image"
+    # job.sampling from the spec, then --set on top (what `gentrain sample --set` passes)
+    assert trained.sampler.temperature == 1.0
+    cooler = gentrain.inference.load_trained(spec.run_dir, sampling=["temperature=0.5"])
+    assert cooler.sampler.temperature == 0.5 and not torch.equal(cooler.sample(5, seed=1), first)
+    with pytest.raises(SpecError, match="job.sampling.temprature: unknown key; did you mean 'temperature'"):
+        gentrain.inference.load_trained(spec.run_dir, sampling=["temprature=0.5"])

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from gentrain.context import StepContext
 from gentrain.engine import Engine
-from gentrain.registry import DataInfo
+from gentrain.registry import DataInfo, SampleRequest
 from gentrain.schema import SpecError
 from gentrain.strategies import StepSettings, make_strategy
 from gentrain.validation import from_dict
-from gentrain_jobs.gan import JOB, GANConfig, build, optimizers, sample
+from gentrain_jobs.gan import JOB, GANConfig, GANSampler, build, optimizers, sample, truncated_noise
 from gentrain_jobs.gan.objective import discriminator_loss, generator_loss, gradient_penalty
 
 # -- losses -------------------------------------------------------------------------
@@ -89,10 +89,18 @@ def test_spectral_norm_makes_every_wrapped_weight_unit_norm(arch, shape):
 @pytest.mark.parametrize("shape,channels", [((1, 8, 8), [32, 64]), ((1, 28, 28), [64, 128]),
                                             ((3, 32, 32), [64, 128, 256]), ((3, 64, 64), [8, 8, 8, 8])])
 def test_dcgan_shapes(shape, channels):
-    modules = build(GANConfig(channels=channels, latent_dim=7), DataInfo(shape))
-    images = sample(modules, 3, torch.Generator().manual_seed(0))
+    config = GANConfig(channels=channels, latent_dim=7)
+    modules = build(config, DataInfo(shape))
+    images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0), GANSampler()))
     assert images.shape == (3, *shape) and 0.0 <= images.min() and images.max() <= 1.0
     assert modules["discriminator"](images).shape == (3,)
+
+
+def test_truncation_keeps_every_latent_entry_inside_and_zero_turns_it_off():
+    z = truncated_noise(500, 8, 0.5, torch.Generator().manual_seed(0))
+    assert z.abs().max() <= 0.5 and z.std() > 0.2
+    plain = truncated_noise(500, 8, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(500, 8, generator=torch.Generator().manual_seed(0)))
 
 
 def test_wgan_gp_with_batch_norm_is_refused():
@@ -127,12 +135,14 @@ def _spec(steps=1000):
 
 def _trainer(config: GANConfig, shape: tuple, steps: int) -> Engine:
     """The family's networks and optimizers in the engine (single-process DDP)."""
-    return Engine(_spec(steps), config, data_info=DataInfo(shape), print_fn=None)
+    data = DataInfo(shape, kind="vector" if len(shape) == 1 else "image")
+    return Engine(_spec(steps), config, data_info=data, print_fn=None)
 
 
 def _train(engine: Engine, data_fn, steps: int, batch: int) -> dict:
     data = torch.Generator().manual_seed(0)  # its own stream, as a data pipeline's: the engine reseeds the global one
-    batches = iter(lambda: {"image": data_fn(batch, data)}, None)
+    key = engine.data_info.input_key  # "x" for vectors, "image" for images
+    batches = iter(lambda: {key: data_fn(batch, data)}, None)
     metrics = {}
     for _ in range(steps):
         metrics = engine.optimizer_step(batches)
@@ -145,7 +155,7 @@ CENTERS = torch.stack([torch.tensor([math.cos(a), math.sin(a)]) * RADIUS
 
 
 def _ring(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A batch in data space [0, 1], as batch["image"] arrives."""
+    """A batch in data space [0, 1], as batch["x"] arrives."""
     points = CENTERS[torch.randint(0, 8, (n,), generator=generator)] + STD * torch.randn(n, 2, generator=generator)
     return (points + 1.0) / 2.0
 
@@ -170,8 +180,11 @@ def test_train_step_reports_monitoring_metrics_and_keeps_an_ema_generator(loss, 
     assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
     with strategy.evaluation() as modules:
         assert modules["generator"] is ema
-        scores = JOB.evaluate(modules, {"image": data(16)})
+        batch = {engine.data_info.input_key: data(16)}
+        scores = JOB.evaluate(modules, config, batch, torch.Generator().manual_seed(0))
+        again = JOB.evaluate(modules, config, batch, torch.Generator().manual_seed(0))
     assert set(scores) == {"d_real", "d_fake", "diversity"} and scores["diversity"] > 0
+    assert scores == again  # the evaluation's randomness is the generator it is given
 
 
 @pytest.fixture
@@ -199,7 +212,8 @@ def test_learns_all_eight_modes_of_a_ring_of_gaussians(one_thread):
     metrics = _train(engine, _ring, steps, batch=128)
     elapsed = time.perf_counter() - start
     with engine.strategy.evaluation() as modules:  # the EMA generator
-        points = sample(modules, 2000, torch.Generator().manual_seed(1)) * 2.0 - 1.0
+        request = SampleRequest(2000, torch.Generator().manual_seed(1), GANSampler())
+        points = sample(modules, config, request) * 2.0 - 1.0
     distance = torch.cdist(points, CENTERS)
     nearest, mode = distance.min(dim=1)
     good = nearest < 3 * STD
@@ -229,8 +243,8 @@ def test_learns_digits_samples_cover_all_ten_classes_under_a_classifier(one_thre
     _train(engine, lambda n, g: images[torch.randint(0, len(images), (n,), generator=g)], steps, batch=64)
     elapsed = time.perf_counter() - start
     with engine.strategy.evaluation() as modules:
-        samples = sample(modules, 1000, torch.Generator().manual_seed(1))
-        scores = JOB.evaluate(modules, {"image": images[:256]})
+        samples = sample(modules, config, SampleRequest(1000, torch.Generator().manual_seed(1), GANSampler()))
+        scores = JOB.evaluate(modules, config, {"image": images[:256]}, torch.Generator().manual_seed(0))
     labels = classifier.predict(samples.view(1000, -1).numpy())
     histogram = torch.bincount(torch.from_numpy(labels), minlength=10).float() / 1000
     print(f"digits: {elapsed:.1f}s, class histogram {histogram.tolist()}, eval {scores}")

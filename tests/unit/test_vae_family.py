@@ -132,14 +132,32 @@ def test_discretized_logistic_is_the_log_of_the_bin_probability():
     torch.testing.assert_close(summed, ours[:48].view(3, 16).sum(1))
 
 
+def test_sampler_temperature_scales_the_prior():
+    from gentrain.registry import SampleRequest
+    from gentrain_jobs.vae import VAESampler, sample
+
+    torch.manual_seed(0)
+    config = VAEConfig(latent_dim=4, channels=[8, 8])
+    modules = build(config, DataInfo((1, 8, 8)))
+
+    def draw(temperature):
+        return sample(modules, config, SampleRequest(16, torch.Generator().manual_seed(0), VAESampler(temperature)))
+
+    cold, warm = draw(1e-6), draw(1.0)
+    assert cold.shape == (16, 1, 8, 8) and torch.allclose(cold, cold[:1].expand_as(cold), atol=1e-4)
+    assert warm.std(dim=0).mean() > 10 * cold.std(dim=0).mean()
+    assert torch.equal(draw(1.0), warm)  # the request's generator is the only randomness
+
+
 def test_logistic_vae_shapes_and_finite_elbo():
     torch.manual_seed(4)
     model = build(VAEConfig(latent_dim=6, likelihood="logistic", iwae_samples=4), DataInfo((3, 32, 32)))["vae"]
     x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255
     decoded, _, _, log_scale = model(x)
     assert decoded.shape == log_scale.shape == (2, 3, 32, 32)
-    metrics = evaluate({"vae": model}, {"image": x})
-    assert math.isfinite(metrics["elbo"]) and math.isfinite(metrics["iwae_4"])
+    config = VAEConfig(latent_dim=6, likelihood="logistic", iwae_samples=4)
+    metrics = evaluate({"vae": model}, config, {"image": x}, torch.Generator().manual_seed(0))
+    assert math.isfinite(metrics["elbo"]) and math.isfinite(metrics["iwae"])
     # 8-bit data: bits/dim of a discrete model are at most those of a uniform over 256 levels
     # plus whatever the untrained network wastes; finite and positive is what holds here.
     assert metrics["nll_bits_per_dim"] > 0
@@ -203,10 +221,12 @@ def test_collapse_monitors_on_the_trained_model(trained, held_out):
     per_dim = [metrics[f"kl_dim/{d:02d}"] for d in range(8)]
     assert sum(per_dim) == pytest.approx(metrics["kl"], rel=1e-4)
     assert 1 <= metrics["active_units"] <= 8
-    assert metrics["iwae_8"] >= metrics["elbo"] - 0.5
-    assert metrics["nll_bits_per_dim"] == pytest.approx(-metrics["iwae_8"] / (64 * math.log(2)), rel=1e-5)
-    # The job type's evaluate reads k from the config the network was built with.
-    assert "iwae_8" in evaluate({"vae": trained}, {"image": held_out[:16]})
+    assert metrics["iwae"] >= metrics["elbo"] - 0.5
+    assert metrics["nll_bits_per_dim"] == pytest.approx(-metrics["iwae"] / (64 * math.log(2)), rel=1e-5)
+    # The job type's evaluate reads k from the config it is given; 0 skips the bound.
+    batch = {"image": held_out[:16]}
+    assert "iwae" in evaluate({"vae": trained}, VAEConfig(iwae_samples=8), batch, torch.Generator())
+    assert "iwae" not in evaluate({"vae": trained}, VAEConfig(iwae_samples=0), batch, torch.Generator())
     # A latent that never moves is inactive, whatever its scale elsewhere.
     means = torch.randn(100, 3)
     means[:, 1] = 0.5
@@ -214,7 +234,7 @@ def test_collapse_monitors_on_the_trained_model(trained, held_out):
 
 
 def test_visuals_grids(trained, held_out):
-    grids = visuals({"vae": trained}, {"image": held_out[:32]}, torch.Generator().manual_seed(0))
+    grids = visuals({"vae": trained}, VAEConfig(), {"image": held_out[:32]}, torch.Generator().manual_seed(0))
     reconstructions = grids["reconstructions"]
     assert reconstructions.shape == (64, 1, 8, 8)
     torch.testing.assert_close(reconstructions[0::2], held_out[:32])
@@ -223,7 +243,7 @@ def test_visuals_grids(trained, held_out):
     for images in grids.values():
         assert images.min() >= 0 and images.max() <= 1
     # One held-out image has no pairs: only the traversals remain (an empty grid would fail).
-    assert list(visuals({"vae": trained}, {"image": held_out[:1]}, None)) == ["traversals"]
+    assert list(visuals({"vae": trained}, VAEConfig(), {"image": held_out[:1]}, None)) == ["traversals"]
 
 
 def _pack_out_of_distribution(digits_test: torch.Tensor, folder: Path) -> str:

@@ -99,5 +99,6 @@ def test_bits_per_dim_conversion():
     from gentrain_jobs.vae import evaluate
 
     model = ConvVAE((1, 8, 8), 4, [8, 8], "bernoulli")
-    metrics = evaluate({"vae": model}, {"image": torch.rand(4, 1, 8, 8)})
+    metrics = evaluate({"vae": model}, VAEConfig(latent_dim=4, channels=[8, 8], iwae_samples=0),
+                       {"image": torch.rand(4, 1, 8, 8)}, torch.Generator().manual_seed(0))
     assert metrics["nelbo_bits_per_dim"] == pytest.approx(-metrics["elbo"] / (64 * math.log(2)), rel=1e-5)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gentrain.registry import DataInfo, JobType, Supports
+from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
 from gentrain.schema import bounds
 from gentrain_jobs.classifier.model import ConvClassifier
 
@@ -65,19 +65,22 @@ def train_step(ctx, batch) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(modules, batch) -> dict[str, float]:
+def evaluate(modules, config: ClassifierConfig, batch, generator: torch.Generator) -> dict[str, float]:
     logits = modules["classifier"](batch["image"]).float()
     labels = batch["label"]
     return {"loss": float(F.cross_entropy(logits, labels)),
             "accuracy": float((logits.argmax(dim=1) == labels).float().mean())}
 
 
-def sample(modules, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Class visualisations: grey noise pushed up each class's logit (classes in turn), kept in [0, 1]."""
+def sample(modules, config: ClassifierConfig, request: SampleRequest) -> torch.Tensor:
+    """Class visualisations: grey noise pushed up each class's logit (request.labels, or the
+    classes in turn), kept in [0, 1]."""
     model = modules["classifier"]
     device = next(model.parameters()).device
-    images = (0.5 + 0.1 * torch.randn(n, *model.shape, generator=generator)).clamp(0, 1).to(device)
-    targets = (torch.arange(n) % model.num_classes).to(device)
+    n = request.n
+    images = (0.5 + 0.1 * torch.randn(n, *model.shape, generator=request.generator)).clamp(0, 1).to(device)
+    labels = torch.arange(n) % model.num_classes if request.labels is None else request.labels
+    targets = labels.to(device)
     scale = VISUALISATION_STEP_SIZE * math.sqrt(images[0].numel())
     with torch.enable_grad():
         for _ in range(VISUALISATION_STEPS):
@@ -96,6 +99,7 @@ JOB = JobType(
     train_step=train_step,
     sample=sample,
     evaluate=evaluate,
+    generative=False,  # sample() draws class visualisations, not data: no FID/KID/IS/PR
     # A few-MB conv net: DDP is all it needs; other strategies add test time, not capability.
     supports=Supports(strategies=("ddp",), precisions=("fp32", "bf16")),
     spec_dir=str(Path(__file__).parent / "specs"),

@@ -2,6 +2,7 @@
 
     gentrain run gan/debug
     gentrain run gan/debug job.config.loss=wgan-gp job.config.n_critic=5 job.config.d_norm=none
+    gentrain sample runs/gan-debug --set truncation=1.0 --out truncated.png
 
 One train_step = n_critic critic updates, then one generator update. The step's real
 batch is split into n_critic chunks, one per critic update, so every critic update sees
@@ -10,6 +11,9 @@ n_critic); the generator update draws as many fakes as one chunk holds. With
 train.grad_accum > 1 the critic updates accumulate with the other micro-batches' and step
 at the boundary, so keep grad_accum = 1 when n_critic > 1. The critic's lr schedule steps
 once per critic update: prefer the constant schedule.
+
+Data: images (arch dcgan, batch["image"]) or vectors (arch mlp, batch["x"]), both in
+[0, 1]; the networks work in tanh's [-1, 1].
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from gentrain.registry import DataInfo, JobType, Supports
+from gentrain.registry import DataInfo, JobType, SampleRequest, Supports, batch_inputs
 from gentrain.schema import bounds
 from gentrain_jobs.gan.model import (DCGANDiscriminator, DCGANGenerator, MLPDiscriminator,
                                      MLPGenerator, init_dcgan_weights)
@@ -55,6 +59,14 @@ class GANConfig:
                              "gradient penalty depend on the batch; use d_norm=none or spectral")
 
 
+@dataclass(frozen=True)
+class GANSampler:
+    """`job.sampling` (or `gentrain sample --set ...`)."""
+
+    truncation: float = field(default=0.0, metadata=bounds(
+        ge=0, help="truncation trick: latent entries beyond +-truncation are redrawn; 0 turns it off"))
+
+
 def build(config: GANConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
     if config.arch == "mlp":
         if len(data.shape) != 1:
@@ -81,6 +93,17 @@ def optimizers(config: GANConfig, modules, make_optimizer) -> dict[str, torch.op
 
 def _noise(n: int, latent_dim: int, like: torch.Tensor, generator: torch.Generator | None = None):
     return torch.randn(n, latent_dim, generator=generator).to(like.device)
+
+
+def truncated_noise(n: int, latent_dim: int, truncation: float, generator: torch.Generator) -> torch.Tensor:
+    """N(0, I) draws, entries beyond +-truncation redrawn until inside (BigGAN's trick); 0: plain."""
+    z = torch.randn(n, latent_dim, generator=generator)
+    if truncation > 0:
+        outside = z.abs() > truncation
+        while outside.any():
+            z[outside] = torch.randn(int(outside.sum()), generator=generator)
+            outside = z.abs() > truncation
+    return z
 
 
 def _critic_update(ctx, real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,7 +164,7 @@ def train_step(ctx, batch) -> dict[str, float]:
     config = ctx.config
     if config.loss == "wgan-gp" and config.gp_weight > 0:
         _refuse_gp_under_zero(ctx)
-    real = batch["image"].float() * 2.0 - 1.0  # data in [0, 1], networks in tanh's [-1, 1]
+    real = batch_inputs(batch).float() * 2.0 - 1.0  # data in [0, 1], networks in tanh's [-1, 1]
     chunks = real.chunk(config.n_critic)
     critic_metrics = [_critic_update(ctx, chunk) for chunk in chunks]
     with ctx.frozen("discriminator") as critic:
@@ -169,17 +192,15 @@ def _mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(modules, batch) -> dict[str, float]:
+def evaluate(modules, config: GANConfig, batch, generator: torch.Generator) -> dict[str, float]:
     """Critic scores and a mode-collapse signal on a held-out batch.
 
     diversity: mean pairwise distance between generated samples over the same statistic
     of the real batch. Near 1 when the samples spread like the data; a collapsed generator
     (many z to one output) drives it toward 0.
     """
-    real = batch["image"].float() * 2.0 - 1.0
-    network = modules["generator"]
-    noise = torch.Generator().manual_seed(len(real))  # the same z at every evaluation
-    fake = network(torch.randn(len(real), network.latent_dim, generator=noise).to(real.device)).float()
+    real = batch_inputs(batch).float() * 2.0 - 1.0
+    fake = modules["generator"](_noise(len(real), config.latent_dim, real, generator)).float()
     real_scores = modules["discriminator"](real).float()
     fake_scores = modules["discriminator"](fake).float()
     return {
@@ -190,10 +211,10 @@ def evaluate(modules, batch) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(modules, n: int, generator: torch.Generator) -> torch.Tensor:
+def sample(modules, config: GANConfig, request: SampleRequest) -> torch.Tensor:
     network = modules["generator"]
     device = next(network.parameters()).device
-    z = torch.randn(n, network.latent_dim, generator=generator).to(device)
+    z = truncated_noise(request.n, config.latent_dim, request.settings.truncation, request.generator).to(device)
     return ((network(z).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -206,6 +227,8 @@ JOB = JobType(
     evaluate=evaluate,
     optimizers=optimizers,
     validate=validate,
+    sampler=GANSampler,
+    data_kinds=("image", "vector"),
     supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16"),
                       excluded=(("deepspeed", "bf16", _DEEPSPEED_LOW_PRECISION),
                                 ("deepspeed", "fp16", _DEEPSPEED_LOW_PRECISION))),

@@ -4,6 +4,7 @@
     gentrain run vae/debug train.steps=200 scaling.num_workers=1 job.config.beta=4
     gentrain run vae/debug job.config.kl_anneal.schedule=cyclical job.config.free_bits=0.25
     gentrain score runs/vae-debug builtin:digits --split test --out scores.csv
+    gentrain sample runs/vae-debug --set temperature=0.7 --out cooler.png
 
 Files: model.py (networks), likelihoods.py (p(x|z)), objective.py (ELBO, KL weight,
 free bits, IWAE), monitors.py (evaluation, visuals, anomaly scores).
@@ -17,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from gentrain.registry import DataInfo, JobType, Supports
+from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
 from gentrain.schema import bounds
 from gentrain_jobs.vae import monitors
 from gentrain_jobs.vae.model import ConvVAE
@@ -59,12 +60,16 @@ class VAEConfig:
             raise ValueError(f"channels {self.channels} must be a non-empty list of positive widths")
 
 
+@dataclass(frozen=True)
+class VAESampler:
+    """`job.sampling` (or `gentrain sample --set ...`)."""
+
+    temperature: float = field(default=1.0, metadata=bounds(
+        gt=0, help="scales the prior's standard deviation: below 1 trades diversity for typical samples"))
+
+
 def build(config: VAEConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
-    model = ConvVAE(data.shape, config.latent_dim, config.channels, config.likelihood)
-    # evaluate(modules, batch) sees only the networks, so the network carries its
-    # evaluation settings (plain attributes: not in the state_dict, kept by EMA copies).
-    model.iwae_samples, model.iwae_chunk = config.iwae_samples, config.iwae_chunk
-    return {"vae": model}
+    return {"vae": ConvVAE(data.shape, config.latent_dim, config.channels, config.likelihood)}
 
 
 def train_step(ctx, batch) -> dict[str, float]:
@@ -84,17 +89,14 @@ def train_step(ctx, batch) -> dict[str, float]:
     return metrics
 
 
-def evaluate(modules, batch) -> dict[str, float]:
-    """True ELBO (beta = 1), IWAE bound, bits/dim, active units and per-dimension KL."""
-    model = modules["vae"]
-    # A network built outside build() has no settings: skip the (costly) IWAE bound.
-    samples, chunk = getattr(model, "iwae_samples", 0), getattr(model, "iwae_chunk", 100)
-    # Seeded on the CPU: the same weights and batch give the same metrics.
-    generator = torch.Generator().manual_seed(0)
-    return monitors.evaluation_metrics(model, batch["image"], samples, chunk, generator)
+def evaluate(modules, config: VAEConfig, batch, generator: torch.Generator) -> dict[str, float]:
+    """True ELBO (beta = 1), IWAE bound over config.iwae_samples, bits/dim, active units and
+    per-dimension KL."""
+    return monitors.evaluation_metrics(modules["vae"], batch["image"], config.iwae_samples,
+                                       config.iwae_chunk, generator)
 
 
-def visuals(modules, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def visuals(modules, config: VAEConfig, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
     model, x = modules["vae"], batch["image"]
     grids = {"reconstructions": monitors.reconstructions(model, x),
              "traversals": monitors.latent_traversals(model, x),
@@ -103,15 +105,16 @@ def visuals(modules, batch, generator: torch.Generator) -> dict[str, torch.Tenso
     return {name: images for name, images in grids.items() if len(images)}
 
 
-def score(modules, batch) -> dict[str, torch.Tensor]:
+def score(modules, config: VAEConfig, batch) -> dict[str, torch.Tensor]:
     return monitors.anomaly_scores(modules["vae"], batch["image"])
 
 
 @torch.no_grad()
-def sample(modules, n: int, generator: torch.Generator) -> torch.Tensor:
+def sample(modules, config: VAEConfig, request: SampleRequest) -> torch.Tensor:
     model = modules["vae"]
     device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=generator).to(device)
+    z = request.settings.temperature * torch.randn(request.n, config.latent_dim, generator=request.generator)
+    z = z.to(device)
     return to_image(model.decode(z).float(), model.likelihood)
 
 
@@ -124,6 +127,10 @@ JOB = JobType(
     evaluate=evaluate,
     visuals=visuals,
     score=score,
+    sampler=VAESampler,
+    # elbo and iwae are bounds on log p(x) per sample; the bits/dim are their negatives per dimension
+    likelihoods={"elbo": "nats", "iwae": "nats", "nelbo_bits_per_dim": "bits/dim",
+                 "nll_bits_per_dim": "bits/dim"},
     supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16")),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Variational autoencoder (conv encoder/decoder; Bernoulli, Gaussian or "

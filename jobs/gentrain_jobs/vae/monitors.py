@@ -68,7 +68,7 @@ def evaluation_metrics(model, x: torch.Tensor, iwae_samples: int, iwae_chunk: in
     }
     if iwae_samples > 0:
         bound = iwae_bound(model, x, iwae_samples, iwae_chunk, generator)
-        metrics[f"iwae_{iwae_samples}"] = float(bound.mean())
+        metrics["iwae"] = float(bound.mean())  # K = job.config.iwae_samples
         metrics["nll_bits_per_dim"] = bits_per_dim(-bound, dims)
     metrics.update(kl_per_dimension_metrics(gaussian_kl(mean.float(), log_var.float())))
     return metrics

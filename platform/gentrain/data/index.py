@@ -74,7 +74,8 @@ class DatasetIndex:
     content_hash: str
     # Loaded with allow_pipe: shard names may be pipe: commands or point anywhere.
     trusted: bool = False
-    kind: str = "image"  # "image" (png or npy samples) or "text" (raw byte tokens)
+    kind: str = "image"  # "image" (png or npy samples) or "text" (raw byte tokens); see registry.DataInfo
+    vocab_size: int = 0  # text: tokens are 0 .. vocab_size - 1
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -189,6 +190,7 @@ def _parse(text: str, base: str, trusted: bool = False) -> DatasetIndex:
         content_hash=str(raw["content_hash"]),
         trusted=trusted,
         kind=str(raw.get("kind", "image")),
+        vocab_size=int(raw.get("vocab_size", 0) or 0),
     )
 
 

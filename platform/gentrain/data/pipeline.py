@@ -178,7 +178,7 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
                  on_error: str = "fail", allow_pipe: bool = False) -> Batches:
     """One deterministic pass over this rank's shards (rank r reads shards r, r + world_size, ...).
 
-    Batches are {"image", "label", "key"} ("key" lists the samples' `__key__`s),
+    Batches are {"image", "label", "key"} ({"tokens", "key"} for text; "key" lists the samples' `__key__`s),
     never augmented; the last batch may be short and ranks may get different
     numbers of batches, so reduce metrics once after the pass rather than per batch.
     """
@@ -191,7 +191,8 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
         functools.partial(iter, urls[rank::world_size]),  # a bare list would be taken as a list of stages
         ShardSamples(dict(zip(urls, index.split(split).counts)), log, allow_pipe),
         SampleDecoder(index.shape, log),
-        wds.filters.batched(batch_size, collation_fn=functools.partial(_collate, with_keys=True), partial=True),
+        wds.filters.batched(batch_size, collation_fn=functools.partial(_collate, kind=index.kind, with_keys=True),
+                            partial=True),
         _AttachSkipped(log),
     )
     return Batches(iter(pipeline), tail_log=log)
@@ -224,7 +225,7 @@ def _train_pipeline(reading: _Reading, epoch: int) -> wds.DataPipeline:
                         reading.shuffle_buffer, seed, epoch, rank),
         SampleDecoder(index.shape, log),
         wds.filters.batched(reading.batch_size, partial=False,
-                            collation_fn=functools.partial(_collate, with_keys=reading.with_keys)),
+                            collation_fn=functools.partial(_collate, kind=index.kind, with_keys=reading.with_keys)),
     ]
     if reading.augment is not None and reading.augment.enabled:
         stages.append(AugmentBatches(reading.augment, seed, epoch, rank))
@@ -264,15 +265,16 @@ class _AttachSkipped:
             yield batch
 
 
-def _collate(samples, with_keys: bool = False) -> dict:
-    """{"image": [B, C, H, W] floats, "label"} for images; {"tokens": [B, T] int64, ...} for text."""
+def _collate(samples, kind: str = "image", with_keys: bool = False) -> dict:
+    """The batch of one data kind, keyed as gentrain.registry.BATCH_KEYS says: {"image": float
+    [B, C, H, W] in [0, 1], "label"} for images, {"tokens": int64 [B, T]} for text."""
     tensors, labels, keys = zip(*samples)
     stacked = torch.stack(tensors)
-    if stacked.dtype == torch.uint8:  # images: one float conversion per batch, not per sample
-        batch = {"image": stacked.to(torch.float32).div_(255.0)}
-    else:
-        batch = {"tokens": stacked}
-    batch["label"] = torch.tensor(labels, dtype=torch.int64)
+    if kind == "text":
+        batch = {"tokens": stacked.to(torch.int64)}
+    else:  # images: one float conversion per batch, not per sample
+        batch = {"image": stacked.to(torch.float32).div_(255.0),
+                 "label": torch.tensor(labels, dtype=torch.int64)}
     if with_keys:
         batch["key"] = list(keys)
     return batch

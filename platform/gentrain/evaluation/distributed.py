@@ -73,8 +73,8 @@ def do_units(work, extractor_choice: ExtractorChoice, units: list[Unit], local=N
             from gentrain.inference import load_trained
 
             trained = load_trained(work.checkpoint, use_ema=work.use_ema)
-        return summarize_generated(trained.job, trained.modules, extractor, units, work.total, work.seed,
-                                  is_splits=work.is_splits)
+        return summarize_generated(trained.draw, extractor, units, work.total, work.seed,
+                                   is_splits=work.is_splits, what=f"job type {trained.job.name!r} sample()")
     from gentrain.data.index import load_index
 
     index = load_index(work.source, allow_pipe=work.allow_pipe)

@@ -43,15 +43,17 @@ class PeriodicSampleMetrics:
         self.reference_ready = False  # on every rank: the reference pass is a collective, done once
         self.reference_logged = False  # rank 0 logs the reference file once per run
 
-    def __call__(self, job, modules) -> dict[str, float]:
+    def __call__(self, draw, what: str = "sample()") -> dict[str, float]:
+        """`draw(n, generator)`: the job type's samples from the evaluation weights."""
         settings = self.spec.eval
         if not self.reference_ready:
             self.reference = self._reference()
             self.reference_ready = True
         total = settings.fid_samples
         units = generated_units(total, settings.sample_batch_size)[self.rank::self.world_size]
-        summary = summarize_generated(job, modules, self.extractor, units, total, seed=self.spec.train.seed,
-                                      keep=self._keep(total, shuffled=False), is_splits=settings.is_splits)
+        summary = summarize_generated(draw, self.extractor, units, total, seed=self.spec.train.seed,
+                                      keep=self._keep(total, shuffled=False), is_splits=settings.is_splits,
+                                      what=what)
         merged = all_reduce_summary(summary, self.all_reduce, self.extractor.dim)
         if self.rank != 0:
             return {}

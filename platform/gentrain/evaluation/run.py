@@ -10,8 +10,9 @@
   `--is-splits` (default 10), `--kid-subsets` (100) and `--kid-subset-size` (default
   min(1000, n // 2), below n so kid_std means something) set IS and KID; the report's
   `samples.settings` says what was used.
-- nll: the likelihood metrics (ELBO, IWAE bound, bits/dim, perplexity...) that the job
-  type's `evaluate` returns, averaged over the held-out split (`--eval-split`).
+- nll: the likelihood metrics the job type declares (`JobType.likelihoods`: ELBO and IWAE
+  bound in nats, bits/dim, bits/char, perplexity), from its `evaluate` averaged over the
+  held-out split (`--eval-split`); the report's `likelihood.units` names each unit.
   heldout: everything its `evaluate` returns (a classifier's accuracy, a GAN's critic scores).
 
 Results go to the run's MLflow run at the checkpoint's step: metrics
@@ -22,7 +23,6 @@ report as `eval/report-step-N.json` and the reference .npz under `eval/reference
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 import time
@@ -42,8 +42,6 @@ from gentrain.metrics.summary import LOGGED_SETTINGS, REPORTED, SAMPLE_METRICS, 
 
 LIKELIHOOD_METRICS = ("nll", "heldout")
 ALL_METRICS = SAMPLE_METRICS + LIKELIHOOD_METRICS
-# evaluate() outputs that are likelihoods or bounds on them (what `nll` selects).
-LIKELIHOOD_KEY = re.compile(r"(elbo|nll|iwae|bits_per_dim|bpd|log_likelihood|logprob|perplexity)")
 
 
 @dataclass
@@ -84,14 +82,15 @@ def evaluate_checkpoint(request: EvalRequest) -> dict:
     sample_metrics = [m for m in request.metrics if m in SAMPLE_METRICS]
     likelihood_metrics = [m for m in request.metrics if m in LIKELIHOOD_METRICS]
     eval_split = request.eval_split or spec.data.eval_split
-    _check_capabilities(trained, index, request.metrics, sample_metrics, eval_split)
+    _check_capabilities(trained, index, request.metrics, sample_metrics)
     report = {"run": spec.name, "job_type": spec.job.type, "checkpoint": str(trained.checkpoint),
               "step": trained.step, "mlflow_run_id": trained.mlflow_run_id, "data": index.location,
               "data_content_hash": index.content_hash, "time": time.time()}
     reference = None
     if likelihood_metrics:
         report["likelihood"] = {"split": eval_split, **heldout_metrics(
-            trained, index, eval_split, likelihood_metrics, request.batch_size, request.max_batches)}
+            trained, index, eval_split, likelihood_metrics, request.batch_size, request.max_batches,
+            request.seed)}
     if sample_metrics:
         samples, reference = sample_report(trained, index, request, sample_metrics)
         report["samples"] = samples
@@ -100,10 +99,11 @@ def evaluate_checkpoint(request: EvalRequest) -> dict:
     return report
 
 
-def _check_capabilities(trained, index, metrics: list[str], sample_metrics: list[str], split: str) -> None:
+def _check_capabilities(trained, index, metrics: list[str], sample_metrics: list[str]) -> None:
+    """What the job type declares it can provide (JobType.generative, .likelihoods, .evaluate)."""
     job = trained.job
-    generative = index.kind == "image" and not any(hasattr(m, "features_and_logits") for m in trained.modules.values())
-    likelihood = job.evaluate is not None and "nll" in metrics and _has_likelihood(trained, index, split)
+    generative = job.generative and index.kind == "image"
+    likelihood = job.evaluate is not None and bool(job.likelihoods)
     can = ((list(SAMPLE_METRICS) if generative else []) + (["nll"] if likelihood else [])
            + (["heldout"] if job.evaluate else []))
     missing = [m for m in metrics if m not in can]
@@ -111,44 +111,43 @@ def _check_capabilities(trained, index, metrics: list[str], sample_metrics: list
         why = []
         if not generative and sample_metrics:
             why.append("sample metrics need image samples of a generative model"
-                       + (" (a classifier's samples are class visualisations)" if index.kind == "image" else ""))
+                       + ("" if job.generative else " (its samples are not draws of the data, e.g. a "
+                          "classifier's class visualisations)"))
         if job.evaluate is None and set(missing) & set(LIKELIHOOD_METRICS):
             why.append("the job type defines no evaluate()")
-        elif "nll" in missing and job.evaluate is not None:
-            why.append("its evaluate() returns no likelihood or bound")
+        elif "nll" in missing:
+            why.append("it declares no likelihood metrics (JobType.likelihoods)")
         raise ValueError(f"job type {job.name!r} cannot provide {', '.join(missing)} ({'; '.join(why)}); "
                          f"it can provide: {', '.join(can) or 'nothing gentrain eval measures'}")
 
 
 @torch.no_grad()
-def _has_likelihood(trained, index, split: str) -> bool:
-    from gentrain.data.pipeline import eval_batches
-
-    batch = next(iter(eval_batches(index, split, 8, 0, 1, allow_pipe=index.trusted)), None)
-    return batch is not None and any(LIKELIHOOD_KEY.search(k) for k in trained.job.evaluate(trained.modules, batch))
-
-
-@torch.no_grad()
 def heldout_metrics(trained, index, split: str, metrics: list[str], batch_size: int,
-                    max_batches: int | None) -> dict:
+                    max_batches: int | None, seed: int = 0) -> dict:
+    """Per-sample means of the job type's evaluate over the split: its declared likelihoods
+    (with their units), and everything else too when `heldout` is asked for."""
     from gentrain.data.pipeline import eval_batches
+    from gentrain.evaluation.work import batch_generator
+    from gentrain.registry import batch_length
 
     sums: dict[str, float] = {}
     count = 0
     for number, batch in enumerate(eval_batches(index, split, batch_size, 0, 1, allow_pipe=index.trusted)):
         if max_batches is not None and number >= max_batches:
             break
-        size = len(batch["label"])
-        for key, value in trained.job.evaluate(trained.modules, batch).items():
+        size = batch_length(batch)
+        for key, value in trained.evaluate(batch, batch_generator(seed, number)).items():
             sums[key] = sums.get(key, 0.0) + float(value) * size
         count += size
     if not count:
         raise ValueError(f"split {split!r} of {index.location} gave no batches to evaluate")
     means = {key: value / count for key, value in sorted(sums.items())}
+    likelihoods = trained.job.likelihoods
     if "heldout" not in metrics:
-        means = {key: value for key, value in means.items() if LIKELIHOOD_KEY.search(key)}
+        means = {key: value for key, value in means.items() if key in likelihoods}
     print(f"[gentrain] {split}: " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()), file=sys.stderr)
-    return {"num_samples": count, "metrics": means}
+    return {"num_samples": count, "metrics": means,
+            "units": {key: likelihoods[key] for key in means if key in likelihoods}}
 
 
 def sample_report(trained, index, request: EvalRequest, metrics: list[str]):

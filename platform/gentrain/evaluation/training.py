@@ -22,7 +22,9 @@ import torch
 from gentrain.checkpoint import step_dir_name
 from gentrain.data.pipeline import eval_batches
 from gentrain.engine import to_device
+from gentrain.evaluation.work import batch_generator
 from gentrain.progress import metrics_line
+from gentrain.registry import SampleRequest, batch_length
 from gentrain.visual import save_image_grid
 
 
@@ -43,7 +45,7 @@ class TrainingEvaluator:
                 metrics.update(self._sample_metrics(modules))
             if engine.rank == 0:
                 generator = torch.Generator().manual_seed(spec.train.seed)
-                self._save_grid(engine.job.sample(modules, spec.eval.num_samples, generator))
+                self._save_grid(self._draw(modules)(spec.eval.num_samples, generator))
                 if engine.job.visuals is not None:
                     self._save_visuals(modules, generator)
         return metrics
@@ -59,8 +61,9 @@ class TrainingEvaluator:
             if i >= spec.eval.max_batches:
                 break
             batch = to_device(batch, engine.device)
-            size = len(batch["image"]) if "image" in batch else len(next(iter(batch.values())))
-            for key, value in engine.job.evaluate(modules, batch).items():
+            size = batch_length(batch)
+            generator = batch_generator(spec.train.seed, i)
+            for key, value in engine.job.evaluate(modules, engine.config, batch, generator).items():
                 sums[key] = sums.get(key, 0.0) + value * size
             count += size
         keys = self._all_keys(sums)
@@ -80,7 +83,7 @@ class TrainingEvaluator:
 
             self._periodic = PeriodicSampleMetrics(self.spec, engine.index, engine.rank, engine.world_size,
                                                    engine.device, engine.strategy.all_reduce)
-        metrics = self._periodic(engine.job, modules)
+        metrics = self._periodic(self._draw(modules), f"job type {engine.job.name!r} sample()")
         if metrics:
             self._publish(metrics)
             reference = self._periodic.reference
@@ -88,6 +91,12 @@ class TrainingEvaluator:
                 engine.logger.log_artifact(str(reference.path), "eval/reference")
                 self._periodic.reference_logged = True
         return metrics
+
+    def _draw(self, modules):
+        """(n, generator) -> the job type's samples from `modules`, under the spec's job.sampling."""
+        engine = self.engine
+        return lambda n, generator: engine.job.sample(modules, engine.config,
+                                                      SampleRequest(n, generator, engine.sampler))
 
     def _publish(self, metrics: dict[str, float]) -> None:
         self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
@@ -123,6 +132,7 @@ class TrainingEvaluator:
                                        0, 1, on_error=spec.data.on_error, allow_pipe=spec.data.allow_pipe)), None)
         if batch is None:
             return
-        for name, images in self.engine.job.visuals(modules, to_device(batch, self.engine.device),
-                                                    generator).items():
+        engine = self.engine
+        for name, images in engine.job.visuals(modules, engine.config, to_device(batch, engine.device),
+                                               generator).items():
             self._save_grid(images, f"samples/{name}")

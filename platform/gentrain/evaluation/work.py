@@ -1,7 +1,7 @@
 """Evaluation work cut into units that any worker can do in any order, with the same result.
 
     units = generated_units(50_000, chunk=250)       # (unit, first row, rows): rows of the sample stream
-    summary = summarize_generated(job, modules, extractor, units[rank::world], total=50_000, seed=0)
+    summary = summarize_generated(trained.draw, extractor, units[rank::world], total=50_000, seed=0)
     units = data_units(index, "train", 50_000)       # (shard, first row, rows): the first N samples in shard order
 
 A generated unit's samples come from its own generator, seeded by (seed, unit), so unit
@@ -12,7 +12,7 @@ merged FeatureSummary (metrics/summary.py) does not depend on the number of work
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -59,14 +59,24 @@ def unit_generator(seed: int, unit: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + unit)
 
 
+def batch_generator(seed: int, batch_number: int) -> torch.Generator:
+    """The generator `evaluate` gets for held-out batch `batch_number`: the same weights and
+    batch give the same metrics at every evaluation."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + batch_number)
+
+
+Draw = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> n samples: the job type's sample
+
+
 @torch.no_grad()
-def summarize_generated(job, modules, extractor, units: list[Unit], total: int, seed: int,
-                        keep: np.ndarray | None = None, is_splits: int = 10) -> FeatureSummary:
+def summarize_generated(draw: Draw, extractor, units: list[Unit], total: int, seed: int,
+                        keep: np.ndarray | None = None, is_splits: int = 10,
+                        what: str = "sample()") -> FeatureSummary:
     summary = FeatureSummary(total, kept_rows(total, False) if keep is None else keep,
                              getattr(extractor, "logits_dim", None), is_splits)
     for unit in units:
-        images = job.sample(modules, unit.rows, unit_generator(seed, unit.number))
-        _check_images(images, f"job type {job.name!r} sample()")
+        images = draw(unit.rows, unit_generator(seed, unit.number))
+        _check_images(images, what)
         features, logits = features_and_logits(extractor, images.float().cpu())
         summary.add(features.numpy(), None if logits is None else logits.numpy(), unit.start)
     return summary
