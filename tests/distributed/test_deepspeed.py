@@ -43,13 +43,14 @@ BF16_RTOL = {0: 5e-2, 1: 2e-3, 2: 2e-3, 3: 2e-3}
 
 
 class TinyNet(nn.Module):
-    """Two linear layers and a 0-dim parameter (ZeRO-3 must partition odd shapes too)."""
+    """Two linear layers and a 1-element parameter (ZeRO-3 must partition odd shapes too:
+    fewer elements than ranks)."""
 
     def __init__(self, width: int = WIDTH, out: int = WIDTH):
         super().__init__()
         self.fc1 = nn.Linear(width, 2 * width)
         self.fc2 = nn.Linear(2 * width, out)
-        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.log_scale = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
         return self.fc2(F.silu(self.fc1(x))) * self.log_scale.exp()

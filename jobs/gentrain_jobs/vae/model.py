@@ -68,8 +68,15 @@ class ConvVAE(nn.Module):
         # The logistic decoder predicts a log-scale per pixel beside each mean.
         out_channels = 2 * in_channels if likelihood == "logistic" else in_channels
         self.to_pixels = nn.Sequential(nn.SiLU(), nn.Conv2d(up[-1], out_channels, 3, padding=1))
-        # Gaussian decoder: one learned log-std shared by all pixels.
-        self.log_scale = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
+        # Gaussian decoder: one learned log-std shared by all pixels. Shape (1,), not 0-dim:
+        # DeepSpeed's broadcasts and clipping only take parameters with a dimension.
+        self.log_scale = nn.Parameter(torch.zeros(1)) if likelihood == "gaussian" else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_scale"  # checkpoints before the (1,) shape hold a 0-dim log_scale
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def enable_grad_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.grad_checkpointing = enabled

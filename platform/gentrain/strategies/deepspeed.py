@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import os
 from typing import Any, Iterator
@@ -138,21 +137,15 @@ class DeepSpeedStrategy(Strategy):
     def _engine(self, name: str, module: nn.Module, optimizer, config: dict):
         deepspeed = _import_deepspeed(self.device)
         try:
-            with _broadcasts_take_scalars(deepspeed):
-                # The callable builds gentrain's schedule on the optimizer the engine steps.
-                engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=self.settings.scheduler,
-                                                  config=copy.deepcopy(config), dist_init_required=False)
+            # The callable builds gentrain's schedule on the optimizer the engine steps.
+            engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=self.settings.scheduler,
+                                              config=copy.deepcopy(config), dist_init_required=False)
         except ValueError as exc:
             if "fp16 is not supported" in str(exc):
                 raise ValueError(f"strategy.precision: 'fp16' is not supported by DeepSpeed on "
                                  f"this device ({self.device}); use strategy.precision=bf16 "
                                  "(or fp32)") from exc
             raise
-        if not hasattr(engine.optimizer, "_global_grad_norm"):
-            # Plain fp32 without ZeRO: DeepSpeed's own clip multiplies each gradient by a
-            # [1]-shaped factor, which raises for 0-dim parameters. torch's clip applies the
-            # same rule to the same (already all-reduced) gradients.
-            engine.clip_fp32_gradients = functools.partial(_clip, engine.module, engine.gradient_clipping())
         return engine
 
     @property
@@ -306,55 +299,6 @@ def _import_deepspeed(device: torch.device):
     import deepspeed
 
     return deepspeed
-
-
-@contextlib.contextmanager
-def _broadcasts_take_scalars(deepspeed) -> Iterator[None]:
-    """Let DeepSpeed's start-up broadcasts of rank 0's weights take 0-dim parameters.
-
-    DeepSpeed 0.19.8 broadcasts each parameter as `p.data.view(torch.uint8)`, which raises
-    for 0-dim tensors (the VAE's log_scale): in the engine (ZeRO 0-2) and where ZeRO-3
-    converts a parameter. While they run, such parameters are 1-element views of the same
-    storage; their shape is back before anything hooks or gathers them.
-    """
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    engine_class = deepspeed.DeepSpeedEngine
-    broadcast_model, zero_init_param = engine_class._broadcast_model, Init._zero_init_param
-
-    def broadcast(engine):
-        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
-        with _as_vectors(scalars):
-            broadcast_model(engine)
-
-    def zero_init(init, param):
-        if param.dim() != 0:
-            return zero_init_param(init, param)
-        with _as_vectors([param]):
-            zero_init_param(init, param)  # records the shape it sees, then partitions
-        param.ds_shape = torch.Size(())  # gathers rebuild the true 0-dim shape
-
-    engine_class._broadcast_model, Init._zero_init_param = broadcast, zero_init
-    try:
-        yield
-    finally:
-        engine_class._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
-
-
-@contextlib.contextmanager
-def _as_vectors(scalars: list[torch.Tensor]) -> Iterator[None]:
-    for param in scalars:
-        param.data = param.data.reshape(1)
-    try:
-        yield
-    finally:
-        for param in scalars:
-            if param.data.numel() == 1:  # ZeRO-3 has partitioned it away meanwhile
-                param.data = param.data.reshape(())
-
-
-def _clip(module: nn.Module, max_norm: float) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
 def _grad_norm(module: nn.Module) -> torch.Tensor:
