@@ -461,3 +461,9 @@ def test_text_shards_read_back_as_token_batches(tmp_path):
                  for batch in eval_batches(index, split, 7, 0, 1) for row in batch["tokens"]]
     assert all(len(s) == 32 for s in sequences)
     assert sorted(sequences) == sorted(text.encode()[i:i + 32] for i in range(0, len(text) // 32 * 32, 32))
+    from gentrain.registry import DataInfo
+
+    info = DataInfo.of_index(index)  # what a job type is told: token sequences of 256 byte values
+    assert (info.kind, info.shape, info.vocab_size, info.input_key) == ("tokens", (32,), 256, "tokens")
+    batch = next(iter(eval_batches(index, "train", 7, 0, 1)))
+    assert set(batch) == {"tokens", "key"} and str(batch["tokens"].dtype) == "torch.int64"

@@ -15,7 +15,7 @@ class _Config:
 
 def _job(name: str) -> JobType:
     return JobType(name=name, config=_Config, build=lambda c, d: {}, train_step=lambda ctx, b: {},
-                   sample=lambda m, n, g: None)
+                   sample=lambda m, c, request: None)
 
 
 def test_vae_is_registered_through_its_entry_point():
@@ -67,3 +67,39 @@ def test_validation_refuses_what_a_job_type_excludes_with_its_reason():
     for combo in get_job_type("gan").supports.combinations():  # every declared one validates
         if combo.precision != "fp16":  # needs GPU workers
             load_spec("gan/debug", combo.overrides)
+
+
+def test_data_info_kinds_fix_the_batch_keys():
+    from gentrain.registry import BATCH_KEYS, DataInfo, batch_inputs
+
+    assert BATCH_KEYS == {"image": ("image", "label"), "tokens": ("tokens",), "vector": ("x", "label")}
+    vector = DataInfo((2,), kind="vector")
+    assert vector.input_key == "x" and DataInfo.from_dict(vector.to_dict()) == vector
+    assert DataInfo.from_dict({"shape": [1, 8, 8], "num_classes": 10}) == DataInfo((1, 8, 8), 10)  # older checkpoints
+    assert batch_inputs({"x": "points", "label": 0}) == "points"
+    with pytest.raises(ValueError, match="data kind 'audio' is not one of image, tokens, vector"):
+        DataInfo((16000,), kind="audio")
+    with pytest.raises(ValueError, match="job type 'vae' trains on image data; data.source holds vector samples"):
+        get_job_type("vae").check_data(vector)
+    get_job_type("gan").check_data(vector)  # its MLP trains on vectors
+
+
+def test_likelihoods_are_declared_with_known_units():
+    with pytest.raises(ValueError, match=r"likelihoods \{'nll': 'bits'\} use units outside nats, bits/dim"):
+        JobType(name="toy", config=_Config, build=lambda c, d: {}, train_step=lambda ctx, b: {},
+                sample=lambda m, c, r: None, evaluate=lambda m, c, b, g: {}, likelihoods={"nll": "bits"})
+    assert get_job_type("vae").likelihoods["nll_bits_per_dim"] == "bits/dim"
+    assert not get_job_type("classifier").generative and get_job_type("gan").generative
+
+
+def test_sampler_settings_come_from_job_sampling_and_are_validated():
+    from gentrain.registry import sampler_settings
+    from gentrain.schema import SpecError
+    from gentrain.validation import load_spec
+
+    spec = load_spec("gan/debug", ["job.sampling.truncation=1.5"])
+    assert sampler_settings(spec).truncation == 1.5
+    assert sampler_settings(spec, ["truncation=0.5"]).truncation == 0.5  # gentrain sample --set
+    with pytest.raises(SpecError) as caught:
+        load_spec("vae/debug", ["job.sampling.temperature=-1"])
+    assert "job.sampling.temperature: -1.0 must be > 0" in str(caught.value)
