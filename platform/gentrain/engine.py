@@ -31,9 +31,9 @@ from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
-from gentrain.registry import DataInfo, SampleRequest, get_job_type, job_config, sampler_settings
-from gentrain.spec import JobSpec
 from gentrain.optim import make_optimizer
+from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
+from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
 
 
@@ -61,12 +61,8 @@ class Engine:
         self._index = None
         self.data_info = data_info or DataInfo.of_index(self.index)
         self.job.check_data(self.data_info)
-        torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-        modules = self.job.build(self.config, self.data_info)
-        if spec.strategy.grad_checkpointing:
-            for module in modules.values():
-                if hasattr(module, "enable_grad_checkpointing"):
-                    module.enable_grad_checkpointing(True)
+        modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
+                                grad_checkpointing=spec.strategy.grad_checkpointing)
         self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
         self.strategy.setup(modules, self._optimizers(modules))
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
@@ -262,6 +258,19 @@ class Engine:
     def print(self, message: str) -> None:
         if self.rank == 0 and self._print_fn is not None:
             self._print_fn(message)
+
+
+def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
+                  grad_checkpointing: bool = False) -> dict[str, torch.nn.Module]:
+    """The job type's networks with the run's initial weights: seeded, so every rank starts
+    identical (and inference.load_trained builds the same networks to load weights into)."""
+    torch.manual_seed(seed)
+    modules = job.build(config, data_info)
+    if grad_checkpointing:
+        for module in modules.values():
+            if hasattr(module, "enable_grad_checkpointing"):  # an optional method of a network
+                module.enable_grad_checkpointing(True)
+    return modules
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gentrain.checkpoint import MODEL_FILE, latest_checkpoint, read_meta
+from gentrain.engine import build_modules
 from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec, parse_spec
 
@@ -96,8 +97,7 @@ def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = T
     config = job_config(spec)
     sampler = sampler_settings(spec, sampling)
     data_info = DataInfo.from_dict(meta["data_info"])
-    torch.manual_seed(spec.train.seed)
-    modules = job.build(config, data_info)
+    modules = build_modules(job, config, data_info, spec.train.seed)
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     for name, module in modules.items():
         weights = saved["ema"].get(name) if use_ema else None
