@@ -11,7 +11,8 @@
 The metric functions (frechet, kid, inception_score, precision_recall) take numpy
 feature arrays and know nothing of networks; features.py turns images into features
 with the FID Inception network (inception.py) or any classifier; reference.py caches
-a data set's side of the comparison.
+a data set's side of the comparison; summary.py sums features across workers and makes
+the report (summary_metrics; compute_metrics for features held in memory).
 """
 
 from gentrain.metrics.features import (ClassifierFeatures, ExtractedFeatures, FeatureExtractor, InceptionFeatures,
@@ -25,7 +26,7 @@ from gentrain.metrics.inception_weights import (InceptionWeightsMismatchError, I
 from gentrain.metrics.kid import KernelDistance, kernel_inception_distance, unbiased_mmd2
 from gentrain.metrics.precision_recall import PrecisionRecall, precision_recall
 from gentrain.metrics.reference import ReferenceStatistics, load_or_compute_reference, load_reference
-from gentrain.metrics.report import KNOWN_METRICS, compute_metrics
+from gentrain.metrics.summary import SAMPLE_METRICS, FeatureSummary, compute_metrics, summary_metrics
 
 __all__ = [
     "ClassifierFeatures", "ExtractedFeatures", "FeatureExtractor", "InceptionFeatures", "extract_features",
@@ -34,5 +35,5 @@ __all__ = [
     "InceptionScore", "inception_score", "inception_score_from_logits", "InceptionWeightsMismatchError",
     "InceptionWeightsNotFoundError", "expected_state_dict_shapes", "KernelDistance", "kernel_inception_distance",
     "unbiased_mmd2", "PrecisionRecall", "precision_recall", "ReferenceStatistics", "load_or_compute_reference",
-    "load_reference", "KNOWN_METRICS", "compute_metrics",
+    "load_reference", "SAMPLE_METRICS", "FeatureSummary", "compute_metrics", "summary_metrics",
 ]

@@ -6,6 +6,9 @@
     summary.merge(other_workers_summary)           # the union, as if one process had seen it all
     report = summary_metrics(reference, summary, ["fid", "kid", "is"], extractor_name=...)
 
+    # Features already in memory (tests, notebooks): the same report through the same code.
+    report = compute_metrics(real_features, fake_features, logits=fake_logits, extractor_name=...)
+
 50k generated samples are split over many workers; holding all their 2048-d features
 in one place is neither needed nor cheap. Each metric needs only a sum:
 
@@ -25,11 +28,12 @@ float rounding in the order of additions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
-from gentrain.metrics.frechet import RunningStatistics, frechet_distance_terms
+from gentrain.metrics.frechet import RunningStatistics, feature_statistics, frechet_distance_terms
 from gentrain.metrics.inception_score import InceptionScore
 from gentrain.metrics.kid import kernel_inception_distance
 from gentrain.metrics.precision_recall import precision_recall
@@ -121,15 +125,16 @@ class FeatureSummary:
 
 def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, extractor_name: str,
                     settings: MetricSettings = MetricSettings()) -> dict:
-    """The report of compute_metrics, from a reference (mu, sigma, features) and a merged summary.
+    """The metrics of generated samples, from a reference (mu, sigma, features, count,
+    extractor: a ReferenceStatistics) and the merged summary of the samples' features.
 
-    Besides the flat numbers it holds `settings`: what each computed metric used (KID's
-    subset size resolved for these set sizes), so a report says how it was computed.
+    The report is flat (names to numbers, plus the extractor's name and the set sizes) so
+    that it can be logged to MLflow as is; `settings` holds what each computed metric used
+    (KID's subset size resolved for these set sizes), so a report says how it was computed.
     """
-    chosen = list(dict.fromkeys(metrics))
-    unknown = [name for name in chosen if name not in SAMPLE_METRICS]
-    if unknown:
-        raise ValueError(f"unknown sample metric(s) {', '.join(unknown)}; known: {', '.join(SAMPLE_METRICS)}")
+    chosen = _chosen(metrics)
+    if not extractor_name:
+        raise ValueError("extractor_name is required: the report must say which features it was computed on")
     if reference.extractor != extractor_name:
         raise ValueError(f"reference statistics were computed with {reference.extractor!r}, the samples with "
                          f"{extractor_name!r}: numbers from different extractors are never compared")
@@ -142,8 +147,8 @@ def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, 
             report["fid_offset"] = terms.offset  # the matrix square root needed eps * I: approximate
     kept = fake.kept_features() if {"kid", "pr"} & set(chosen) else None
     if "kid" in chosen:
-        kid = kernel_inception_distance(reference.features, kept, settings.kid_subsets, settings.kid_subset_size,
-                                        settings.kid_seed)
+        kid = kernel_inception_distance(_real_features(reference, "kid"), kept, settings.kid_subsets,
+                                        settings.kid_subset_size, settings.kid_seed)
         report.update(kid=kid.mean, kid_std=kid.std, kid_subset_size=kid.subset_size, kid_subsets=kid.num_subsets)
         used.update(kid_subsets=kid.num_subsets, kid_subset_size=kid.subset_size,
                     kid_subset_size_rule="set" if settings.kid_subset_size else "default: min(1000, n // 2)",
@@ -153,9 +158,69 @@ def summary_metrics(reference, fake: FeatureSummary, metrics: Iterable[str], *, 
         report.update({"is": score.mean, "is_std": score.std, "is_splits": score.splits})
         used.update(is_splits=score.splits)
     if "pr" in chosen:
-        result = precision_recall(reference.features, kept, k=settings.pr_k)
+        result = precision_recall(_real_features(reference, "pr"), kept, k=settings.pr_k)
         report.update(precision=result.precision, recall=result.recall, pr_k=result.k,
                       pr_num_real=int(reference.features.shape[0]), pr_num_fake=int(kept.shape[0]))
         used.update(pr_k=result.k)
     report["settings"] = used
     return report
+
+
+@dataclass(frozen=True)
+class _InMemoryReference:
+    """The real side of compute_metrics: what summary_metrics reads of a ReferenceStatistics."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None
+    count: int | None
+    extractor: str
+
+
+def compute_metrics(real_features, fake_features, logits=None, metrics: Iterable[str] = SAMPLE_METRICS, *,
+                    extractor_name: str, real_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+                    kid_subsets: int = 100, kid_subset_size: int | None = None, kid_seed: int = 0,
+                    is_splits: int = 10, pr_k: int = 3) -> dict:
+    """summary_metrics of features held in memory: [N, D] arrays from the extractor named
+    `extractor_name`; `logits` are the generated samples' class logits (needed for "is").
+    `real_statistics` (mu, sigma), e.g. cached over 50k samples, replaces the statistics of
+    `real_features` for FID, while KID and precision/recall use the (usually fewer) real
+    features themselves. `real_features` may be None when only "fid" (with
+    real_statistics) or "is" is asked for.
+    """
+    chosen = _chosen(metrics)
+    if "is" in chosen and logits is None:
+        raise ValueError(f"metric 'is' needs class logits, and none were given; extractor {extractor_name!r} "
+                         "may not provide them (leave 'is' out of metrics)")
+    fake = np.asarray(fake_features)
+    logits = None if logits is None or "is" not in chosen else np.asarray(logits)
+    summary = FeatureSummary(fake.shape[0], keep=range(fake.shape[0]) if {"kid", "pr"} & set(chosen) else (),
+                             logits_dim=None if logits is None else logits.shape[1], is_splits=is_splits)
+    summary.add(fake, logits)
+    real = None if real_features is None else np.asarray(real_features)
+    if real_statistics is None and real is not None:
+        real_statistics = feature_statistics(real)
+    if real_statistics is None:
+        if "fid" in chosen:
+            raise ValueError("metric 'fid' needs real features or real_statistics (both are None)")
+        real_statistics = (np.zeros(fake.shape[1]), np.eye(fake.shape[1]))  # unread: no FID asked for
+    reference = _InMemoryReference(*real_statistics, real, None if real is None else real.shape[0], extractor_name)
+    settings = MetricSettings(is_splits=is_splits, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                              kid_seed=kid_seed, pr_k=pr_k)
+    return summary_metrics(reference, summary, chosen, extractor_name=extractor_name, settings=settings)
+
+
+def _chosen(metrics: Iterable[str]) -> list[str]:
+    chosen = [metrics] if isinstance(metrics, str) else list(dict.fromkeys(metrics))
+    unknown = [name for name in chosen if name not in SAMPLE_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(SAMPLE_METRICS)}")
+    if not chosen:
+        raise ValueError(f"no metrics asked for; choose from {', '.join(SAMPLE_METRICS)}")
+    return chosen
+
+
+def _real_features(reference, metric: str) -> np.ndarray:
+    if reference.features is None:
+        raise ValueError(f"metric {metric!r} needs real features (real_features is None)")
+    return reference.features
