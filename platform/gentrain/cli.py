@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gentrain.registry import UnknownJobType
 from gentrain.schema import SpecError
 
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--set", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
                         help="a sampler setting of the job type over the spec's job.sampling, e.g. "
                              "--set temperature=0.8 (vae), --set truncation=1.0 (gan); repeatable")
+    sample.add_argument("--labels", type=_labels, default=None, metavar="K[,K...]",
+                        help="class labels to condition on, cycled over the --n samples (e.g. 3, or 0,1,2); "
+                             "default: the job type chooses")
     sample.set_defaults(handler=cmd_sample)
 
     score = commands.add_parser("score", help="per-sample anomaly scores of a data set (CSV)")
@@ -220,12 +224,38 @@ def cmd_sample(args) -> int:
     from gentrain.visual import save_image_grid
 
     trained = load_trained(args.ref, use_ema=not args.no_ema, sampling=args.sampling)
-    images = trained.sample(args.n, args.seed)
+    images = trained.sample(args.n, args.seed, _sample_labels(trained, args.labels, args.n))
     path = save_image_grid(images, args.out)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
           f"{trained.checkpoint}) -> {path}")
     _log_to_run(trained, path, "samples/cli")
     return 0
+
+
+def _sample_labels(trained, labels: list[int] | None, n: int):
+    """--labels cycled over the n samples, for a family that samples by class."""
+    if labels is None:
+        return None
+    import torch
+
+    if not trained.job.class_conditional:
+        raise ValueError(f"--labels: job type {trained.job.name!r} does not sample by class "
+                         "(it declares class_conditional=False); leave --labels out")
+    classes = trained.data_info.num_classes
+    if max(labels) >= classes:
+        raise ValueError(f"--labels: {labels} outside the {classes} classes of the data "
+                         f"{trained.spec.name} trained on (0 .. {classes - 1})")
+    return torch.tensor(labels, dtype=torch.int64).repeat(-(-n // len(labels)))[:n]
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        labels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of class numbers, e.g. 0,1,2") from None
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give class numbers >= 0, e.g. 3 or 0,1,2")
+    return labels
 
 
 def cmd_score(args) -> int:
@@ -342,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, UnknownJobType) as exc:
+        # UnknownJobType: e.g. sampling a run whose family's package is not installed here
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

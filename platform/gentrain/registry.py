@@ -205,6 +205,7 @@ class JobType:
       bounds on them, unit one of LIKELIHOOD_UNITS (what `gentrain eval --metrics nll` reports)
     - generative: False when `sample` draws no samples of the data distribution (a
       classifier's class visualisations): sample metrics (FID, ...) are refused
+    - class_conditional: True when `sample` honours request.labels (`gentrain sample --labels`)
     - data_kinds: the DataInfo kinds it trains on ("image", "tokens", "vector")
     - supports: the (strategy, precision, ZeRO stage) combinations it trains under
     """
@@ -222,6 +223,7 @@ class JobType:
     sampler: type = NoSettings
     likelihoods: Mapping[str, str] = field(default_factory=dict)
     generative: bool = True
+    class_conditional: bool = False
     data_kinds: tuple[str, ...] = ("image",)
     supports: Supports = field(default_factory=Supports)
     spec_dir: str | None = None

@@ -57,3 +57,6 @@ def test_an_installed_family_lists_validates_trains_and_samples(installed):
     grid = installed["cwd"] / "cold.png"
     sampled = gentrain(installed, "sample", str(run_dir), "--n", "16", "--out", str(grid), "--set", "temperature=0.5")
     assert "16 samples of diaggauss-debug (step 20" in sampled.stdout and grid.is_file()
+    sevens = installed["cwd"] / "sevens.png"
+    gentrain(installed, "sample", str(run_dir), "--n", "8", "--out", str(sevens), "--labels", "7")
+    assert sevens.is_file() and sevens.read_bytes() != grid.read_bytes()
