@@ -211,12 +211,13 @@ class Engine:
         return self._evaluator()
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """`n` samples in data space from the evaluation weights (EMA where kept); seed
-        defaults to train.seed (the grids' seed). A collective under ZeRO-3."""
+    def sample(self, n: int, seed: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`n` samples in data space from the evaluation weights (EMA where kept), under the
+        spec's job.sampling; seed defaults to train.seed (the grids' seed); `labels`: class
+        conditioning for a class-conditional job type. A collective under ZeRO-3."""
         generator = torch.Generator().manual_seed(self.spec.train.seed if seed is None else seed)
         with self.strategy.evaluation() as modules:
-            return self.job.sample(modules, self.config, SampleRequest(n, generator, self.sampler))
+            return self.job.sample(modules, self.config, SampleRequest(n, generator, self.sampler, labels))
 
     # -- checkpoints ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
