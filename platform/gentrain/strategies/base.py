@@ -180,7 +180,8 @@ class Strategy(ABC):
             modules = {}
             for name in self.names:
                 stack.enter_context(self.gathered(name))
-                modules[name] = self.ema.get(name) or self.unwrap(name)
+                average = self.ema.get(name)  # not `or`: containers (nn.Sequential) are truthy by length
+                modules[name] = average if average is not None else self.unwrap(name)
             was_training = {name: m.training for name, m in modules.items()}
             for module in modules.values():
                 module.eval()
