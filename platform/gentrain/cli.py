@@ -1,6 +1,7 @@
 """The `gentrain` command.
 
     gentrain run vae/debug train.steps=200 scaling.num_workers=1
+    gentrain sync runs/vae-debug        # MLflow records left unsent by an outage, and the final status
     gentrain validate path/to/spec.yaml
     gentrain list
     gentrain data pack digits --out data/digits --per-shard 256
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a spec on an embedded local Ray")
     _spec_args(run)
     run.set_defaults(handler=cmd_run)
+
+    from gentrain.launch.sync_cli import add_sync_command
+
+    add_sync_command(commands)  # sync: records an MLflow outage left unsent
 
     from gentrain.launch.remote_cli import add_cluster_commands
 
@@ -194,6 +199,10 @@ def cmd_run(args) -> int:
     if summary.mlflow_run_id:
         print(f"  mlflow run  : {summary.mlflow_run_id}")
         print(f"  view it     : {summary.mlflow_pointer}")
+    if summary.tracking_end is not None and not summary.tracking_end.marked:
+        from gentrain.launch.local import unsent_message
+
+        print(unsent_message(summary.tracking_end, spec.run_dir))
     return 0
 
 

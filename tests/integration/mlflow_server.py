@@ -69,11 +69,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(directory: Path) -> Iterator[str]:
-    """Run `mlflow server` with its store and artifacts under `directory`; yield its URI."""
+def running_mlflow_server(directory: Path, port: int | None = None) -> Iterator[str]:
+    """Run `mlflow server` with its store and artifacts under `directory`; yield its URI.
+    Give the `port` of an earlier server on the same `directory` to restart that one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     command = [
         _mlflow_executable(), "server",
@@ -83,7 +84,7 @@ def running_mlflow_server(directory: Path) -> Iterator[str]:
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_path = directory / "server.log"
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:  # a restart appends
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:

@@ -6,7 +6,7 @@ The driver opens (or continues) the run and records the resolved spec:
     run_id = open_run(uri, "vae-mnist", "debug", run_id=run_id_from_checkpoint)
     log_params_flat(uri, run_id, spec_as_dict)
     ...
-    finish_run(uri, run_id, "FINISHED")
+    end_run(uri, run_id, "FINISHED", spool_dir_for(run_dir))  # bounded; see tracking.ending
 
 Rank 0 logs through a RunLogger, whose calls only enqueue. A background thread sends,
 retries while the server is away and spools to disk meanwhile, so tracking can neither
@@ -35,7 +35,12 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gentrain.tracking._limits import _PARAM_VALUE_LIMIT, _PARAMS_PER_BATCH, _TAG_VALUE_LIMIT
+from gentrain.tracking.ending import Ending as Ending, end_run as end_run  # re-exported
+from gentrain.tracking.ending import spooled_runs as spooled_runs, sync_run as sync_run
 from gentrain.tracking.logger import RunLogger as RunLogger  # re-exported: the public path
+from gentrain.tracking.logger import fail_fast_http as fail_fast_http
+from gentrain.tracking.spool import clear_final_status as clear_final_status
+from gentrain.tracking.spool import spool_dir_for as spool_dir_for
 
 _log = logging.getLogger(__name__)
 

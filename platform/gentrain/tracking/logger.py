@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from gentrain.tracking._limits import _KEY_LIMIT, _METRICS_PER_BATCH, _TAG_VALUE_LIMIT
+from gentrain.tracking.spool import PENDING_FILE, _Spool, _units
 
 # The package's logger, as before the split: records keep the name "gentrain.tracking".
 _log = logging.getLogger("gentrain.tracking")
@@ -44,6 +44,13 @@ _FAST_FAIL_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 30.0
+
+
+def fail_fast_http() -> None:
+    """One MLflow HTTP call fails in seconds, not minutes, in this process (and the Ray
+    workers it starts after this): where the user has not chosen other values."""
+    for name, value in _FAST_FAIL_HTTP_ENV.items():
+        os.environ.setdefault(name, value)
 # How long the sender waits for more calls, so one request carries many steps' metrics.
 _LINGER_S = 0.5
 # MLflow's rule for metric names; checked at the call so that one bad name is dropped
@@ -79,58 +86,6 @@ class _Flush:
     stop: bool = False
 
 
-class _Spool:
-    """A run's unsent records on disk, one JSON object a line, oldest first."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def append(self, records: list[dict]) -> None:
-        if records:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as spool_file:
-                spool_file.writelines(json.dumps(record) + "\n" for record in records)
-
-    def read(self) -> list[dict]:
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a crash mid-append tears the last line; the lines before it are whole
-        return records
-
-    def rewrite(self, records: list[dict]) -> None:
-        if not records:
-            self.path.unlink(missing_ok=True)
-            return
-        partial = self.path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps(record) + "\n" for record in records),
-                           encoding="utf-8")
-        os.replace(partial, self.path)
-
-
-def _units(records: list[dict]):
-    """(records consumed so far, one request's worth): consecutive metrics merge into one."""
-    items: list[list] = []
-    for index, record in enumerate(records):
-        if record["op"] == "metrics":
-            if items and len(items) + len(record["items"]) > _METRICS_PER_BATCH:
-                yield index, {"op": "metrics", "items": items}
-                items = []
-            items.extend(record["items"])
-            continue
-        if items:
-            yield index, {"op": "metrics", "items": items}
-            items = []
-        yield index + 1, record
-    if items:
-        yield len(records), {"op": "metrics", "items": items}
-
-
 class _Sender:
     """The background thread's side: batch, send, spool while the server is away, replay."""
 
@@ -140,6 +95,10 @@ class _Sender:
         self.offline = False
         self.backoff_s = _RETRY_MIN_S
         self.next_retry = 0.0  # a spool left by an earlier logger is replayed at once
+        # The run's highest step per metric in MLflow, read at the first contact: the
+        # repeat rule (RunLogger's docstring) keeps each metric's steps strictly increasing.
+        self.highest_step: dict[str, int] | None = None
+        self.repeats_dropped = 0
 
     def run(self) -> None:
         while True:
@@ -188,10 +147,17 @@ class _Sender:
             self.spool.append(records[sent:])
             self._went_away(error)
 
-    def _replay(self) -> None:
+    def drain(self) -> tuple[int, Exception | None]:
+        """Send the spool now, in this thread: (records sent, the error that stopped it)."""
+        if not self.spool.exists():
+            return 0, None
         pending = self.spool.read()
         sent, error = self._send(pending)
         self.spool.rewrite(pending[sent:])
+        return sent, error
+
+    def _replay(self) -> None:
+        sent, error = self.drain()
         if error is not None:
             self._went_away(error)
             return
@@ -231,17 +197,38 @@ class _Sender:
         if self.client is None:
             self.client = MlflowClient(tracking_uri=self.uri)
         if unit["op"] == "metrics":
-            metrics = [Metric(key, value, timestamp, step)
-                       for key, value, timestamp, step in unit["items"]]
-            for start in range(0, len(metrics), _METRICS_PER_BATCH):
-                chunk = metrics[start:start + _METRICS_PER_BATCH]
-                self.client.log_batch(self.run_id, metrics=chunk)
+            self._send_metrics(unit["items"])
         elif unit["op"] == "tag":
             self.client.set_tag(self.run_id, unit["key"], unit["value"])
         elif not os.path.exists(unit["local"]):
             raise _Rejected(f"its staged copy {unit['local']} is gone")
         else:
             self.client.log_artifact(self.run_id, unit["local"], unit["artifact_path"])
+
+
+    def _send_metrics(self, items: list[list]) -> None:
+        if self.highest_step is None:
+            logged = self.client.get_run(self.run_id).data.to_proto().metrics
+            # MLflow's latest value of a metric is the one at its highest step.
+            self.highest_step = {metric.key: metric.step for metric in logged}
+        highest = dict(self.highest_step)
+        metrics = []
+        for key, value, timestamp, step in items:
+            if step <= highest.get(key, -1):
+                continue  # logged before a restart (or a resend): the first value stays
+            highest[key] = step
+            metrics.append(Metric(key, value, timestamp, step))
+        if len(metrics) < len(items):
+            self._note_repeats(len(items) - len(metrics))
+        for start in range(0, len(metrics), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + _METRICS_PER_BATCH])
+        self.highest_step = highest
+
+    def _note_repeats(self, count: int) -> None:
+        if not self.repeats_dropped:
+            _log.info("run %s: points at steps MLflow already has (logged before a restart) "
+                      "are not logged again", self.run_id)
+        self.repeats_dropped += count
 
 
 def _never_raises(method):
@@ -267,18 +254,23 @@ class RunLogger:
     RunLogger per run at a time. Artifacts are copied when logged, so the caller may
     overwrite the file at once. Non-finite or non-numeric metric values, and invalid
     names, are dropped with one warning per metric name. A batch whose reply was lost
-    in an outage is sent again, so a point may appear twice in a metric's history.
+    in an outage is sent again; the repeat rule below drops it.
+
+    The repeat rule: a metric's point is sent only at a step above the highest step the
+    run already has for that metric (MLflow's record, read at the first contact, plus
+    what this logger sent). A restarted attempt, which retrains the steps between its
+    checkpoint and the failure, adds nothing for those steps: the first value logged at
+    a step stays and every metric's steps strictly increase.
     """
 
     def __init__(self, uri: str, run_id: str, spool_dir: str | os.PathLike | None = None):
-        for name, value in _FAST_FAIL_HTTP_ENV.items():
-            os.environ.setdefault(name, value)  # only where the user has not chosen
+        fail_fast_http()
         self.uri, self.run_id = uri, run_id
         root = Path(spool_dir) if spool_dir is not None else (
             Path(tempfile.gettempdir()) / "gentrain-mlflow-spool")
         self._run_dir = root / run_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / "pending.jsonl"))
+        self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / PENDING_FILE, uri))
         self._thread = threading.Thread(target=self._sender.run, daemon=True,
                                         name=f"mlflow-run-{run_id[:8]}")
         self._closed = False

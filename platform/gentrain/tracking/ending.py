@@ -1,0 +1,93 @@
+"""The end of a run's record: bounded when MLflow is away, finished later by `gentrain sync`.
+
+    ending = end_run(uri, run_id, "FINISHED", spool_dir_for(run_dir))   # the driver, seconds
+    if not ending.marked:
+        print(f"send them: gentrain sync {run_dir}")
+    sync_run(uri, run_id, spool_dir)        # later: the spool, then the recorded status
+
+The final status is written to the run's spool folder before it is sent, so a server that
+is down (or a driver killed right then) leaves it there for `sync_run`; a run is never
+left RUNNING once the server is reachable and the sync has run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from gentrain.tracking.logger import _first_line, _Sender, fail_fast_http
+from gentrain.tracking.spool import (
+    PENDING_FILE, _Spool, clear_final_status, pending_count, read_final_status,
+    record_final_status,
+)
+
+_log = logging.getLogger("gentrain.tracking")
+
+
+@dataclass
+class Ending:
+    """What reached MLflow: `marked` when its final status (if any) and every spooled record
+    did; otherwise `unsent` points and `folder` holds them, `error` says why."""
+    run_id: str
+    status: str | None
+    marked: bool
+    sent: int = 0
+    unsent: int = 0
+    folder: Path | None = None
+    error: str | None = None
+
+
+def end_run(uri: str, run_id: str, status: str, spool_dir: str | None) -> Ending:
+    """Mark the run `status` and send what its workers left spooled, in seconds whatever
+    the server's state; never raises. What could not be sent stays in the spool folder."""
+    fail_fast_http()
+    if spool_dir is None:  # remote storage: no folder of ours to keep the status in
+        try:
+            MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+            return Ending(run_id, status, marked=True)
+        except Exception as error:  # noqa: BLE001 - any client failure: the run stays as it is
+            return Ending(run_id, status, marked=False, error=_first_line(error))
+    folder = Path(spool_dir) / run_id
+    try:
+        record_final_status(folder, status, uri)
+    except OSError as error:
+        _log.warning("could not record the final status in %s: %s", folder, error)
+    return sync_run(uri, run_id, spool_dir)
+
+
+def sync_run(uri: str, run_id: str, spool_dir: str | Path) -> Ending:
+    """Send `<spool_dir>/<run_id>`'s records, then set the final status recorded there.
+    Idempotent: what was sent leaves the folder, a second call finds nothing to do."""
+    fail_fast_http()
+    folder = Path(spool_dir) / run_id
+    final = read_final_status(folder)
+    status = final.get("status") if final else None
+    sender = _Sender(uri, run_id, None, _Spool(folder / PENDING_FILE, uri))
+    before = pending_count(folder)
+    try:
+        _, error = sender.drain()
+    except Exception as unexpected:  # noqa: BLE001 - a torn spool, a full disk: report, keep it
+        error = unexpected
+    if error is None and status:
+        try:
+            MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+            clear_final_status(folder)
+        except Exception as failure:  # noqa: BLE001
+            error = failure
+    unsent = pending_count(folder)
+    marked = error is None and unsent == 0
+    return Ending(run_id, status, marked=marked, sent=before - unsent, unsent=unsent,
+                  folder=None if marked else folder,
+                  error=None if error is None else _first_line(error))
+
+
+def spooled_runs(spool_dir: str | Path) -> list[str]:
+    """Run ids with something to send or to mark in `spool_dir`."""
+    root = Path(spool_dir)
+    if not root.is_dir():
+        return []
+    return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and (
+        (folder / PENDING_FILE).exists() or read_final_status(folder) is not None))

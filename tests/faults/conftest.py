@@ -1,0 +1,49 @@
+"""Fixtures for the fault suite: an MLflow server that a test can stop and restart.
+
+    PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/faults -q
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from mlflow_server import running_mlflow_server  # noqa: E402 - after its folder is on the path
+
+from ports import free_port  # noqa: E402
+
+
+class RestartableServer:
+    """A real `mlflow server` on a fixed port and store: stop() kills it (clients then get
+    "connection refused"), start() brings it back with the same data at the same URI."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port = directory, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._running: contextlib.ExitStack | None = None
+
+    def start(self) -> str:
+        if self._running is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(running_mlflow_server(self.directory, port=self.port))
+            self._running = stack
+        return self.uri
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+
+@pytest.fixture
+def restartable_mlflow(tmp_path):
+    server = RestartableServer(tmp_path / "mlflow-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
