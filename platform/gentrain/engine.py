@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from gentrain.checkpoint import MODEL_FILE, read_meta, step_dir_name, write_meta
+from gentrain.checkpoint import MODEL_FILE, checkpoint_problem, file_manifest, read_meta, step_dir_name, write_meta
 from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
@@ -222,19 +222,26 @@ class Engine:
     # -- checkpoints ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Every rank writes its share of the training state into `directory`; rank 0 adds
-        model.pt (plain fp32 weights) and, last, the metadata. A collective."""
+        model.pt (plain fp32 weights) and, last, the metadata with the manifest of every
+        rank's files (size and sha256 of what was written). A collective."""
         directory = str(directory)
         os.makedirs(directory, exist_ok=True)
         skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
         exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
         self.strategy.save(directory, self.rank)
-        self.strategy.barrier()  # ranks sharing a folder: every share is written before the metadata
+        if self.rank == 0:
+            # Plain fp32 weights of every network: sampling, eval and scoring load these
+            # without knowing the strategy that trained them.
+            torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()},
+                       os.path.join(directory, MODEL_FILE))
+        self.strategy.barrier()  # ranks sharing a folder: every share is written before it is hashed
+        # Each rank may write into its own folder (Ray merges them into step-N): the
+        # metadata lists every rank's files, hashed where they were written.
+        manifest = gather_manifests(file_manifest(directory), self.world_size)
         if self.rank != 0:
             return
-        # Plain fp32 weights of every network: sampling, eval and scoring load these
-        # without knowing the strategy that trained them.
-        torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()}, os.path.join(directory, MODEL_FILE))
         write_meta(directory, {
+            "files": manifest,
             "step": self.step,
             "batches_consumed": self.batches_consumed,
             "skipped_samples": skipped,
@@ -246,12 +253,19 @@ class Engine:
             "time": time.time(),
         })
 
-    def restore(self, directory: str | os.PathLike) -> dict:
-        """Load what `save` wrote (every rank reads); the next step continues exactly."""
+    def restore(self, directory: str | os.PathLike, verified: bool = False) -> dict:
+        """Load what `save` wrote (every rank reads); the next step continues exactly.
+        Weights are never loaded without their step and data position: a folder that
+        fails `checkpoint.checkpoint_problem` raises before anything is loaded (callers
+        choose one with `checkpoint.newest_good_checkpoint`, which has verified it)."""
+        if not verified:
+            problem = checkpoint_problem(directory)
+            if problem:
+                raise ValueError(f"{directory}: not a usable checkpoint: {problem}")
+        meta = read_meta(str(directory))
         self.strategy.load(str(directory))
-        meta = read_meta(str(directory)) or {}
-        self.step = int(meta.get("step", 0))
-        self.batches_consumed = int(meta.get("batches_consumed", 0))
+        self.step = int(meta["step"])
+        self.batches_consumed = int(meta["batches_consumed"])
         self.skipped_before = int(meta.get("skipped_samples", 0))
         self.resumed = True
         return meta
@@ -272,6 +286,21 @@ def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
             if hasattr(module, "enable_grad_checkpointing"):  # an optional method of a network
                 module.enable_grad_checkpointing(True)
     return modules
+
+
+def gather_manifests(manifest: dict, world_size: int) -> dict:
+    """Every rank's file manifest merged (rank 0's entry wins a name two ranks wrote)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return manifest
+
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, manifest)
+    merged: dict = {}
+    for rank_manifest in reversed(gathered):
+        merged.update(rank_manifest)
+    return merged
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

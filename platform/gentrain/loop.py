@@ -3,7 +3,7 @@
     gentrain run vae/debug      # launch.trainer hands train_loop_per_worker to a TorchTrainer
 
 On every rank: the rank and world size from Ray Train's context, the restore from the
-checkpoint Ray Train hands back after a failure or restart, each saved step-N folder
+newest verified step-N folder after a failure or restart (gentrain.checkpoint), each saved step-N folder
 reported to Ray Train (which persists it and keeps train.checkpoint.keep of them), and on
 rank 0 the MLflow logger and the `[gentrain]` lines the driver shows. What happens in a
 step, and when evaluation and checkpoints happen, is the engine's.
@@ -17,9 +17,10 @@ import tempfile
 import ray.train
 import torch
 
-from gentrain.checkpoint import step_dir_name
+from gentrain.checkpoint import newest_good_checkpoint, step_dir_name
 from gentrain.engine import Engine
 from gentrain.launch.console import route_worker_logs, worker_print
+from gentrain.paths import is_remote
 from gentrain.spec import JobSpec
 
 
@@ -39,15 +40,45 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)
         engine.run_id = run_id
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                engine.restore(directory)
-            engine.print(f"resumed from step {engine.step} ({checkpoint.path})")
+        restore(engine, spec)
         engine.fit(save=report_checkpoint)
     finally:
         if logger:
             logger.close()
+
+
+def restore(engine: Engine, spec: JobSpec) -> None:
+    """Continue from the newest verified step-N folder of the run, whatever Ray Train offers.
+
+    gentrain's listing is the source of truth (as for the driver's "continuing" line): Ray's
+    newest registered checkpoint may be damaged, or older than a complete folder whose
+    report Ray lost when a worker died right after it. Rank 0 verifies and every rank loads
+    what it chose. Remote storage: Ray's checkpoint, verified after download.
+    """
+    offered = ray.train.get_checkpoint()
+    if is_remote(spec.run_dir):
+        if offered is not None:
+            with offered.as_directory() as directory:
+                engine.restore(directory)
+            engine.print(f"resumed from step {engine.step} ({offered.path})")
+        return
+    choice = newest_good_checkpoint(spec.run_dir) if engine.rank == 0 else None
+    folder = _from_rank_zero(str(choice.folder) if choice and choice.folder else None, engine.world_size)
+    if choice and offered is not None:  # a restart inside this run: the driver did not say this
+        for line in choice.rejection_lines():
+            engine.print(line)
+    if folder is None:
+        return
+    engine.restore(folder, verified=True)
+    engine.print(f"resumed from step {engine.step} ({folder})")
+
+
+def _from_rank_zero(value, world_size: int):
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def report_checkpoint(engine: Engine) -> None:
@@ -58,6 +89,11 @@ def report_checkpoint(engine: Engine) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
         ray.train.report({"step": engine.step}, checkpoint=checkpoint,
                          checkpoint_dir_name=step_dir_name(engine.step))
+    # Each rank's report returns once its own files are copied into storage; after this
+    # barrier every rank's are, so step-N is complete on disk before training goes on
+    # (and a worker killed from here on leaves a folder the next start can verify and use,
+    # whether or not Ray Train registered it).
+    engine.strategy.barrier()
 
 
 def _device(spec: JobSpec) -> torch.device:

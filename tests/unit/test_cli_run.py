@@ -11,8 +11,9 @@ import json
 import time
 
 import pytest
+import torch
 
-from gentrain.checkpoint import step_dir_name, write_meta
+from gentrain.checkpoint import MODEL_FILE, file_manifest, step_dir_name, write_meta
 from gentrain.cli import build_parser, main
 from gentrain.launch.console import WorkerConsole
 from gentrain.launch.local import continuing_message, spec_changes
@@ -61,7 +62,9 @@ def fake_checkpoint(storage, step: int, spec_changes_: dict | None = None) -> st
         spec[section][key] = value
     folder = storage / "vae-debug" / step_dir_name(step)
     folder.mkdir(parents=True)
-    write_meta(str(folder), {"step": step, "mlflow_run_id": "abc123", "spec": spec})
+    torch.save({"networks": {}, "ema": {}}, folder / MODEL_FILE)  # a verified folder: files listed
+    write_meta(str(folder), {"step": step, "batches_consumed": 0, "mlflow_run_id": "abc123",
+                             "spec": spec, "files": file_manifest(folder)})
     return str(folder)
 
 
