@@ -38,6 +38,7 @@ class RunSummary:
     samples: str | None
     metrics: dict
     trained: bool = True  # False: the checkpoint had reached train.steps already
+    tracking_end: object | None = None  # a gentrain.tracking.Ending: what reached MLflow
 
 
 class TrackingUnavailable(RuntimeError):
@@ -57,6 +58,7 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
     from gentrain import tracking
 
     uri = tracking.resolve_tracking_uri(spec.tracking.uri)
+    tracking.fail_fast_http()  # MLflow's default: 4 minutes of retries per call to a dead server
     # "Creating initial MLflow database tables..." on a new SQLite store is no news to the user.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
@@ -67,6 +69,9 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
         import mlflow
 
         mlflow.MlflowClient(uri).log_text(run_id, dump_yaml(spec), "spec/resolved.yaml")
+        spool = tracking.spool_dir_for(spec.run_dir)
+        if spool:  # the run goes on: a status an earlier end could not set no longer applies
+            tracking.clear_final_status(Path(spool) / run_id)
     except Exception as exc:  # noqa: BLE001 - any client failure means the same to the user
         raise TrackingUnavailable(
             f"tracking.uri: cannot reach MLflow at {uri} ({type(exc).__name__}: {exc}). "
@@ -172,24 +177,41 @@ def run(job: ValidatedJob) -> RunSummary:
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
 
+    pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
     trainer = build_trainer(job, run_id, uri)
+    spool = tracking.spool_dir_for(spec.run_dir)
     try:
         with _sigterm_as_interrupt():
             result = trainer.fit()
     except BaseException:
-        if run_id:
-            tracking.finish_run(uri, run_id, "KILLED" if _interrupted() else "FAILED")
+        if run_id:  # bounded and never raising: the training error is the one to see
+            ending = tracking.end_run(uri, run_id, "KILLED" if _interrupted() else "FAILED", spool)
+            if not ending.marked:
+                print(unsent_message(ending, spec.run_dir), file=sys.stderr, flush=True)
         raise
-    if run_id:
-        tracking.finish_run(uri, run_id, "FINISHED")
+    ending = tracking.end_run(uri, run_id, "FINISHED", spool) if run_id else None
     return RunSummary(
         run_dir=spec.run_dir,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         mlflow_run_id=run_id,
-        mlflow_pointer=tracking.run_url(uri, run_id) if run_id else None,
+        mlflow_pointer=pointer,
         samples=_latest_samples(spec),
         metrics=dict(result.metrics or {}),
+        tracking_end=ending,
     )
+
+
+def unsent_message(ending, run_dir: str) -> str:
+    """Where a run's unsent MLflow records wait and the one command that sends them."""
+    lines = [f"  mlflow      : unreachable at the end ({ending.error}); run {ending.run_id} "
+             f"is left RUNNING there until the records are sent"]
+    if ending.folder is None:  # remote storage: the worker spooled in its own temp folder
+        lines.append(f"  final status: {ending.status}, not recorded (no local run folder)")
+        return "\n".join(lines)
+    lines.append(f"  unsent      : {ending.unsent} records and the final status "
+                 f"{ending.status} in {ending.folder}")
+    lines.append(f"  send them   : gentrain sync {run_dir}   (once MLflow is reachable)")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
