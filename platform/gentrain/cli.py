@@ -173,12 +173,17 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from gentrain.launch.local import run
+    from gentrain.nonfinite import NonFiniteError
     from gentrain.validation import load_job
 
     job = load_job(args.spec, args.overrides)
     spec = job.spec
     try:
         summary = run(job)
+    except NonFiniteError as exc:  # deterministic: reported as it is, without Ray's log lines
+        print(f"error: training {spec.name} stopped: {exc}\nCheckpoints written before it are "
+              f"kept in {spec.run_dir}.", file=sys.stderr)
+        return 1
     except Exception as exc:
         from ray.train import TrainingFailedError
 

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from gentrain.nonfinite import NonFiniteError, NonFiniteFound, stop_message
+
 
 class StepContext:
     def __init__(self, strategy, config, total_steps: int):
@@ -42,11 +44,17 @@ class StepContext:
         return self.strategy.autocast()
 
     def backward(self, loss: torch.Tensor, name: str) -> None:
+        self.strategy.nonfinite.record_loss(name, loss)  # judged before the update (step)
         self.strategy.backward(loss, name)
 
     def step(self, name: str) -> dict[str, float]:
-        """Clip, optimizer and lr step for `name` (at the accumulation boundary)."""
-        stepped = self.strategy.step(name)
+        """Clip, optimizer and lr step for `name` (at the accumulation boundary), unless its
+        loss or gradients are not finite: then train.nonfinite decides (gentrain.nonfinite)."""
+        try:
+            stepped = self.strategy.step(name)
+        except NonFiniteFound as found:
+            message = stop_message(found.finding, self.global_step, self.strategy.nonfinite_facts(name))
+            raise NonFiniteError(message) from None
         return {f"{key}/{name}": value for key, value in stepped.items()}
 
     def ema_update(self, name: str, decay: float) -> None:

@@ -18,7 +18,6 @@ a step; the engine owns when things happen.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Callable, Iterator
@@ -31,6 +30,7 @@ from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
+from gentrain.nonfinite import check_weights
 from gentrain.optim import make_optimizer
 from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec
@@ -152,12 +152,9 @@ class Engine:
             self.ctx.global_step = self.step
             with self.strategy.micro_step(is_last=micro == accum - 1):
                 metrics = self.job.train_step(self.ctx, batch)
-            loss = metrics.get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {self.step} on rank {self.rank}; checkpoints up to "
-                    f"the last good one are kept in {self.spec.run_dir}. Lower "
-                    "train.optimizer.lr, set train.grad_clip, or try strategy.precision=fp32")
+            # Non-finite losses and gradients were judged before the update, on every rank
+            # alike (ctx.step, gentrain.nonfinite): here a skipped step's metrics are left
+            # out of the progress means (Window).
             for key, value in metrics.items():
                 weight = 1.0 if "/" in key else 1.0 / accum  # step outputs come once
                 totals[key] = totals.get(key, 0.0) + value * weight
@@ -180,6 +177,8 @@ class Engine:
                 metrics[f"train/lr/{name}"] = lr
         if spec.data.on_error == "skip":
             metrics["data/skipped_samples"] = self.skipped_samples()
+        if spec.train.nonfinite == "skip":  # the same on every rank: the guard's flags are all-reduced
+            metrics["train/nonfinite_skipped"] = self.strategy.nonfinite.skipped
         return metrics
 
     def _report(self, window: Window) -> None:
@@ -228,6 +227,7 @@ class Engine:
         os.makedirs(directory, exist_ok=True)
         skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
         exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
+        check_weights(exported, self.step, lambda flag: self.strategy.all_reduce(flag, op="sum"))
         self.strategy.save(directory, self.rank)
         if self.rank == 0:
             # Plain fp32 weights of every network: sampling, eval and scoring load these

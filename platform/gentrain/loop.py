@@ -19,6 +19,7 @@ import torch
 
 from gentrain.checkpoint import newest_good_checkpoint, step_dir_name
 from gentrain.engine import Engine
+from gentrain.nonfinite import NonFiniteError, can_hand_over, write_stop
 from gentrain.launch.console import route_worker_logs, worker_print
 from gentrain.paths import is_remote
 from gentrain.spec import JobSpec
@@ -41,7 +42,16 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
                         device=_device(spec), logger=logger, print_fn=worker_print)
         engine.run_id = run_id
         restore(engine, spec)
-        engine.fit(save=report_checkpoint)
+        try:
+            engine.fit(save=report_checkpoint)
+        except NonFiniteError as error:
+            # Every rank raises it at the same step (an all-reduced decision). Raised to Ray
+            # Train it would be retried up to checkpoint.max_failures times and fail the same
+            # way: the ranks end here instead and the driver raises it (gentrain.nonfinite).
+            if not can_hand_over(spec.run_dir):
+                raise
+            if rank == 0:
+                write_stop(spec.run_dir, error)
     finally:
         if logger:
             logger.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -11,15 +12,22 @@ class Window:
     def __init__(self):
         self.start = time.perf_counter()
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
 
     def add(self, metrics: dict[str, float]) -> None:
+        """One step's metrics; non-finite values (a step that train.nonfinite=skip dropped)
+        are left out of the means, not averaged in."""
         self.count += 1
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            finite = math.isfinite(value)
+            self.sums[key] = self.sums.get(key, 0.0) + (value if finite else 0.0)
+            self.counts[key] = self.counts.get(key, 0) + finite
 
     def means(self) -> dict[str, float]:
-        return {key: value / self.count for key, value in self.sums.items()}
+        # The same keys on every rank (they are all-reduced in order): nan where none was finite.
+        return {key: value / self.counts[key] if self.counts[key] else math.nan
+                for key, value in self.sums.items()}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -92,6 +92,9 @@ class TrainSection:
     grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, help="null disables clipping"))
     seed: int = 0
     log_every: int = field(default=10, metadata=bounds(ge=1))
+    # A non-finite loss or gradient (gentrain.nonfinite): stop the run, or skip the update.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    nonfinite_max_skips: int = field(default=10, metadata=bounds(ge=0, help="skipped updates in a row before stopping"))
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
 

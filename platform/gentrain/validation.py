@@ -31,7 +31,7 @@ from gentrain.registry import UnknownJobType, get_job_type, job_types
 from gentrain.schema import SpecError, to_dict
 from gentrain.spec import EvalSection, JobSpec, apply_overrides, build_spec, read_yaml
 from gentrain.spec_checks import check_storage, expand_user, spec_problems
-from gentrain.strategies.limits import fp16_problem, fsdp_problem
+from gentrain.strategies.limits import fp16_problem, fsdp_problem, nonfinite_problem
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ def strategy_problems(spec: JobSpec) -> list[str]:
     problems = [fp16_problem(strategy.precision, spec.scaling.use_gpu)]
     if strategy.name == "accelerate":
         problems.append(fsdp_problem(strategy.accelerate_mode, spec.scaling.use_gpu))
+    problems.append(nonfinite_problem(strategy.name, spec.train.nonfinite))
     problems = [problem for problem in problems if problem]
     if strategy.name == "deepspeed" and strategy.deepspeed_config:
         from gentrain.strategies.base import StepSettings

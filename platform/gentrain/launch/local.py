@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gentrain.checkpoint import forget_ray_snapshot, newest_good_checkpoint
 from gentrain.data.index import default_cache_dir, resolve_builtin
+from gentrain.nonfinite import clear_stop, raise_if_stopped
 from gentrain.spec import JobSpec, dump_yaml
 from gentrain.validation import ValidatedJob
 
@@ -180,9 +181,11 @@ def run(job: ValidatedJob) -> RunSummary:
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
     trainer = build_trainer(job, run_id, uri)
     spool = tracking.spool_dir_for(spec.run_dir)
+    clear_stop(spec.run_dir)
     try:
         with _sigterm_as_interrupt():
             result = trainer.fit()
+        raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see
             ending = tracking.end_run(uri, run_id, "KILLED" if _interrupted() else "FAILED", spool)

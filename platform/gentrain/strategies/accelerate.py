@@ -156,12 +156,17 @@ class AccelerateStrategy(Strategy):
         if accelerator.scaler is not None:
             # fp16 (GPU): Accelerate's clip_grad_norm_ unscales *every* optimizer's
             # gradients; a GAN accumulating the other network's gradients would have them
-            # unscaled twice. Unscale this optimizer only, then clip (already all-reduced).
+            # unscaled twice. Unscale this optimizer only (gradients already all-reduced).
             accelerator.unscale_gradients(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            # DDP has all-reduced the gradients: this is the true global norm.
-            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        # DDP has all-reduced the gradients: this is the true global norm. Checked before
+        # clipping, which would spread one non-finite gradient over all of them.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not self._update_allowed(name, params, grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:
+                accelerator.scaler.update()  # unscaled above: the scaler expects an update
+            return {}
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # fp16: an overflow skips the update; the schedule waits too (as under DDP/DeepSpeed).

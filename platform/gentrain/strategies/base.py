@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gentrain.ema import EMA
+from gentrain.nonfinite import NonFiniteGuard, SpecFacts, first_nonfinite
 from gentrain.optim import make_scheduler
 from gentrain.spec import StrategySection, TrainSection
 
@@ -49,11 +50,14 @@ class StepSettings:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     # optimizer -> its lr schedule, stepped once per optimizer step
     scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] = constant_lr
+    nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" or "skip" (gentrain.nonfinite)
+    nonfinite_max_skips: int = 10
 
     @classmethod
     def from_train(cls, train: TrainSection) -> StepSettings:
         return cls(batch_size=train.batch_size, grad_accum=train.grad_accum, grad_clip=train.grad_clip,
-                   scheduler=functools.partial(make_scheduler, total_steps=train.steps, schedule=train.schedule))
+                   scheduler=functools.partial(make_scheduler, total_steps=train.steps, schedule=train.schedule),
+                   nonfinite=train.nonfinite, nonfinite_max_skips=train.nonfinite_max_skips)
 
 
 class Strategy(ABC):
@@ -66,6 +70,10 @@ class Strategy(ABC):
         self.grad_accum = settings.grad_accum
         self.grad_clip = settings.grad_clip
         self.ema = EMA(self.full_weights)  # averaged weights: ctx.ema_update fills it
+        # Checked before every update (gentrain.nonfinite); under fp16 the loss scaler
+        # handles gradient overflow itself, so only the loss is checked there.
+        self.nonfinite = NonFiniteGuard(settings.nonfinite, settings.nonfinite_max_skips,
+                                        check_gradients=section.precision != "fp16")
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._last_micro = True
 
@@ -113,6 +121,19 @@ class Strategy(ABC):
     @abstractmethod
     def step(self, name: str) -> dict[str, float]:
         """Clip, step optimizer and schedule, zero grads; returns {'grad_norm': ...}."""
+
+    def nonfinite_facts(self, name: str) -> SpecFacts:
+        """What the advice of a non-finite stop depends on."""
+        return SpecFacts(self.settings.nonfinite, self.settings.nonfinite_max_skips, self.grad_clip,
+                         self.section.precision, self.lr(name))
+
+    def _update_allowed(self, name: str, params: list[torch.Tensor], grad_norm: torch.Tensor | None) -> bool:
+        """Replicated strategies (DDP, Accelerate): the gradients are all-reduced, so their
+        norm is the global one; the guard adds the ranks' loss flags (gentrain.nonfinite)."""
+        bad = None if grad_norm is None else ~torch.isfinite(grad_norm)
+        return self.nonfinite.allows_update(
+            name, bad, lambda flags: self.all_reduce(flags, op="sum"),
+            lambda: first_nonfinite((key, p.grad) for key, p in self.unwrap(name).named_parameters()))
 
     def lr(self, name: str) -> float | None:
         """The current learning rate of `name`'s optimizer (None: `name` is not trained).

@@ -68,9 +68,16 @@ class DDPStrategy(Strategy):
         optimizer = self._optimizers[name]
         self._scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        # DDP has all-reduced the gradients: this norm is the true global norm.
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # DDP has all-reduced the gradients: this norm is the true global norm. Checked
+        # before clipping, which would spread one non-finite gradient over all of them.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not self._update_allowed(name, params, grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            if self._scaler.is_enabled():
+                self._scaler.update()  # unscale_ was called: the scaler expects an update
+            return {}
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm)
         scale = self._scaler.get_scale() if self._scaler.is_enabled() else None
         self._scaler.step(optimizer)
         self._scaler.update()

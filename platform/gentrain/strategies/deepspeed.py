@@ -24,6 +24,7 @@ from gentrain.ema import EMA
 from gentrain.schema import SpecError
 from gentrain.spec import StrategySection
 from gentrain.strategies.base import LOW_PRECISION_DTYPES, StepSettings, Strategy
+from gentrain.strategies.limits import nonfinite_problem
 
 EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
 
@@ -120,6 +121,9 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(section, settings, device)
         # EMA copies without what ZeRO hangs on the network (hooks, partitions): _detached_copy.
         self.ema = EMA(self.full_weights, copy=lambda module: _detached_copy(module).eval())
+        problem = nonfinite_problem(section.name, settings.nonfinite)
+        if problem:
+            raise ValueError(problem)
 
     def setup(self, modules, optimizers):
         if not torch.distributed.is_initialized():
@@ -206,6 +210,12 @@ class DeepSpeedStrategy(Strategy):
             # Plain fp32 without ZeRO: DeepSpeed computes no norm, but the gradients are
             # already all-reduced here, so this is the true global norm before clipping.
             norm = _grad_norm(engine.module)
+        if self._last_micro:
+            # Before engine.step(): ZeRO 1-2 would silently skip a non-finite fp32 step,
+            # and bf16 ones would update the weights with it.
+            self.nonfinite.allows_update(  # stop raises; skip is refused at set-up
+                name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
+                lambda: _first_nonfinite_full(engine))
         engine.step()  # every micro-step: the engine only updates at the boundary
         if not self._last_micro:
             return {}
@@ -299,6 +309,40 @@ def _import_deepspeed(device: torch.device):
     import deepspeed
 
     return deepspeed
+
+
+def _local_gradients_bad(engine) -> torch.Tensor:
+    """Whether this rank's gradients (its partitions under ZeRO) hold a non-finite value."""
+    from deepspeed.utils import safe_get_local_grad
+
+    from gentrain.nonfinite import any_nonfinite
+
+    optimizer = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        return any_nonfinite(safe_get_local_grad(p) for p in engine.module.parameters() if p.requires_grad)
+    if stage in (1, 2):
+        if getattr(optimizer, "cpu_offload", False):  # reduced into the fp32 CPU partitions
+            return any_nonfinite(group.grad for group in optimizer.single_partition_of_fp32_groups)
+        # This rank's reduced partitions (what DeepSpeed's own overflow check reads).
+        return any_nonfinite(grad for grads in optimizer.averaged_gradients.values() for grad in grads or [])
+    if getattr(optimizer, "_hp_grad", None) is not None or any(  # BF16_Optimizer: fp32 accumulators
+            getattr(p, "_hp_grad", None) is not None for p in engine.module.parameters()):
+        from deepspeed.utils import safe_get_full_grad
+
+        return any_nonfinite(safe_get_full_grad(p) for p in engine.module.parameters() if p.requires_grad)
+    return any_nonfinite(p.grad for p in engine.module.parameters())  # all-reduced already
+
+
+def _first_nonfinite_full(engine) -> str | None:
+    """The first parameter whose full gradient is not finite: a collective under ZeRO (every
+    rank calls it, in the same order, only once a non-finite step was agreed on)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from gentrain.nonfinite import first_nonfinite
+
+    params = [(key, p) for key, p in engine.module.named_parameters() if p.requires_grad]
+    return first_nonfinite((key, safe_get_full_grad(p)) for key, p in params)
 
 
 def _grad_norm(module: nn.Module) -> torch.Tensor:

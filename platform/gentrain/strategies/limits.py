@@ -7,6 +7,7 @@ Both are combinations a library would silently run as something else:
 - Accelerate's FSDP: on a CPU Accelerate 1.15 never enters FSDP (it keeps DDP), and
   gentrain's GPU FSDP path (sharded EMA, gathering for samples, sharded checkpoints) is
   not built yet.
+And one policy DeepSpeed's engine leaves no room for: train.nonfinite=skip.
 """
 
 from __future__ import annotations
@@ -28,3 +29,12 @@ def fsdp_problem(accelerate_mode: str, on_gpu: bool) -> str | None:
     return (f"strategy.accelerate_mode: 'fsdp' is not supported yet ({where}); use "
             "strategy.accelerate_mode=ddp, or strategy.name=deepspeed with strategy.zero_stage=3 "
             "to shard parameters")
+
+
+def nonfinite_problem(strategy_name: str, policy: str) -> str | None:
+    """train.nonfinite=skip under DeepSpeed would have to undo what its engine has already
+    reduced into partitions (its own skipping is fp16 loss scaling): not built yet."""
+    if strategy_name == "deepspeed" and policy == "skip":
+        return ("train.nonfinite: 'skip' is not supported with strategy.name=deepspeed yet; use "
+                "train.nonfinite=stop (the default), or strategy.name=ddp to skip non-finite steps")
+    return None

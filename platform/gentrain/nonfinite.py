@@ -1,0 +1,214 @@
+"""Non-finite losses and gradients, found before the optimizer update, alike on every rank.
+
+    gentrain run vae/debug train.optimizer.lr=1e30              # stops at the first bad step
+    gentrain run vae/debug train.nonfinite=skip                 # skips it, counts it, goes on
+
+Each strategy's `step(name)` asks its `NonFiniteGuard` before it updates `name`: the
+losses `backward` saw for `name` since the last update and this rank's gradients (its
+partitions under ZeRO) give two flags, all-reduced, so every rank takes the same branch
+(a rank-local decision would leave the others waiting in DDP's or ZeRO's collectives).
+Under fp16 the gradients are the loss scaler's business (an overflow skips the step and
+lowers the scale, under DDP, Accelerate and DeepSpeed alike): only the loss is checked.
+
+train.nonfinite (the spec's policy):
+- stop: `NonFiniteError` naming the step, the network, whether the loss or a gradient
+  was not finite, the first such parameter ("decoder.net.3.weight") and advice that
+  depends on the spec. The weights are those before that step. A deterministic failure:
+  the worker does not raise it to Ray Train (which would retry it up to
+  checkpoint.max_failures times, unchanged); every rank ends its loop, rank 0 leaves
+  STOP_FILE in the run folder, and the driver raises it (`raise_if_stopped`).
+- skip: the step's gradients are dropped and nothing is updated (nor the lr schedule);
+  counted as train/nonfinite_skipped; more than train.nonfinite_max_skips in a row stop.
+
+A checkpoint is never written from non-finite weights: `check_weights` runs before every
+save, on every rank, and raises NonFiniteError instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+STOP_FILE = "nonfinite-stop.json"  # in the run folder: written by rank 0, read by the driver
+
+
+class NonFiniteError(FloatingPointError, RuntimeError):
+    """A non-finite loss, gradient or weight: the same run would fail the same way again."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    network: str
+    source: str  # "loss" or "gradient"
+    parameter: str | None  # the first parameter (in the network's order) whose gradient is not finite
+    consecutive: int = 1  # skipped updates in a row, this one included
+
+
+class NonFiniteFound(Exception):
+    """Raised by a strategy's step; StepContext.step turns it into a NonFiniteError with the step."""
+
+    def __init__(self, finding: Finding):
+        super().__init__(finding)
+        self.finding = finding
+
+
+class NonFiniteGuard:
+    """One per strategy: records losses at backward, decides at each update."""
+
+    def __init__(self, policy: str = "stop", max_skips: int = 10, check_gradients: bool = True):
+        self.policy = policy
+        self.max_skips = max_skips
+        self.check_gradients = check_gradients  # False under fp16: the loss scaler handles overflow
+        self.skipped = 0  # updates skipped in this process (train/nonfinite_skipped adds a restart's)
+        self.consecutive = 0
+        self._loss_bad: dict[str, torch.Tensor] = {}
+
+    def record_loss(self, name: str, loss: torch.Tensor) -> None:
+        """Called at every backward; no host sync (the flag stays a tensor until the update)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        previous = self._loss_bad.get(name)
+        self._loss_bad[name] = bad if previous is None else previous | bad
+
+    def allows_update(self, name: str, local_gradients_bad: torch.Tensor | bool | None,
+                      all_reduce: Callable[[torch.Tensor], torch.Tensor],
+                      first_bad_parameter: Callable[[], str | None]) -> bool:
+        """True: update `name`. False: skip it (the caller drops the gradients). Raises
+        NonFiniteFound under stop, or past max_skips. A collective: every rank calls it."""
+        loss_bad = self._loss_bad.pop(name, None)
+        flags = torch.tensor([float(loss_bad) if loss_bad is not None else 0.0,
+                              float(local_gradients_bad) if self.check_gradients and local_gradients_bad is not None else 0.0],
+                             dtype=torch.float32)
+        flags = all_reduce(flags)  # a sum: any rank's flag counts on every rank
+        if not bool((flags > 0).any()):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        # Every rank names the parameter the same way (under ZeRO a collective, in the same order).
+        finding = Finding(name, "loss" if flags[0] > 0 else "gradient", first_bad_parameter(), self.consecutive)
+        if self.policy == "skip" and self.consecutive <= self.max_skips:
+            self.skipped += 1
+            _rank0_print(f"[gentrain] skipped an update of {name}: {_what(finding)} "
+                         f"(train.nonfinite=skip; {self.consecutive} in a row, at most {self.max_skips})")
+            return False
+        raise NonFiniteFound(finding)
+
+
+def first_nonfinite(named_gradients: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
+    for name, grad in named_gradients:
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            return name
+    return None
+
+
+def any_nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """One bool tensor for all `tensors` (no host sync per tensor)."""
+    flags = [~torch.isfinite(t.detach()).all() for t in tensors if t is not None]
+    return torch.stack(flags).any().cpu() if flags else torch.tensor(False)
+
+
+# -- the report ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpecFacts:
+    """What the advice depends on (strategy and train sections)."""
+
+    policy: str
+    max_skips: int
+    grad_clip: float | None
+    precision: str
+    lr: float | None
+
+
+def _what(finding: Finding) -> str:
+    if finding.source == "loss":
+        return f"its loss is not finite (so are the gradients from it{_first(finding)})"
+    if finding.parameter is None:
+        return "its gradient norm is not finite (every gradient is finite, their norm overflows)"
+    return f"the gradient of {finding.parameter} is not finite (the first in parameter order; the loss was finite)"
+
+
+def _first(finding: Finding) -> str:
+    return f", first {finding.parameter}" if finding.parameter else ""
+
+
+def stop_message(finding: Finding, step: int, facts: SpecFacts) -> str:
+    """The error of train.nonfinite=stop (or of too many skips): what, where, what to change."""
+    if finding.consecutive > 1:
+        head = (f"non-finite values at step {step} in network {finding.network!r}, {finding.consecutive} "
+                f"updates in a row (train.nonfinite_max_skips={facts.max_skips}): {_what(finding)}")
+    else:
+        head = f"non-finite values at step {step} in network {finding.network!r}: {_what(finding)}"
+    advice = []
+    if facts.lr is not None:
+        advice.append(f"lower train.optimizer.lr (now {facts.lr:g}), e.g. train.optimizer.lr={facts.lr / 10:g}")
+    if facts.grad_clip is None:
+        advice.append("set train.grad_clip (e.g. 1.0)")
+    if facts.precision != "fp32":
+        advice.append(f"try strategy.precision=fp32 (now {facts.precision})")
+    if facts.policy == "stop":
+        advice.append("or skip such steps with train.nonfinite=skip")
+    else:
+        advice.append(f"or allow more in a row: train.nonfinite_max_skips (now {facts.max_skips})")
+    return (f"{head}. No update was made at this step: the weights are those of step {step}. "
+            f"To fix: {'; '.join(advice)}.")
+
+
+# -- weights before a save ---------------------------------------------------------------
+def check_weights(exported: dict[str, dict[str, torch.Tensor]], step: int,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Raise NonFiniteError (on every rank alike) if any exported weight is not finite."""
+    bad = None
+    for network, state in exported.items():
+        bad = bad or next((f"{network}: {key}" for key, value in state.items()
+                           if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if float(all_reduce(torch.tensor([1.0 if bad else 0.0]))[0]) > 0:
+        where = f" ({bad})" if bad else " (on another rank's share)"
+        raise NonFiniteError(f"refusing to save the checkpoint of step {step}: its weights are not "
+                             f"finite{where}. Earlier checkpoints are kept; lower "
+                             "train.optimizer.lr or set train.grad_clip, and run again")
+
+
+# -- not retried: the worker's stop reaches the driver through the run folder ------------------
+def can_hand_over(run_dir: str) -> bool:
+    """A local (or shared) run folder carries the stop to the driver; with remote storage the
+    worker raises to Ray Train as any failure (and checkpoint.max_failures retries it)."""
+    return "://" not in run_dir
+
+
+def write_stop(run_dir: str, error: NonFiniteError) -> None:
+    """Rank 0: leave the error for the driver (see raise_if_stopped)."""
+    os.makedirs(run_dir, exist_ok=True)
+    temporary = os.path.join(run_dir, STOP_FILE + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump({"message": str(error), "time": time.time()}, handle)
+    os.replace(temporary, os.path.join(run_dir, STOP_FILE))
+
+
+def clear_stop(run_dir: str) -> None:
+    """Before a run: a previous run's stop is not this one's."""
+    if "://" not in run_dir:
+        try:
+            os.remove(os.path.join(run_dir, STOP_FILE))
+        except FileNotFoundError:
+            pass
+
+
+def raise_if_stopped(run_dir: str) -> None:
+    """On the driver after training: raise the workers' NonFiniteError, if they stopped on one."""
+    path = os.path.join(run_dir, STOP_FILE)
+    if "://" in run_dir or not os.path.exists(path):
+        return
+    with open(path) as handle:
+        message = json.load(handle)["message"]
+    raise NonFiniteError(f"{message}\n(not retried: the same steps would fail the same way; "
+                         "checkpoint.max_failures applies to crashes, not to non-finite values)")
+
+
+def _rank0_print(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
