@@ -120,31 +120,35 @@ class SpecFacts:
     max_skips: int
     grad_clip: float | None
     precision: str
-    lr: float | None
+    lr: float | None  # at the failing step (after warm-up and schedule)
+    base_lr: float | None = None  # before the schedule: what train.optimizer.lr sets
 
 
 def _what(finding: Finding) -> str:
     if finding.source == "loss":
-        return f"its loss is not finite (so are the gradients from it{_first(finding)})"
+        if finding.parameter is None:
+            return "its loss is not finite (its gradients are finite)"
+        return f"its loss is not finite (and so are its gradients, first {finding.parameter})"
     if finding.parameter is None:
         return "its gradient norm is not finite (every gradient is finite, their norm overflows)"
     return f"the gradient of {finding.parameter} is not finite (the first in parameter order; the loss was finite)"
 
 
-def _first(finding: Finding) -> str:
-    return f", first {finding.parameter}" if finding.parameter else ""
-
-
-def stop_message(finding: Finding, step: int, facts: SpecFacts) -> str:
-    """The error of train.nonfinite=stop (or of too many skips): what, where, what to change."""
+def stop_message(finding: Finding, done: int, facts: SpecFacts) -> str:
+    """The error of train.nonfinite=stop (or of too many skips): what, where, what to change.
+    `done`: optimizer steps done before it, so the failing one is step done+1 (as the
+    progress lines and step-N checkpoints count)."""
+    step = done + 1
     if finding.consecutive > 1:
         head = (f"non-finite values at step {step} in network {finding.network!r}, {finding.consecutive} "
                 f"updates in a row (train.nonfinite_max_skips={facts.max_skips}): {_what(finding)}")
     else:
         head = f"non-finite values at step {step} in network {finding.network!r}: {_what(finding)}"
     advice = []
-    if facts.lr is not None:
-        advice.append(f"lower train.optimizer.lr (now {facts.lr:g}), e.g. train.optimizer.lr={facts.lr / 10:g}")
+    base = facts.base_lr if facts.base_lr is not None else facts.lr
+    if base is not None:
+        now = f"; {facts.lr:g} at this step of the schedule" if facts.lr is not None and facts.lr != base else ""
+        advice.append(f"lower train.optimizer.lr (now {base:g}{now}), e.g. train.optimizer.lr={base / 10:g}")
     if facts.grad_clip is None:
         advice.append("set train.grad_clip (e.g. 1.0)")
     if facts.precision != "fp32":
@@ -153,7 +157,7 @@ def stop_message(finding: Finding, step: int, facts: SpecFacts) -> str:
         advice.append("or skip such steps with train.nonfinite=skip")
     else:
         advice.append(f"or allow more in a row: train.nonfinite_max_skips (now {facts.max_skips})")
-    return (f"{head}. No update was made at this step: the weights are those of step {step}. "
+    return (f"{head}. Step {step} made no update: the weights are those after step {done}. "
             f"To fix: {'; '.join(advice)}.")
 
 
@@ -204,6 +208,7 @@ def raise_if_stopped(run_dir: str) -> None:
         return
     with open(path) as handle:
         message = json.load(handle)["message"]
+    os.remove(path)  # told once; the run's checkpoints and logs keep the rest
     raise NonFiniteError(f"{message}\n(not retried: the same steps would fail the same way; "
                          "checkpoint.max_failures applies to crashes, not to non-finite values)")
 

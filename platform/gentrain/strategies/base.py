@@ -125,7 +125,12 @@ class Strategy(ABC):
     def nonfinite_facts(self, name: str) -> SpecFacts:
         """What the advice of a non-finite stop depends on."""
         return SpecFacts(self.settings.nonfinite, self.settings.nonfinite_max_skips, self.grad_clip,
-                         self.section.precision, self.lr(name))
+                         self.section.precision, self.lr(name), self.base_lr(name))
+
+    def base_lr(self, name: str) -> float | None:
+        """`name`'s learning rate before the schedule (the spec's, or the job type's for it)."""
+        optimizer = self._optimizers.get(name)
+        return optimizer.param_groups[0].get("initial_lr") if optimizer is not None else None
 
     def _update_allowed(self, name: str, params: list[torch.Tensor], grad_norm: torch.Tensor | None) -> bool:
         """Replicated strategies (DDP, Accelerate): the gradients are all-reduced, so their

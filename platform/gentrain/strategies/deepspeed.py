@@ -227,6 +227,10 @@ class DeepSpeedStrategy(Strategy):
         engine = self._engines.get(name)
         return engine.get_lr()[0] if engine is not None else None
 
+    def base_lr(self, name):
+        engine = self._engines.get(name)
+        return engine.optimizer.param_groups[0].get("initial_lr") if engine is not None else None
+
     # -- full weights -----------------------------------------------------------------------
     def gathered(self, name: str):
         engine = self._engines.get(name)

@@ -1,7 +1,7 @@
 """Non-finite losses and gradients on real process groups: found before the update, alike on
 every rank (gentrain.nonfinite), under DDP (world 1 and 2) and DeepSpeed ZeRO-2 (world 2).
 
-    PYTHONPATH=platform:jobs .venv/bin/python -m pytest -q tests/distributed/test_nonfinite.py
+    PYTHONPATH=platform:jobs .venv/bin/python -m pytest -q tests/distributed/test_nonfinite_world.py
 
 A NaN is injected at step POISON on the last rank only, into one parameter's gradient (a
 tensor hook, before DDP's and ZeRO's reductions) or into the loss: the other ranks must
@@ -102,7 +102,7 @@ def _stopped(result: dict, source: str) -> None:
     assert result["step"] == POISON
     assert result["unchanged"], "an update happened at the non-finite step"
     message = result["error"]
-    assert f"at step {POISON} in network 'vae'" in message
+    assert f"at step {POISON + 1} in network 'vae'" in message
     assert PARAMETER in message if source == "gradient" else "its loss is not finite" in message
     # Advice that fits the spec: grad_clip is set (1.0) and precision is fp32, so neither is suggested.
     assert "train.optimizer.lr (now" in message and "train.nonfinite=skip" in message
