@@ -4,40 +4,49 @@ the weights of an uninterrupted run.
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/faults/test_damaged_checkpoints.py -q
 
-One uninterrupted reference run (12 steps, a checkpoint every 4, two Ray workers, fp32)
-is shared; each test copies its folders, damages them as a crash or a full disk would,
-and reruns. Two damage kinds per rerun keep the file near 2 minutes on 2 cores.
+One uninterrupted reference run (12 steps, a checkpoint every 2, two Ray workers, fp32)
+is shared. One test copies its folders, damages the four newest as a crash, a full disk
+or a hand would (one kind each) and reruns; one kills a worker the moment a checkpoint is
+complete on disk. Three runs in all: about 2.5 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from gentrain.checkpoint import MODEL_FILE, META_FILE, RAY_SNAPSHOT_FILE, step_dir_name
+from gentrain.checkpoint import MODEL_FILE, META_FILE, RAY_SNAPSHOT_FILE, checkpoint_problem, step_dir_name
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "vae-debug"
-SETTINGS = ["train.steps=12", "train.schedule.warmup_steps=2", "checkpoint.every=4",
+SETTINGS = ["train.steps=12", "train.schedule.warmup_steps=2", "checkpoint.every=2",
             "checkpoint.keep=10", "scaling.num_workers=2", "eval.every=0", "eval.max_batches=1",
             "train.log_every=4", "tracking.enabled=false", "strategy.precision=fp32"]
 
 
-def gentrain_run(storage: Path) -> subprocess.CompletedProcess:
+def command(storage: Path, *extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT / "jobs"),
                                          env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "gentrain.cli", "run", "vae/debug", f"name={NAME}",
-         f"storage_path={storage}", *SETTINGS],
-        cwd=storage.parent, env=env, capture_output=True, text=True, timeout=300)
+    storage.mkdir(parents=True, exist_ok=True)
+    return dict(args=[sys.executable, "-m", "gentrain.cli", "run", "vae/debug", f"name={NAME}",
+                      f"storage_path={storage}", *SETTINGS, *extra],
+                cwd=storage.parent, env=env, text=True)
+
+
+def gentrain_run(storage: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(**command(storage), capture_output=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "Traceback" not in output, output[-6000:]
@@ -52,7 +61,7 @@ def weights(run_dir: Path, step: int = 12) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The run directory of one uninterrupted run: step-4, step-8 and step-12 folders."""
+    """The run directory of one uninterrupted run: step-2, step-4, ... step-12 folders."""
     storage = tmp_path_factory.mktemp("reference") / "runs"
     gentrain_run(storage)
     run_dir = storage / NAME
@@ -84,30 +93,61 @@ def assert_resumed_to_the_same_weights(result, reference: Path, run_dir: Path, s
         torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
 
 
-def test_truncated_model_and_half_written_state_fall_back_past_both(reference, tmp_path):
+def test_damaged_folders_of_each_kind_fall_back_to_the_newest_good_one(reference, tmp_path):
     run_dir = damaged_copy(reference, tmp_path)
-    kept, expected = cut(run_dir / step_dir_name(12) / MODEL_FILE)  # truncated model file
+    shutil.rmtree(run_dir / step_dir_name(12))  # deleted entirely: Ray's snapshot still names it
+    assert "step-00000012" in (run_dir / RAY_SNAPSHOT_FILE).read_text()
+    kept, expected = cut(run_dir / step_dir_name(10) / MODEL_FILE)  # a truncated model file
     state_kept, state_expected = cut(run_dir / step_dir_name(8) / "ddp_state.pt")  # metadata, half a file
+    (run_dir / step_dir_name(6) / META_FILE).unlink()  # weights without step and data position
 
     result = gentrain_run(run_dir.parent)
 
     out = result.stdout
-    assert (f"[gentrain] not using step-00000012: model.pt is {kept:,} bytes, expected {expected:,} "
+    assert (f"[gentrain] not using step-00000010: model.pt is {kept:,} bytes, expected {expected:,} "
             "(truncated?); falling back to step-00000004") in out, out
     assert (f"[gentrain] not using step-00000008: ddp_state.pt is {state_kept:,} bytes, expected "
             f"{state_expected:,} (truncated?); falling back to step-00000004") in out, out
-    assert_resumed_to_the_same_weights(result, reference, run_dir, 4)
-
-
-def test_missing_metadata_and_deleted_folder_fall_back_and_ray_still_starts(reference, tmp_path):
-    run_dir = damaged_copy(reference, tmp_path)
-    (run_dir / step_dir_name(8) / META_FILE).unlink()  # weights without step and data position
-    shutil.rmtree(run_dir / step_dir_name(12))  # Ray's snapshot still names it
-    assert "step-00000012" in (run_dir / RAY_SNAPSHOT_FILE).read_text()
-
-    result = gentrain_run(run_dir.parent)
-
-    out = result.stdout
-    assert "[gentrain] not using step-00000008: no gentrain.json" in out, out
+    assert ("[gentrain] not using step-00000006: no gentrain.json (never finished: weights without "
+            "their step and data position); falling back to step-00000004") in out, out
     assert "does not exist anymore" not in out + result.stderr
     assert_resumed_to_the_same_weights(result, reference, run_dir, 4)
+
+
+def train_workers(root_pid: int) -> list[psutil.Process]:
+    """Ray Train worker processes under a `gentrain run` (its embedded Ray)."""
+    found = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_complete_folder_is_used_even_if_a_kill_beat_its_registration(reference, tmp_path):
+    """SIGKILL of a worker the moment step-4 is complete on disk (its report may not have
+    reached Ray's controller): the restarted workers continue from step 4 or later, never
+    from the start, and the run ends with the uninterrupted weights."""
+    storage = tmp_path / "runs"
+    run = subprocess.Popen(**command(storage, "checkpoint.max_failures=1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = storage / NAME / step_dir_name(4)
+    deadline = time.monotonic() + 240
+    while checkpoint_problem(first) is not None:
+        assert run.poll() is None, run.stdout.read()[-6000:]
+        assert time.monotonic() < deadline, "step-4 never became a complete checkpoint"
+        time.sleep(0.02)
+    victims = train_workers(run.pid)
+    assert victims, "no RayTrainWorker process found to kill"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output[-6000:]
+    resumed = re.findall(r"\[gentrain\] resumed from step (\d+) \((.*?)\)", output)
+    assert resumed, f"killed {victims[-1].pid} but no restart:\n{output[-6000:]}"
+    step, folder = int(resumed[0][0]), Path(resumed[0][1])
+    assert step >= 4 and folder == storage / NAME / step_dir_name(step), output[-6000:]
+    expected, got = weights(reference), weights(storage / NAME)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
