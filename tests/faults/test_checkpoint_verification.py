@@ -113,3 +113,23 @@ def test_ray_snapshot_is_dropped_on_local_storage_only(tmp_path):
     assert forget_ray_snapshot(str(tmp_path)) and not (tmp_path / RAY_SNAPSHOT_FILE).exists()
     assert not forget_ray_snapshot(str(tmp_path))
     assert not forget_ray_snapshot("s3://bucket/runs/x")
+
+
+def test_engine_never_loads_weights_without_their_step_and_data_position(tmp_path):
+    import gentrain
+    from gentrain.engine import Engine
+
+    spec = gentrain.load("vae/debug", ["train.steps=3", "train.schedule.warmup_steps=2", "checkpoint.every=3",
+                                       "eval.every=0", "eval.num_samples=4", "eval.max_batches=1",
+                                       f"storage_path={tmp_path}", "tracking.enabled=false"])
+    Engine(spec, print_fn=None).fit()
+    folder = tmp_path / spec.name / step_dir_name(3)
+    assert checkpoint_problem(folder) is None  # what Engine.save writes passes
+    (folder / META_FILE).unlink()
+    fresh = Engine(spec, print_fn=None)
+    before = {k: v.clone() for k, v in fresh.strategy.export_state_dicts()["vae"].items()}
+    with pytest.raises(ValueError, match="not a usable checkpoint: no gentrain.json"):
+        fresh.restore(folder)
+    assert fresh.step == 0 and not fresh.resumed
+    for key, value in fresh.strategy.export_state_dicts()["vae"].items():
+        assert torch.equal(value, before[key]), key  # nothing was loaded
