@@ -1,5 +1,5 @@
 """Non-finite losses and gradients on real process groups: found before the update, alike on
-every rank (gentrain.nonfinite), under DDP (world 1 and 2) and DeepSpeed ZeRO-2 (world 2).
+every rank (gentrain.nonfinite), under DDP (worlds 1 and 2) and DeepSpeed ZeRO 0-3 (world 2).
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest -q tests/distributed/test_nonfinite_world.py
 
@@ -26,6 +26,9 @@ STEPS = 5
 POISON = 2  # the step whose gradient (or loss) is NaN on the last rank
 PARAMETER = "decoder.blocks.1.1.weight"
 ZERO2 = {"name": "deepspeed", "zero_stage": 2}
+# ZeRO-3 keeps parameters below this size gathered (default 1e5): 0 really partitions them.
+ZERO3 = {"name": "deepspeed", "zero_stage": 3,
+         "deepspeed_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
 DDP = {"name": "ddp"}
 
 
@@ -76,6 +79,9 @@ WORLD2_CASES = {
     **CASES,
     "zero2-stop-gradient": (ZERO2, "stop", "gradient"),
     "zero2-stop-loss": (ZERO2, "stop", "loss"),
+    "zero0-stop-gradient": ({"name": "deepspeed", "zero_stage": 0}, "stop", "gradient"),
+    "zero1-stop-gradient": ({"name": "deepspeed", "zero_stage": 1}, "stop", "gradient"),
+    "zero3-stop-gradient": (ZERO3, "stop", "gradient"),
 }
 
 
@@ -114,7 +120,8 @@ def test_stop_world1(world1, case):
     _stopped(world1[0][case], case.rsplit("-", 1)[1])
 
 
-@pytest.mark.parametrize("case", ["ddp-stop-gradient", "ddp-stop-loss", "zero2-stop-gradient", "zero2-stop-loss"])
+@pytest.mark.parametrize("case", ["ddp-stop-gradient", "ddp-stop-loss", "zero2-stop-gradient", "zero2-stop-loss",
+                                  "zero0-stop-gradient", "zero1-stop-gradient", "zero3-stop-gradient"])
 def test_stop_world2_every_rank_alike(world2, case):
     for rank_result in world2:  # poisoned on rank 1 only: rank 0 stops at the same step, same words
         _stopped(rank_result[case], case.rsplit("-", 1)[1])
