@@ -64,7 +64,7 @@ class NonFiniteGuard:
         self.policy = policy
         self.max_skips = max_skips
         self.check_gradients = check_gradients  # False under fp16: the loss scaler handles overflow
-        self.skipped = 0  # updates skipped in this process (train/nonfinite_skipped adds a restart's)
+        self.skipped = 0  # updates skipped in this process: train/nonfinite_skipped
         self.consecutive = 0
         self._loss_bad: dict[str, torch.Tensor] = {}
 
@@ -80,9 +80,9 @@ class NonFiniteGuard:
         """True: update `name`. False: skip it (the caller drops the gradients). Raises
         NonFiniteFound under stop, or past max_skips. A collective: every rank calls it."""
         loss_bad = self._loss_bad.pop(name, None)
-        flags = torch.tensor([float(loss_bad) if loss_bad is not None else 0.0,
-                              float(local_gradients_bad) if self.check_gradients and local_gradients_bad is not None else 0.0],
-                             dtype=torch.float32)
+        gradients_bad = local_gradients_bad if self.check_gradients else None
+        flags = torch.tensor([0.0 if loss_bad is None else float(loss_bad),
+                              0.0 if gradients_bad is None else float(gradients_bad)])
         flags = all_reduce(flags)  # a sum: any rank's flag counts on every rank
         if not bool((flags > 0).any()):
             self.consecutive = 0

@@ -70,7 +70,8 @@ def test_advice_depends_on_the_spec():
     message = stop_message(finding, 9, facts)
     assert message.startswith("non-finite values at step 10 in network 'generator': its loss is not finite")
     assert "first net.0.weight" in message
-    assert "train.optimizer.lr (now 0.0001; 5e-05 at this step of the schedule), e.g. train.optimizer.lr=1e-05" in message
+    assert ("train.optimizer.lr (now 0.0001; 5e-05 at this step of the schedule), "
+            "e.g. train.optimizer.lr=1e-05") in message
     assert "set train.grad_clip" in message and "strategy.precision=fp32 (now bf16)" in message
     assert "train.nonfinite_max_skips (now 4)" in message and "train.nonfinite=skip" not in message
 
