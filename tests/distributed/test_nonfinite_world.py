@@ -1,5 +1,6 @@
 """Non-finite losses and gradients on real process groups: found before the update, alike on
-every rank (gentrain.nonfinite), under DDP (worlds 1 and 2) and DeepSpeed ZeRO 0-3 (world 2).
+every rank (gentrain.nonfinite), under DDP (worlds 1 and 2), Accelerate and DeepSpeed ZeRO 0-3
+(world 2).
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest -q tests/distributed/test_nonfinite_world.py
 
@@ -82,6 +83,8 @@ WORLD2_CASES = {
     "zero0-stop-gradient": ({"name": "deepspeed", "zero_stage": 0}, "stop", "gradient"),
     "zero1-stop-gradient": ({"name": "deepspeed", "zero_stage": 1}, "stop", "gradient"),
     "zero3-stop-gradient": (ZERO3, "stop", "gradient"),
+    "accelerate-stop-gradient": ({"name": "accelerate"}, "stop", "gradient"),
+    "accelerate-skip-gradient": ({"name": "accelerate"}, "skip", "gradient"),
 }
 
 
@@ -121,17 +124,19 @@ def test_stop_world1(world1, case):
 
 
 @pytest.mark.parametrize("case", ["ddp-stop-gradient", "ddp-stop-loss", "zero2-stop-gradient", "zero2-stop-loss",
-                                  "zero0-stop-gradient", "zero1-stop-gradient", "zero3-stop-gradient"])
+                                  "zero0-stop-gradient", "zero1-stop-gradient", "zero3-stop-gradient",
+                                  "accelerate-stop-gradient"])
 def test_stop_world2_every_rank_alike(world2, case):
     for rank_result in world2:  # poisoned on rank 1 only: rank 0 stops at the same step, same words
         _stopped(rank_result[case], case.rsplit("-", 1)[1])
     assert world2[0][case]["error"] == world2[1][case]["error"]
 
 
-@pytest.mark.parametrize("world", ["world1", "world2"])
-def test_skip_drops_one_update_and_goes_on(world, request):
+@pytest.mark.parametrize("world, case", [("world1", "ddp-skip-gradient"), ("world2", "ddp-skip-gradient"),
+                                         ("world2", "accelerate-skip-gradient")])
+def test_skip_drops_one_update_and_goes_on(world, case, request):
     for rank_result in request.getfixturevalue(world):
-        result = rank_result["ddp-skip-gradient"]
+        result = rank_result[case]
         assert result["error"] is None
         assert result["skipped"] == 1
         assert result["finite"] and result["moved_after"]
