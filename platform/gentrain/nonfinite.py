@@ -46,7 +46,7 @@ class Finding:
     network: str
     source: str  # "loss" or "gradient"
     parameter: str | None  # the first parameter (in the network's order) whose gradient is not finite
-    consecutive: int = 1  # skipped updates in a row, this one included
+    consecutive: int = 1  # non-finite updates of this network in a row, this one included
 
 
 class NonFiniteFound(Exception):
@@ -65,7 +65,8 @@ class NonFiniteGuard:
         self.max_skips = max_skips
         self.check_gradients = check_gradients  # False under fp16: the loss scaler handles overflow
         self.skipped = 0  # updates skipped in this process: train/nonfinite_skipped
-        self.consecutive = 0
+        # per network: a GAN's generator stepping fine must not hide a critic skipped forever
+        self._in_a_row: dict[str, int] = {}
         self._loss_bad: dict[str, torch.Tensor] = {}
 
     def record_loss(self, name: str, loss: torch.Tensor) -> None:
@@ -85,15 +86,15 @@ class NonFiniteGuard:
                               0.0 if gradients_bad is None else float(gradients_bad)])
         flags = all_reduce(flags)  # a sum: any rank's flag counts on every rank
         if not bool((flags > 0).any()):
-            self.consecutive = 0
+            self._in_a_row[name] = 0
             return True
-        self.consecutive += 1
+        in_a_row = self._in_a_row[name] = self._in_a_row.get(name, 0) + 1
         # Every rank names the parameter the same way (under ZeRO a collective, in the same order).
-        finding = Finding(name, "loss" if flags[0] > 0 else "gradient", first_bad_parameter(), self.consecutive)
-        if self.policy == "skip" and self.consecutive <= self.max_skips:
+        finding = Finding(name, "loss" if flags[0] > 0 else "gradient", first_bad_parameter(), in_a_row)
+        if self.policy == "skip" and in_a_row <= self.max_skips:
             self.skipped += 1
             _rank0_print(f"[gentrain] skipped an update of {name}: {_what(finding)} "
-                         f"(train.nonfinite=skip; {self.consecutive} in a row, at most {self.max_skips})")
+                         f"(train.nonfinite=skip; {in_a_row} in a row, at most {self.max_skips})")
             return False
         raise NonFiniteFound(finding)
 

@@ -16,7 +16,7 @@ import torch
 import gentrain
 from gentrain.checkpoint import META_FILE, MODEL_FILE
 from gentrain.engine import Engine
-from gentrain.nonfinite import Finding, NonFiniteError, SpecFacts, stop_message
+from gentrain.nonfinite import Finding, NonFiniteError, NonFiniteFound, NonFiniteGuard, SpecFacts, stop_message
 from gentrain.progress import Window
 from gentrain.schema import SpecError
 
@@ -125,3 +125,16 @@ def test_window_leaves_non_finite_values_out_of_the_means():
     window.add({"loss": float("nan")})  # a skipped step
     window.add({"loss": 3.0, "grad_norm/vae": 4.0})
     assert window.means() == {"loss": 2.0, "grad_norm/vae": 3.0} and window.count == 3
+
+
+def test_skips_in_a_row_are_counted_per_network():
+    """A GAN's generator updating fine between them must not hide a critic skipped forever."""
+    guard = NonFiniteGuard("skip", max_skips=2)
+    same = lambda flags: flags  # noqa: E731 - one process: the all-reduce is the identity
+    for _ in range(2):
+        assert not guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
+        assert guard.allows_update("generator", torch.tensor(False), same, lambda: None)
+    with pytest.raises(NonFiniteFound) as raised:
+        guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
+    assert (raised.value.finding.network, raised.value.finding.consecutive) == ("discriminator", 3)
+    assert guard.skipped == 2
