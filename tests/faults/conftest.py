@@ -18,8 +18,8 @@ from ports import free_port  # noqa: E402
 
 
 class RestartableServer:
-    """A real `mlflow server` on a fixed port and store: stop() kills it (clients then get
-    "connection refused"), start() brings it back with the same data at the same URI."""
+    """A real `mlflow server` on a fixed port and store: stop() kills it (SIGKILL: clients
+    then get "connection refused"), start() brings it back with the same data at the same URI."""
 
     def __init__(self, directory: Path):
         self.directory, self.port = directory, free_port()
@@ -29,7 +29,7 @@ class RestartableServer:
     def start(self) -> str:
         if self._running is None:
             stack = contextlib.ExitStack()
-            stack.enter_context(running_mlflow_server(self.directory, port=self.port))
+            stack.enter_context(running_mlflow_server(self.directory, port=self.port, kill=True))
             self._running = stack
         return self.uri
 
@@ -39,11 +39,18 @@ class RestartableServer:
             self._running = None
 
 
-@pytest.fixture
-def restartable_mlflow(tmp_path):
-    server = RestartableServer(tmp_path / "mlflow-server")
-    server.start()
+@pytest.fixture(scope="session")
+def _restartable_server(tmp_path_factory):
+    server = RestartableServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def restartable_mlflow(_restartable_server):
+    """The session's restartable server, up (about 7 s to start; shared by the tests, which
+    keep to their own experiments)."""
+    _restartable_server.start()
+    return _restartable_server

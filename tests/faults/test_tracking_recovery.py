@@ -31,7 +31,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 def test_spooled_records_are_sent_while_the_run_goes_on(restartable_mlflow, tmp_path, monkeypatch):
     monkeypatch.setattr(logger_module, "_RETRY_MAX_S", 2.0)  # retry every 2 s, not every 30 s
     uri = restartable_mlflow.uri
-    run_id = open_run(uri, "faults", "spool-retry")
+    run_id = open_run(uri, "faults-spool-retry", "spool-retry")
     restartable_mlflow.stop()
     run_logger = RunLogger(uri, run_id, spool_dir=tmp_path / "spool")
     pending = tmp_path / "spool" / run_id / "pending.jsonl"

@@ -54,9 +54,10 @@ def _tail(log_path: Path, lines: int = 30) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, kill: bool = False) -> None:
     # The server forks workers: signal its whole process group, not just the parent.
-    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    steps = ((signal.SIGKILL, 5),) if kill else ((signal.SIGTERM, 10), (signal.SIGKILL, 5))
+    for sig, grace_s in steps:
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -69,9 +70,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(directory: Path, port: int | None = None) -> Iterator[str]:
+def running_mlflow_server(directory: Path, port: int | None = None,
+                          kill: bool = False) -> Iterator[str]:
     """Run `mlflow server` with its store and artifacts under `directory`; yield its URI.
-    Give the `port` of an earlier server on the same `directory` to restart that one."""
+    Give the `port` of an earlier server on the same `directory` to restart that one;
+    `kill`: end it with SIGKILL at once (a crash), not SIGTERM."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -91,4 +94,4 @@ def running_mlflow_server(directory: Path, port: int | None = None) -> Iterator[
         _wait_until_healthy(process, uri, log_path)
         yield uri
     finally:
-        _stop(process)
+        _stop(process, kill)
