@@ -107,6 +107,7 @@ def test_mlflow_down_at_the_end_then_synced(restartable_mlflow, tmp_path):
     output = run.output()
     print(f"server down {last_step - server_down:.1f} s before the last step; "
           f"exit {ended - last_step:.1f} s after it")
+    print("\n".join(line for _, line in run.lines if line.startswith("  ")))  # the summary
     assert server_down < last_step, f"training ended before the server was down: raise STEPS"
     assert returncode == 0, output[-6000:]
     assert ended - last_step < 60, f"{ended - last_step:.0f} s after the last step:\n{output[-4000:]}"

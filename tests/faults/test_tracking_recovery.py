@@ -97,7 +97,7 @@ def test_a_run_ended_while_the_server_is_away_is_marked_by_the_sync(tmp_path):
     ending = end_run(dead, run_id, "FINISHED", str(spool))
     assert time.monotonic() - started < 30  # MLflow's own default: about 4 minutes
     assert not ending.marked and ending.unsent == 1 and ending.folder == spool / run_id
-    assert ending.error and spooled_runs(spool) == [run_id]
+    assert ending.error == "connection refused" and spooled_runs(spool) == [run_id]
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "RUNNING"
 
     synced = sync_run(uri, run_id, spool)

@@ -49,7 +49,7 @@ def end_run(uri: str, run_id: str, status: str, spool_dir: str | None) -> Ending
             MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
             return Ending(run_id, status, marked=True)
         except Exception as error:  # noqa: BLE001 - any client failure: the run stays as it is
-            return Ending(run_id, status, marked=False, error=_first_line(error))
+            return Ending(run_id, status, marked=False, error=_reason(error))
     folder = Path(spool_dir) / run_id
     try:
         record_final_status(folder, status, uri)
@@ -81,7 +81,19 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path) -> Ending:
     marked = error is None and unsent == 0
     return Ending(run_id, status, marked=marked, sent=before - unsent, unsent=unsent,
                   folder=None if marked else folder,
-                  error=None if error is None else _first_line(error))
+                  error=None if error is None else _reason(error))
+
+
+def _reason(error: BaseException) -> str:
+    """A client error in a few words: urllib3's text repeats the URL and the retry state."""
+    text = str(error)
+    for marker, reason in (("NewConnectionError", "connection refused"),
+                           ("ConnectTimeout", "connecting timed out"),
+                           ("ReadTimeout", "no answer in time"),
+                           ("Max retries exceeded", "no answer")):
+        if marker in text:
+            return reason
+    return _first_line(error)[:160]
 
 
 def spooled_runs(spool_dir: str | Path) -> list[str]:
