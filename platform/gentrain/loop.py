@@ -114,7 +114,7 @@ def _run_logger(spec: JobSpec, run_id: str | None, tracking_uri: str | None):
     """Rank 0's MLflow logger (None when tracking is off)."""
     if not (run_id and tracking_uri):
         return None
-    from gentrain.tracking import RunLogger
+    from gentrain.tracking import RunLogger, spool_dir_for
 
-    spool = None if "://" in spec.storage_path else os.path.join(spec.run_dir, "mlflow-spool")
-    return RunLogger(tracking_uri, run_id, spool_dir=spool)
+    # The folder the driver and `gentrain sync` look in for what was not sent.
+    return RunLogger(tracking_uri, run_id, spool_dir=spool_dir_for(spec.run_dir))

@@ -260,6 +260,12 @@ def _nothing_to_do(spec: JobSpec, folder: Path, meta: dict) -> RunSummary:
               f"train.steps={spec.train.steps}; nothing to do. To train a new model for "
               f"{spec.train.steps} steps pick a new `name` (e.g. name={spec.name}-{spec.train.steps}); "
               f"to train this one on, raise train.steps above {step}.")
+    from gentrain.tracking.spool import spool_dir_for, spooled_runs
+
+    spool = spool_dir_for(spec.run_dir)
+    if spec.tracking.enabled and spool and spooled_runs(spool):
+        print(f"[gentrain] MLflow has not received all of this run's records yet (the server "
+              f"was away): send them with `gentrain sync {spec.run_dir}`")
     changes = spec_changes(meta.get("spec"), spec.to_dict(), ignore=("train.steps", "data.source"))
     if changes:
         print("[gentrain] not applied (the spec changed since that checkpoint): " + "; ".join(changes))

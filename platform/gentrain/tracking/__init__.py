@@ -36,11 +36,11 @@ from mlflow.exceptions import MlflowException
 
 from gentrain.tracking._limits import _PARAM_VALUE_LIMIT, _PARAMS_PER_BATCH, _TAG_VALUE_LIMIT
 from gentrain.tracking.ending import Ending as Ending, end_run as end_run  # re-exported
-from gentrain.tracking.ending import spooled_runs as spooled_runs, sync_run as sync_run
+from gentrain.tracking.ending import sync_run as sync_run
 from gentrain.tracking.logger import RunLogger as RunLogger  # re-exported: the public path
 from gentrain.tracking.logger import fail_fast_http as fail_fast_http
 from gentrain.tracking.spool import clear_final_status as clear_final_status
-from gentrain.tracking.spool import spool_dir_for as spool_dir_for
+from gentrain.tracking.spool import spool_dir_for as spool_dir_for, spooled_runs as spooled_runs
 
 _log = logging.getLogger(__name__)
 

@@ -94,12 +94,3 @@ def _reason(error: BaseException) -> str:
         if marker in text:
             return reason
     return _first_line(error)[:160]
-
-
-def spooled_runs(spool_dir: str | Path) -> list[str]:
-    """Run ids with something to send or to mark in `spool_dir`."""
-    root = Path(spool_dir)
-    if not root.is_dir():
-        return []
-    return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and (
-        (folder / PENDING_FILE).exists() or read_final_status(folder) is not None))

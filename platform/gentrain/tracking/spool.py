@@ -122,3 +122,12 @@ def pending_count(folder: Path) -> int:
         return 0
     return sum(len(record["items"]) if record.get("op") == "metrics" else 1
                for record in _Spool(path).read())
+
+
+def spooled_runs(spool_dir: str | Path) -> list[str]:
+    """Run ids with something to send or to mark in `spool_dir`."""
+    root = Path(spool_dir)
+    if not root.is_dir():
+        return []
+    return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and (
+        (folder / PENDING_FILE).exists() or read_final_status(folder) is not None))
