@@ -254,7 +254,7 @@ class RunLogger:
     RunLogger per run at a time. Artifacts are copied when logged, so the caller may
     overwrite the file at once. Non-finite or non-numeric metric values, and invalid
     names, are dropped with one warning per metric name. A batch whose reply was lost
-    in an outage is sent again; the repeat rule below drops it.
+    in an outage is sent again with the same timestamps; MLflow's SQL store keeps one copy.
 
     The repeat rule: a metric's point is sent only at a step above the highest step the
     run already has for that metric (MLflow's record, read at the first contact, plus
