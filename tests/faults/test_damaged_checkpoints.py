@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from gentrain.checkpoint import MODEL_FILE, META_FILE, RAY_SNAPSHOT_FILE, checkpoint_problem, step_dir_name
+from processes import train_workers
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,18 +112,6 @@ def test_damaged_folders_of_each_kind_fall_back_to_the_newest_good_one(reference
             "their step and data position); falling back to step-00000004") in out, out
     assert "does not exist anymore" not in out + result.stderr
     assert_resumed_to_the_same_weights(result, reference, run_dir, 4)
-
-
-def train_workers(root_pid: int) -> list[psutil.Process]:
-    """Ray Train worker processes under a `gentrain run` (its embedded Ray)."""
-    found = []
-    for process in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def test_a_complete_folder_is_used_even_if_a_kill_beat_its_registration(reference, tmp_path):

@@ -20,9 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
+
+from processes import train_workers
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,17 +124,6 @@ def test_mlflow_down_at_the_end_then_synced(restartable_mlflow, tmp_path):
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
     assert steps_of(uri, run_id)["train/loss"] == list(range(10, STEPS + 1, 10))
     # A second sync has nothing to do: tests/faults/test_tracking_recovery.py
-
-
-def train_workers(root_pid: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def test_a_restarted_attempt_logs_no_step_twice(tmp_path):

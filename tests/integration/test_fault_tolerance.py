@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+
+from processes import train_workers
 
 pytestmark = pytest.mark.slow
 GENTRAIN = str(Path(sys.executable).parent / "gentrain")
@@ -23,18 +24,6 @@ COMMON = ["train.steps=160", "checkpoint.every=20", "checkpoint.keep=2", "eval.e
 
 def command(workdir: Path, name: str, *extra: str) -> list[str]:
     return [GENTRAIN, "run", "vae/debug", f"name={name}", f"storage_path={workdir}", *COMMON, *extra]
-
-
-def train_workers(root_pid: int) -> list[psutil.Process]:
-    """Ray Train worker processes started under our `gentrain run` (its embedded Ray)."""
-    found = []
-    for process in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def registered(run_dir: Path) -> bool:
