@@ -34,6 +34,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from gentrain.paths import is_remote
+
 STOP_FILE = "nonfinite-stop.json"  # in the run folder: written by rank 0, read by the driver
 
 
@@ -205,7 +207,7 @@ def clear_stop(run_dir: str) -> None:
 def raise_if_stopped(run_dir: str) -> None:
     """On the driver after training: raise the workers' NonFiniteError, if they stopped on one."""
     path = os.path.join(run_dir, STOP_FILE)
-    if "://" in run_dir or not os.path.exists(path):
+    if is_remote(run_dir) or not os.path.exists(path):
         return
     with open(path) as handle:
         message = json.load(handle)["message"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gentrain.checkpoint import step_dir_name
+from gentrain.paths import is_remote
 from gentrain.data.pipeline import eval_batches
 from gentrain.engine import to_device
 from gentrain.evaluation.work import batch_generator
@@ -113,7 +114,7 @@ class TrainingEvaluator:
 
     def _save_grid(self, images: torch.Tensor, kind: str = "samples") -> Path:
         """A grid PNG into <run dir>/<kind>/step-N.png, logged as an MLflow artifact."""
-        if "://" in self.spec.storage_path:
+        if is_remote(self.spec.storage_path):
             folder = Path(tempfile.mkdtemp())
         else:
             folder = Path(self.spec.run_dir) / kind

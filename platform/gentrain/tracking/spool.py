@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from gentrain.paths import is_remote
 from gentrain.tracking._limits import _METRICS_PER_BATCH
 
 PENDING_FILE = "pending.jsonl"
@@ -24,7 +25,7 @@ TARGET_FILE = "tracking_uri"
 def spool_dir_for(run_dir: str) -> str | None:
     """Where rank 0 spools for a run: beside its checkpoints; None for remote storage
     (s3://...), whose RunLogger spools in the worker's temp folder instead."""
-    return None if "://" in run_dir else os.path.join(run_dir, "mlflow-spool")
+    return None if is_remote(run_dir) else os.path.join(run_dir, "mlflow-spool")
 
 
 class _Spool:
