@@ -129,9 +129,9 @@ def test_mlflow_down_at_the_end_then_synced(restartable_mlflow, tmp_path):
 def test_a_restarted_attempt_logs_no_step_twice(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = Gentrain(run_args(tmp_path / "runs", "restarted", uri, "train.steps=60",
-                            "train.log_every=5", "checkpoint.every=20", "checkpoint.keep=4",
+                            "train.log_every=5", "checkpoint.every=25", "checkpoint.keep=4",
                             "checkpoint.max_failures=1", "scaling.num_workers=1"), cwd=tmp_path)
-    run.wait_for_line("step 35/60")  # past the checkpoint at 20: the steps after it come again
+    run.wait_for_line("step 35/60")  # past the checkpoint at 25 (the next is 15 steps away): the steps after it come again
     victims = train_workers(run.process.pid)
     assert victims, "no RayTrainWorker process found to kill"
     os.kill(victims[-1].pid, signal.SIGKILL)
