@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from gentrain.launch.failures import FailureReporter
 from gentrain.loop import train_loop_per_worker
 from gentrain.spec import JobSpec
 from gentrain.validation import ValidatedJob
@@ -27,6 +28,7 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
         storage_path=spec.storage_path,
         failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        callbacks=[FailureReporter(spec.checkpoint.max_failures)],  # one line per failure
     )
     return TorchTrainer(
         train_loop_per_worker,
