@@ -107,8 +107,14 @@ class _Sender:
             try:
                 if stop:
                     # On disk first: if the process exits before the send, nothing is lost.
-                    self.spool.append(records)
-                    records = []
+                    # A disk that is full (or read-only) must not cost the records a
+                    # reachable server would take: they are sent as they are instead.
+                    try:
+                        self.spool.append(records)
+                        records = []
+                    except OSError as exc:
+                        _log.info("MLflow logging for run %s: could not spool %d records (%s); "
+                                  "sending them directly", self.run_id, len(records), exc)
                 self._deliver(records, force=bool(flushes))
             except Exception:
                 _log.warning("MLflow logging for run %s dropped %d records", self.run_id,
