@@ -181,7 +181,7 @@ def run(job: ValidatedJob) -> RunSummary:
     from gentrain.launch.trainer import build_trainer
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
-    trainer = build_trainer(job, run_id, uri)
+    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()))
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
     try:

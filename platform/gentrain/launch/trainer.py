@@ -21,7 +21,10 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
-def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None,
+                  announced: tuple[str, ...] = ()) -> TorchTrainer:
+    """`announced`: the checkpoint rejections the driver has printed already (the workers
+    print the others: a folder cut short during this run)."""
     spec = job.spec
     run_config = RunConfig(
         name=spec.name,
@@ -32,7 +35,8 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
+                           "announced": list(announced)},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,

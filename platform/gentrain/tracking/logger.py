@@ -42,6 +42,9 @@ _FAST_FAIL_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # set_terminated on an http:// server prints "🏃 View run ... 🧪 View experiment ..." to
+    # stdout; gentrain's summary says where the run is ("view it").
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 30.0
 
