@@ -230,14 +230,19 @@ def small_disk(tmp_path):
 
 
 def remount(mount_point: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+    for _ in range(50):  # "busy" while a file there is open for writing
+        if subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)]).returncode == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"could not remount {mount_point} {options}")
 
 
 def test_full_then_read_only_storage(small_disk, restartable_mlflow, reference, tmp_path):
     """storage_path on a disk that fills up mid-run: one paragraph naming it, the run FAILED,
     a folder cut short by the full disk never used; with room again the same command
-    continues from the newest good checkpoint. Then the disk read-only: refused before
-    anything starts."""
+    continues from the newest good checkpoint. Then the disk read-only in the middle of a
+    run that trains on (one paragraph, FAILED), and before a start (refused before anything
+    starts)."""
     storage, uri = small_disk / "runs", restartable_mlflow.uri
     run_dir = storage / NAME
     extra = tracked(uri, "full-disk")
@@ -268,8 +273,22 @@ def test_full_then_read_only_storage(small_disk, restartable_mlflow, reference, 
     assert_clean_record(uri, run_id, after=int(good[1]))
     assert_same_weights(reference, run_dir)
 
+    # Read-only mid-run: the run trained on from step 12 (to 24) loses its storage.
+    more = Gentrain.run(storage, *extra, f"train.steps={2 * STEPS}")
+    more.wait_for(rf"\[gentrain\] resumed from step {STEPS} ")
     remount(small_disk, "ro")
-    more = subprocess.run(**command(storage, *extra, f"train.steps={STEPS + 2}"),
+    returncode, _ = more.finish()
+    output = more.output()
+    print(output[-2000:])
+    assert returncode == 1, output[-6000:]
+    assert "Traceback" not in output, output[-6000:]
+    paragraph = next(line for line in output.splitlines() if line.startswith("error: "))
+    assert f"storage_path {storage}: read-only file system" in paragraph, paragraph
+    assert "To fix: remount it read-write or set storage_path to a writable folder, then run the same command" in paragraph
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"  # not RUNNING
+
+    # Read-only before the start: refused before Ray and MLflow start.
+    more = subprocess.run(**command(storage, *extra, f"train.steps={4 * STEPS}"),
                           capture_output=True, timeout=120)
     assert more.returncode != 0, more.stdout[-3000:]
     assert "Traceback" not in more.stdout + more.stderr, more.stderr[-6000:]
@@ -277,4 +296,4 @@ def test_full_then_read_only_storage(small_disk, restartable_mlflow, reference, 
     assert f"storage_path: cannot create or write '{storage}': Read-only file system" in more.stderr, more.stderr
     assert more.stderr.startswith("error: ") and len(more.stderr.strip().splitlines()) == 2, more.stderr
     runs = runs_of(uri, "full-disk")
-    assert [(run.info.run_id, run.info.status) for run in runs] == [(run_id, "FINISHED")]
+    assert [(run.info.run_id, run.info.status) for run in runs] == [(run_id, "FAILED")]  # untouched

@@ -8,7 +8,9 @@ own, whether to restart the workers. Neither says it in the user's terms. Here:
 - `FailureReporter`, a Ray Train callback that runs in the controller, prints one marked
   line per failure (the rank, the pid, what happened, and whether the workers restart,
   counted against `checkpoint.max_failures`); the workers' `resumed from step N
-  (<folder>)` line that follows names the checkpoint they chose (gentrain.checkpoint);
+  (<folder>)` line that follows names the checkpoint they chose (gentrain.checkpoint).
+  This line does not guess it: when it prints, a surviving rank may still be copying a
+  folder into storage, so only the restarted workers know which folder is newest and good;
 - `launch.console` keeps the raylet's notice off the console (it stays in Ray's logs:
   `logs/events/event_RAYLET.log` of the session).
 
