@@ -97,6 +97,10 @@ def test_full_storage_from_the_workers_errors_is_one_paragraph(tmp_path):
     as_text = RuntimeError("...\nOSError: [Errno 30] Read-only file system: '/mnt/runs/x/step-2'\n")
     assert "read-only file system" in storage_failure(as_text, "/mnt/runs", str(run_dir))
     assert storage_failure(RuntimeError("CUDA out of memory"), "/mnt/runs", str(run_dir)) is None
+    # A full disk elsewhere (a worker's temporary folder) is not storage_path's.
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12/model.pt")
+    assert storage_failure(elsewhere, str(tmp_path / "runs"), str(run_dir)) is None
+    assert storage_failure(worker, "s3://bucket/runs", "s3://bucket/runs/vae-debug") is None
 
 
 def test_a_storage_that_refuses_writes_is_refused_before_anything_starts(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ _KINDS = {
     errno.EROFS: ("read-only file system", "remount it read-write or set storage_path to a writable folder"),
 }
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")
+_QUOTED_PATH = re.compile(r"'(/[^']+)'")
 
 
 class StorageError(RuntimeError):
@@ -61,10 +62,15 @@ def storage_failure(error: BaseException, storage_path: str, run_dir: str) -> st
     """One paragraph for a run that failed because its storage could not be written (the
     error may be Ray Train's TrainingFailedError carrying the workers' errors); None when
     the failure was something else."""
+    if is_remote(run_dir):
+        return None  # object storage is never "full": such an error is a worker's local disk
     found = _storage_errno(error, seen=set())
     if found is None:
         return None
     code, text = found
+    paths = [Path(quoted) for quoted in _QUOTED_PATH.findall(text)]
+    if paths and not any(path.is_relative_to(storage_path) for path in paths):
+        return None  # another disk (a worker's temporary folder): the error as it is says more
     return message(storage_path, run_dir, code, text, before=False)
 
 
