@@ -169,7 +169,8 @@ def _divert_death_notices() -> None:
 
     def print_to_stdstream(data, ignore_prefix):
         lines = data.get("lines", ())
-        if _console is not None and data.get("pid") == "raylet" and any(WORKER_DEATH_NOTICE in line for line in lines):
+        if (_console is not None and data.get("pid") == "raylet"
+                and any(WORKER_DEATH_NOTICE in line for line in lines)):
             _console.handle(data)  # not a marked line: kept in the buffer only
             return
         original(data, ignore_prefix)
