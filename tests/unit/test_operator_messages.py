@@ -17,7 +17,7 @@ from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
 from gentrain.checkpoint import META_FILE, step_dir_name
 from gentrain.launch import console
-from gentrain.launch.failures import FailureReporter, describe
+from gentrain.launch.failures import FailureReporter, death_failure, describe
 from gentrain.launch.storage import StorageError, check_writable, storage_failure
 
 
@@ -116,3 +116,17 @@ def test_a_storage_that_refuses_writes_is_refused_before_anything_starts(tmp_pat
     assert str(raised.value) == (f"storage_path {tmp_path}: no space left on device ([Errno 28] No space "
                                  "left on device); nothing was started. To fix: free space there or set "
                                  "storage_path to a larger disk, then run the same command again.")
+
+
+def test_a_worker_death_with_no_restart_left_is_one_paragraph(tmp_path):
+    broken = RuntimeError("Traceback (most recent call last):\n ... Connection reset by peer")
+    failed = WorkerGroupError("Training failed due to worker errors", {0: broken, 1: dead_worker(4242)})
+    assert death_failure(failed, 0, str(tmp_path / "run")) == (
+        "worker 1 (pid 4242) died (killed by a signal such as SIGKILL, by the OOM killer, or crashed), "
+        "no restarts allowed (checkpoint.max_failures=0). Run the same command to start again from "
+        "step 0 (no complete checkpoint yet); raise checkpoint.max_failures to let Ray Train restart "
+        "the workers within a run.")
+    assert "all 3 restarts of checkpoint.max_failures used" in death_failure(failed, 3, str(tmp_path))
+    only_raised = WorkerGroupError("Training failed due to worker errors", {0: broken})
+    assert death_failure(only_raised, 3, str(tmp_path)) is None
+    assert death_failure(ValueError("x"), 3, str(tmp_path)) is None

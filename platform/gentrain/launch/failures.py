@@ -86,3 +86,25 @@ class FailureReporter(UserCallback):
         else:
             worker_print(f"{what}; not restarted (all {self.max_failures} restarts of "
                          "checkpoint.max_failures used)")
+
+
+def death_failure(error: BaseException, max_failures: int, run_dir: str) -> str | None:
+    """One paragraph for a run that failed because a worker died and no restart was left
+    (Ray Train's error carries every rank's traceback; the others' are the broken
+    collective that followed). None when no worker died."""
+    failures = getattr(error, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    dead = sorted(rank for rank, failure in failures.items() if _died(failure))
+    if not dead:
+        return None
+    from gentrain.checkpoint import newest_good_checkpoint
+
+    choice = newest_good_checkpoint(run_dir)
+    resume = (f"continue from step {choice.step} ({choice.folder})" if choice.folder
+              else "start again from step 0 (no complete checkpoint yet)")
+    restarts = ("no restarts allowed (checkpoint.max_failures=0)" if max_failures == 0
+                else f"all {max_failures} restarts of checkpoint.max_failures used")
+    return (f"{describe(dead[0], failures[dead[0]])}, {restarts}. Run the same command to "
+            f"{resume}; raise checkpoint.max_failures to let Ray Train restart the workers "
+            "within a run.")
