@@ -1,7 +1,8 @@
 """What an operator does to a running `gentrain run`, done from outside the process: SIGKILL
 of Ray Train workers several times in one run (once in the middle of a checkpoint save),
-SIGKILL of the driver and its embedded Ray mid-save and the same command again, a storage
-disk that fills up mid-run, and one that is read-only.
+SIGKILL of the driver and its embedded Ray mid-save and the same command again, a worker
+killed with no restart left, a storage disk that fills up mid-run, and one that is
+read-only.
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/faults/test_operator_faults.py -q
     GENTRAIN_FAULT_SEED=7 ...      # other kill steps and victims (default 13; printed)
@@ -211,6 +212,32 @@ def test_driver_and_its_ray_killed_mid_save_then_the_same_command(restartable_ml
     assert [(run.info.run_id, run.info.status) for run in runs] == [(run_id, "FINISHED")]
     assert_clean_record(uri, run_id, after=step)
     assert_same_weights(reference, run_dir)
+
+
+def test_a_worker_death_with_no_restart_left_is_one_paragraph(restartable_mlflow, tmp_path):
+    """checkpoint.max_failures=0 (the default) and a worker SIGKILLed after step-2: exit 1
+    with one paragraph naming the worker and where the same command continues, no
+    traceback, the MLflow run FAILED."""
+    storage, uri = tmp_path / "runs", restartable_mlflow.uri
+    run = Gentrain.run(storage, *tracked(uri, "no-restart"))
+    run_id = run.wait_for(r"\[gentrain\] mlflow run: (\w+)")[1][1]
+    run.wait_for(r"\[gentrain\] step 3/")
+    victim = random.Random(SEED).choice(train_workers(run.process.pid)).pid
+    os.kill(victim, signal.SIGKILL)
+    returncode, _ = run.finish()
+    output = run.output()
+    print(output[-1500:])
+    assert returncode == 1, output[-6000:]
+    assert "Traceback" not in output and "A worker died or was killed" not in output, output[-6000:]
+    assert re.search(rf"\[gentrain\] worker \d \(pid {victim}\) died .*; not restarted "
+                     r"\(checkpoint.max_failures=0\)", output), output[-6000:]
+    error = next(line for line in output.splitlines() if line.startswith("error: "))
+    good = re.search(rf"error: training {NAME} failed: worker \d \(pid {victim}\) died \(.*\), no restarts "
+                     r"allowed \(checkpoint.max_failures=0\)\. Run the same command to continue from step "
+                     r"(\d+) \((.*?)\); raise checkpoint.max_failures", error)
+    assert good and int(good[1]) >= 2 and checkpoint_problem(Path(good[2])) is None, error
+    assert output.splitlines()[-1] == error  # the last line: nothing after it
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
 
 
 @pytest.fixture
