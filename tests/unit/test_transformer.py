@@ -283,7 +283,7 @@ def unigram_entropy_bits(data: bytes) -> float:
 
 
 def test_learns_the_bundled_tales_far_below_their_unigram_entropy(tmp_path):
-    steps = 150
+    steps = 200
     spec = load_spec("transformer/debug", [f"train.steps={steps}", "scaling.num_workers=1",
                                            f"storage_path={tmp_path}", "tracking.enabled=false",
                                            "eval.max_batches=100"])

@@ -153,7 +153,9 @@ JOB = JobType(
     # per predicted token: nll in nats, bits per byte (byte tokens), perplexity exp(nll)
     likelihoods={"nll": "nats", "bits_per_byte": "bits/byte", "perplexity": "perplexity"},
     data_kinds=("tokens",),
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16")),
+    # fp16 (loss scaling on a GPU) is left out until a GPU run of this family checks it:
+    # tests/gpu trains only the VAE, and the strategy matrix skips fp16 on CPU.
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16")),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Decoder-only transformer language model (pre-norm, causal SDPA, learned or rotary "
                 "positions, tied embeddings, KV-cache sampling with temperature/top-k/top-p; "
