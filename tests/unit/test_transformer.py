@@ -237,6 +237,8 @@ def test_config_errors_name_the_field():
         load_spec("transformer/debug", ["job.sampling.top_p=1.5"])
     with pytest.raises(ValueError, match="job.config.context 64 is shorter than the data's samples"):
         build(TransformerConfig(context=64), DataInfo((128,), kind="tokens", vocab_size=256))
+    with pytest.raises(SpecError, match="eval.metrics: \\['fid'\\] are image sample metrics"):
+        load_spec("transformer/debug", ["eval.metrics=[fid]"])
     with pytest.raises(ValueError, match="trains on tokens data"):
         JOB.check_data(DataInfo((1, 8, 8)))
 

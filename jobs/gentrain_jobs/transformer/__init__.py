@@ -4,7 +4,7 @@
     gentrain run transformer/debug                      # the bundled text, about a minute on 2 CPU workers
     gentrain data pack corpus.txt --out data/corpus --seq-len 1024
     gentrain run transformer/gpt2-small data.source=data/corpus
-    gentrain sample runs/transformer-debug --n 4 --set prompt="The fox" --set top_p=0.9 --out fox.txt
+    gentrain sample runs/transformer-debug --n 4 --set 'prompt="Tale 7: Ada"' --set top_p=0.9 --out tales.txt
     gentrain eval runs/transformer-debug --metrics nll  # nll (nats/token), bits_per_byte, perplexity
 
 Files: model.py (the network, KV cache), sampling.py (temperature, top-k, top-p, cached
@@ -104,6 +104,16 @@ def summarize(means: dict[str, float]) -> dict[str, float]:
     return {"perplexity": perplexity(means["nll"])} if "nll" in means else {}
 
 
+def validate(config: TransformerConfig, spec) -> list[str]:
+    """Rules across the config and the rest of the spec."""
+    problems = []
+    if spec.eval.metrics:
+        problems.append(f"eval.metrics: {spec.eval.metrics} are image sample metrics (FID, KID, IS, PR) and a "
+                        "text model draws token sequences; remove eval.metrics (held-out nll, bits_per_byte "
+                        "and perplexity are logged at every evaluation)")
+    return problems
+
+
 def prompt_tokens(settings: TransformerSampler, vocab_size: int) -> list[int]:
     """The prompt as byte tokens (byte vocabularies); other vocabularies start from token 0."""
     if vocab_size == BYTE_VOCAB and settings.prompt:
@@ -149,6 +159,7 @@ JOB = JobType(
     sample=sample,
     evaluate=evaluate,
     summarize=summarize,
+    validate=validate,
     sampler=TransformerSampler,
     # per predicted token: nll in nats, bits per byte (byte tokens), perplexity exp(nll)
     likelihoods={"nll": "nats", "bits_per_byte": "bits/byte", "perplexity": "perplexity"},
@@ -162,5 +173,5 @@ JOB = JobType(
                 "held-out NLL, bits per byte, perplexity)",
 )
 
-__all__ = ["JOB", "TransformerConfig", "TransformerSampler", "build", "evaluate", "sample", "summarize",
-           "train_step", "count_parameters"]
+__all__ = ["JOB", "TransformerConfig", "TransformerSampler", "build", "count_parameters", "evaluate", "sample",
+           "summarize", "train_step", "validate"]
