@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from gentrain.data.index import load_index
+from gentrain.data.pack import pack_source
+from gentrain.data.pipeline import eval_batches
 from gentrain.data.texts import TINYTALES_SEQ_LEN, tinytales
 from gentrain.engine import Engine, build_modules
 from gentrain.registry import DataInfo, SampleRequest, get_job_type
@@ -271,10 +274,17 @@ def test_1b_spec_is_a_billion_parameters_sharded_by_zero3():
     assert spec.strategy.grad_checkpointing
 
 
-def test_bundled_tales_split_like_a_text_file():
+def test_bundled_tales_pack_like_a_text_file_the_last_tenth_held_out(tmp_path):
     data = tinytales()
     assert len(data) == 256 * 1024 and data.isascii() and data == tinytales()  # the same on every call
     assert data.startswith(b"Tale 1: ")
+    pack_source("tinytales", tmp_path / "tales", per_shard=500, seq_len=64, progress=False)
+    index = load_index(str(tmp_path / "tales"))
+    chunks = len(data) // 64
+    assert (index.kind, index.shape, index.vocab_size) == ("text", (64,), 256)
+    assert (index.total("train"), index.total("test")) == (chunks - round(chunks * 0.1), round(chunks * 0.1))
+    held_out = torch.cat([batch["tokens"] for batch in eval_batches(index, "test", 100, 0, 1)])
+    assert bytes(held_out.flatten().tolist()) == data[index.total("train") * 64:]
 
 
 # -- it learns ----------------------------------------------------------------------------
