@@ -95,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--seed", type=int, default=0)
     pack.set_defaults(handler=cmd_data_pack)
 
-    sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG")
+    sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG (text: a .txt)")
     sample.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
                         help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--out", default="samples.png",
+                        help="output PNG (default samples.png); token samples are written as text with the suffix .txt")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
     sample.add_argument("--set", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
@@ -235,11 +236,11 @@ def cmd_data_pack(args) -> int:
 
 def cmd_sample(args) -> int:
     from gentrain.inference import load_trained
-    from gentrain.visual import save_image_grid
+    from gentrain.visual import save_samples
 
     trained = load_trained(args.ref, use_ema=not args.no_ema, sampling=args.sampling)
     images = trained.sample(args.n, args.seed, _sample_labels(trained, args.labels, args.n))
-    path = save_image_grid(images, args.out)
+    path = save_samples(images, args.out, trained.data_info)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
           f"{trained.checkpoint}) -> {path}")
     _log_to_run(trained, path, "samples/cli")

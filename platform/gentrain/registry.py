@@ -39,7 +39,7 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "vector": ("x", "label"),
 }
 # Units a family may declare for its likelihood metrics (JobType.likelihoods).
-LIKELIHOOD_UNITS = ("nats", "bits/dim", "bits/char", "perplexity")
+LIKELIHOOD_UNITS = ("nats", "bits/dim", "bits/char", "bits/byte", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,9 @@ class JobType:
       anomaly scores for `gentrain score`; lower = more typical)
     - validate(config, spec) -> [problem, ...] (optional: rules that span the family's
       config and the rest of the spec, reported by `gentrain validate`)
+    - summarize(means) -> {metric: float} (optional: metrics that are functions of the
+      held-out means rather than means themselves, e.g. perplexity = exp(mean NLL);
+      computed once from evaluate's averages over every batch and rank)
 
     Declarations:
     - config: the hyperparameter dataclass (the spec's `job.config`)
@@ -220,6 +223,7 @@ class JobType:
     visuals: Callable[[dict, Any, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
     score: Callable[[dict, Any, dict], dict[str, "torch.Tensor"]] | None = None
     validate: Callable[[Any, "JobSpec"], list[str]] | None = None
+    summarize: Callable[[Mapping[str, float]], dict[str, float]] | None = None
     sampler: type = NoSettings
     likelihoods: Mapping[str, str] = field(default_factory=dict)
     generative: bool = True

@@ -37,6 +37,7 @@ from gentrain.data import remote
 from gentrain.data.errors import UnsafeURLError
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, pack_source
 from gentrain.data.sources import UnknownSourceError, known_sources
+from gentrain.data.texts import TEXT_SOURCES
 
 BUILTIN_PREFIX = "builtin:"
 # The built-in sets are small (1,797 and 5,000 images): 128 per shard still
@@ -153,7 +154,9 @@ def resolve_builtin(source: str, cache_dir=None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (target / INDEX_NAME).is_file():
-                pack_source(name, target, per_shard=BUILTIN_PER_SHARD)
+                text = TEXT_SOURCES.get(name)  # a bundled text: packed in its own sample length
+                lengths = {} if text is None else {"seq_len": text[1]}
+                pack_source(name, target, per_shard=BUILTIN_PER_SHARD, **lengths)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target)

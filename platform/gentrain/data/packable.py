@@ -6,6 +6,7 @@
     gentrain data pack data/imagenet --out data/in64 --image-size 64
     gentrain data pack faces.npz --out data/faces                # or images.npy (labels all 0)
     gentrain data pack shakespeare.txt --out data/shakespeare    # bytes for a text model
+    gentrain data pack tinytales --out data/tinytales            # the bundled text (gentrain.data.texts)
 
 A registered built-in name wins over a file of the same name (write
 `./digits` for the file). Every source becomes a `Packable`: how many samples
@@ -34,6 +35,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gentrain.data import formats, image_folder
+from gentrain.data.texts import TEXT_SOURCES
 from gentrain.data.sources import (
     SOURCES, SPLITS, ArraySource, SplitSource, UnknownSourceError, combine_splits, encode_png, fit_array,
     known_sources, split_indices,
@@ -111,6 +113,9 @@ def open_packable(
     if name in SOURCES:
         data = SOURCES[name]()
         return _array_packable(source, "builtin", data, {"builtin": name}, test_fraction, seed, image_size)
+    if name in TEXT_SOURCES:
+        text, _ = TEXT_SOURCES[name]
+        return _bytes_text_packable(source, text(), {"builtin": name}, test_fraction, seq_len)
     if source.startswith(BUILTIN_PREFIX):
         raise UnknownSourceError(f"unknown data source {source!r}; known sources: {', '.join(known_sources())}")
     path = Path(source).expanduser()
@@ -204,29 +209,49 @@ def _folder_packable(source, root: Path, test_fraction, seed, image_size, mapper
                     "source" if listing.presplit else "seeded", rows)
 
 
-def _text_packable(source, path: Path, test_fraction: float, seq_len: int) -> Packable:
+def _text_split(where: str, size: int, test_fraction: float, seq_len: int) -> dict[str, int]:
+    """Samples per split of `size` bytes: the train split first, the last test_fraction held out."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (a token and the one that follows), got {seq_len}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1) (--test-fraction), got {test_fraction}")
-    _check_utf8(path)
-    size = path.stat().st_size
     chunks = size // seq_len
     test = int(round(chunks * test_fraction))
     if chunks - test < 1:
-        raise ValueError(f"{path} holds {size} bytes, too few for one train sample of seq_len {seq_len}: "
+        raise ValueError(f"{where} holds {size} bytes, too few for one train sample of seq_len {seq_len}: "
                          "use a longer text or a smaller seq_len")
-    first = {"train": 0, "test": chunks - test}
+    return {"train": chunks - test, "test": test}
+
+
+def _text_fields(seq_len: int) -> dict:
+    return {"kind": "text", "shape": [seq_len], "dtype": "uint8", "encoding": "raw", "seq_len": seq_len,
+            "vocab_size": TEXT_VOCAB_SIZE, "num_classes": 0, "class_names": []}
+
+
+def _text_packable(source, path: Path, test_fraction: float, seq_len: int) -> Packable:
+    if seq_len < 2 or not 0.0 <= test_fraction < 1.0:
+        _text_split(str(path), 0, test_fraction, seq_len)  # the settings' errors before reading the file
+    _check_utf8(path)
+    counts = _text_split(str(path), path.stat().st_size, test_fraction, seq_len)
+    first = {"train": 0, "test": counts["train"]}
 
     def rows(split: str, start: int, stop: int) -> TokenRows:
         with open(path, "rb") as handle:
             handle.seek((first[split] + start) * seq_len)
             return TokenRows(handle.read((stop - start) * seq_len), seq_len)
 
-    fields = {"kind": "text", "shape": [seq_len], "dtype": "uint8", "encoding": "raw", "seq_len": seq_len,
-              "vocab_size": TEXT_VOCAB_SIZE, "num_classes": 0, "class_names": []}
-    counts = {"train": chunks - test, "test": test}
-    return Packable(source, "text", "text", counts, fields, _file_identity(path), "tail", rows)
+    return Packable(source, "text", "text", counts, _text_fields(seq_len), _file_identity(path), "tail", rows)
+
+
+def _bytes_text_packable(source, data: bytes, identity: dict, test_fraction: float, seq_len: int) -> Packable:
+    """A bundled text already in memory (gentrain.data.texts), split like a .txt file."""
+    counts = _text_split(f"built-in text {source!r}", len(data), test_fraction, seq_len)
+    first = {"train": 0, "test": counts["train"]}
+
+    def rows(split: str, start: int, stop: int) -> TokenRows:
+        return TokenRows(data[(first[split] + start) * seq_len : (first[split] + stop) * seq_len], seq_len)
+
+    return Packable(source, "text", "text", counts, _text_fields(seq_len), identity, "tail", rows)
 
 
 def _image_fields(class_names, channels: int, height: int, width: int, image_size) -> dict:

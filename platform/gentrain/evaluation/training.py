@@ -3,9 +3,11 @@
 At step 0, every eval.every steps and at the end, all ranks together:
 
 - the job type's `evaluate` over up to eval.max_batches held-out batches per rank,
-  weighted by batch size and all-reduced -> eval/<metric>;
+  weighted by batch size and all-reduced, plus the job type's `summarize` of those
+  means (perplexity from the mean NLL) -> eval/<metric>;
 - eval.metrics (FID, KID, ...) through evaluation/periodic.py (every rank samples a share);
-- on rank 0, a grid of eval.num_samples samples into <run dir>/samples/step-N.png and
+- on rank 0, a grid of eval.num_samples samples into <run dir>/samples/step-N.png (token
+  samples as text: step-N.txt) and
   the job type's visuals (reconstructions, traversals, ...) into samples/<name>/.
 
 Under ZeRO-3 every network's weights are gathered for the whole block
@@ -26,7 +28,7 @@ from gentrain.engine import to_device
 from gentrain.evaluation.work import batch_generator
 from gentrain.progress import metrics_line
 from gentrain.registry import SampleRequest, batch_length
-from gentrain.visual import save_image_grid
+from gentrain.visual import save_image_grid, save_samples
 
 
 class TrainingEvaluator:
@@ -72,7 +74,10 @@ class TrainingEvaluator:
         total = engine.strategy.all_reduce(vector, op="sum")
         if total[-1] == 0:
             return {}
-        metrics = {f"eval/{k}": float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        means = {k: float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        if engine.job.summarize is not None:  # functions of the means (perplexity = exp(mean NLL))
+            means.update(engine.job.summarize(means))
+        metrics = {f"eval/{k}": v for k, v in means.items()}
         self._publish(metrics)
         return metrics
 
@@ -113,14 +118,18 @@ class TrainingEvaluator:
         return sorted(set().union(*gathered))
 
     def _save_grid(self, images: torch.Tensor, kind: str = "samples") -> Path:
-        """A grid PNG into <run dir>/<kind>/step-N.png, logged as an MLflow artifact."""
+        """A grid PNG into <run dir>/<kind>/step-N.png (token samples: step-N.txt), logged as
+        an MLflow artifact."""
         if is_remote(self.spec.storage_path):
             folder = Path(tempfile.mkdtemp())
         else:
             folder = Path(self.spec.run_dir) / kind
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{step_dir_name(self.engine.step)}.png"
-        save_image_grid(images.detach().float().cpu(), path)
+        if kind == "samples" and self.engine.data_info.kind == "tokens":
+            path = save_samples(images.detach().cpu(), path, self.engine.data_info)
+        else:
+            save_image_grid(images.detach().float().cpu(), path)
         if self.engine.logger:
             self.engine.logger.log_artifact(str(path), kind)
         return path
