@@ -33,7 +33,7 @@ CI_CASES = {
     ("vae", "ddp-fp32"), ("vae", "deepspeed-zero0-bf16"), ("vae", "deepspeed-zero1-fp32"),
     ("vae", "deepspeed-zero2-bf16"), ("vae", "deepspeed-zero3-fp32"), ("vae", "deepspeed-zero3-bf16"),
     ("vae", "accelerate-bf16"), ("gan", "ddp-bf16"), ("gan", "deepspeed-zero3-fp32"),
-    ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"),
+    ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"), ("pixelcnn", "deepspeed-zero3-bf16"),
 }
 
 

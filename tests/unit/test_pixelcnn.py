@@ -18,7 +18,7 @@ from gentrain.engine import Engine
 from gentrain.registry import DataInfo, SampleRequest
 from gentrain.schema import SpecError
 from gentrain.validation import from_dict, load_spec
-from gentrain_jobs.pixelcnn import PixelCNNConfig, PixelCNNSampler, build, evaluate, sample, visuals
+from gentrain_jobs.pixelcnn import PixelCNNConfig, PixelCNNSampler, build, evaluate, sample, score, visuals
 from gentrain_jobs.pixelcnn.likelihoods import (LEVELS, discretized_logistic_log_prob, log_prob,
                                                 mixture_log_prob, mixture_parameters, softmax_logits)
 from gentrain_jobs.pixelcnn.model import horizontal_conv
@@ -211,6 +211,8 @@ def test_softmax_nll_in_nats_and_bits_per_dim_by_hand():
     metrics = evaluate({"pixelcnn": model}, config, {"image": images, "label": torch.zeros(2)}, None)
     mean = sum(expected) / 2
     assert metrics["nll"] == pytest.approx(mean, rel=1e-5)
+    scores = score({"pixelcnn": model}, config, {"image": images})["nll"]  # `gentrain score`: per image
+    assert scores.tolist() == pytest.approx(expected, rel=1e-5)
     assert metrics["bits_per_dim"] == pytest.approx(mean / (12 * math.log(2)), rel=1e-5)
     _constant_output(model, torch.zeros(LEVELS * 3))  # uniform over 256 values: 8 bits/dim
     uniform = evaluate({"pixelcnn": model}, config, {"image": images, "label": torch.zeros(2)}, None)
