@@ -6,7 +6,7 @@ sample grid, the family's visuals), and a checkpoint in the middle and at the en
     .venv/bin/python -m pytest -q tests/integration/test_strategy_matrix.py                # CI's share
     .venv/bin/python -m pytest -q tests/integration/test_strategy_matrix.py --full-matrix  # all of it
 
-The full matrix (22 CPU cases, ~25 s each on 2 cores) runs before any README claim about
+The full matrix (34 CPU cases, ~25 s each on 2 cores) runs before any README claim about
 strategies is written; CI runs CI_CASES, which hold every family, strategy, ZeRO stage
 and precision at least once. fp16 cases need GPU workers: they are reported as skipped
 here and run in tests/gpu.
