@@ -189,7 +189,9 @@ def visuals(modules, config: PixelCNNConfig, batch, generator: torch.Generator) 
     originals = to_levels(images, config.binarize).float() / (num_levels(config.head) - 1)
     masked = originals.clone()
     masked[:, :, images.shape[2] // 2:] = 0.5
-    completed = inpaint(modules, config, images, labels, torch.Generator().manual_seed(INPAINT_SEED))
+    if generator is None:  # called outside an evaluation: a fixed seed, never the global RNG
+        generator = torch.Generator().manual_seed(INPAINT_SEED)
+    completed = inpaint(modules, config, images, labels, generator)
     grid = torch.stack([originals, masked, completed.to(originals.device)], dim=1).flatten(0, 1)
     if len(grid) < 9:
         grid = torch.cat([grid, grid.new_ones(9 - len(grid), *grid.shape[1:])])
