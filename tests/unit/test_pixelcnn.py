@@ -114,6 +114,19 @@ def test_the_row_cached_stacks_equal_the_full_network():
                                        full[:, :, row:row + 1], rtol=1e-12, atol=1e-12)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, model = _small("softmax", seed=10)
+    x, labels = torch.rand(2, 3, 5, 5, dtype=torch.float64) * 2 - 1, torch.tensor([1, 2])
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.enable_grad_checkpointing(enabled)
+        model(x, labels).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=1e-12)
+
+
 # -- the heads sum to one ------------------------------------------------------------
 def test_softmax_head_sums_to_one_over_256_values():
     torch.manual_seed(4)
