@@ -210,8 +210,9 @@ class DeepSpeedStrategy(Strategy):
             # already all-reduced here, so this is the true global norm before clipping.
             norm = _grad_norm(engine.module)
         if self._last_micro:
-            # Before engine.step(): ZeRO 1-2 would silently skip a non-finite fp32 step,
-            # and bf16 ones would update the weights with it.
+            # Before engine.step(), by gentrain's all-reduced decision (losses included):
+            # DeepSpeed alone applies a NaN gradient under ZeRO 0 in fp32 (the plain torch
+            # optimizer) and skips it silently elsewhere (its invalid-norm check).
             try:
                 allowed = self.nonfinite.allows_update(
                     name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
