@@ -36,6 +36,7 @@ from gentrain.optim import make_optimizer
 from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
+from gentrain.strategies.limits import nonfinite_problem
 
 
 class Engine:
@@ -51,6 +52,9 @@ class Engine:
         if not spec.scaling.use_gpu:
             # DeepSpeed picks its accelerator when first imported; say CPU before it guesses.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        problem = nonfinite_problem(spec.train.nonfinite, spec.run_dir)
+        if problem:
+            raise ValueError(problem)
         self.spec = spec
         self.job = get_job_type(spec.job.type)
         self.config = job_config(spec) if config is None else config

@@ -1,8 +1,8 @@
 """What the strategies refuse to run, written once: `gentrain validate` reports it from the
-spec, and the strategies refuse it again at start-up (a spec built without validation, a
-test) with the same words.
+spec, and the strategies (the engine, for the last) refuse it again at start-up (a spec
+built without validation, a test) with the same words.
 
-Both are combinations a library would silently run as something else:
+Two are combinations a library would silently run as something else:
 - fp16 on CPUs: DDP and Accelerate run plain fp32, and DeepSpeed needs AVX512-FP16 units.
 - Accelerate's FSDP: on a CPU Accelerate 1.15 never enters FSDP (it keeps DDP), and
   gentrain's GPU FSDP path (sharded EMA, gathering for samples, sharded checkpoints) is
