@@ -107,7 +107,8 @@ class Engine:
         """Train to spec.train.steps from where the engine stands: progress every
         train.log_every steps, evaluation at the start, every eval.every steps and at the
         end, a checkpoint every checkpoint.every steps and at the end through `save`
-        (default: self.save into <run dir>/step-N/)."""
+        (default: self.save into <run dir>/step-N/). Under train.nonfinite=rollback a fresh run
+        first saves its initial state (step-0), and a non-finite step rolls back (roll_back)."""
         spec = self.spec
         save = save or (lambda engine: engine.save(os.path.join(spec.run_dir, step_dir_name(engine.step))))
         if self.step >= spec.train.steps:

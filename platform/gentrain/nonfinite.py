@@ -10,6 +10,9 @@ partitions under ZeRO) give two flags, all-reduced, so every rank takes the same
 (a rank-local decision would leave the others waiting in DDP's or ZeRO's collectives).
 Under fp16 the gradients are the loss scaler's business (an overflow skips the step and
 lowers the scale, under DDP, Accelerate and DeepSpeed alike): only the loss is checked.
+A step that is not made (any policy) has its gradients dropped by the strategy: DDP and
+Accelerate zero them; DeepSpeed runs its own fp16-overflow branch, which clears its
+gradient partitions and leaves Adam and the lr schedule alone (deepspeed._drop_step).
 
 train.nonfinite (the spec's policy):
 - stop: `NonFiniteError` naming the step, the network, whether the loss or a gradient
