@@ -197,7 +197,7 @@ def rollback_line(error: NonFiniteRollback, restored_step: int, folder: str, lrs
                   count: int, max_rollbacks: int, factor: float) -> str:
     """The console line of a rollback: what failed where, which checkpoint, the new lr."""
     rates = ", ".join(f"{lr:g} ({name})" for name, lr in lrs.items())
-    return (f"[gentrain] {error}; rolled back to step {restored_step} ({folder}), learning rate "
+    return (f"{error}; rolled back to step {restored_step} ({folder}), learning rate "
             f"x{factor:g}, now {rates} (train.nonfinite=rollback: rollback {count} of at most "
             f"{max_rollbacks})")
 
