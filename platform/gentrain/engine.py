@@ -222,6 +222,7 @@ class Engine:
                                  f"{self.spec.run_dir} to roll back to (the step-0 one is written at "
                                  "the start of a run; was the folder emptied?)")
         scale, count = self.lr_scale * train.nonfinite_lr_factor, self.rollbacks + 1
+        self.strategy.drop_gradients()
         self.restore(folder, verified=True)  # sets lr_scale and rollbacks from the checkpoint
         self.strategy.scale_lr(scale / self.lr_scale)
         self.lr_scale, self.rollbacks = scale, count

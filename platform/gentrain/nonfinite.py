@@ -91,6 +91,12 @@ class NonFiniteGuard:
         self._in_a_row: dict[str, int] = {}
         self._loss_bad: dict[str, torch.Tensor] = {}
 
+    def forget_pending(self) -> None:
+        """Drop the loss flags of updates that never came (a rollback abandons its step, and a
+        network whose backward ran but whose step did not would carry a stale flag)."""
+        self._loss_bad.clear()
+        self._in_a_row.clear()
+
     def record_loss(self, name: str, loss: torch.Tensor) -> None:
         """Called at every backward; no host sync (the flag stays a tensor until the update)."""
         bad = ~torch.isfinite(loss.detach()).all()

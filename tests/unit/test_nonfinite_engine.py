@@ -229,3 +229,16 @@ def test_skips_in_a_row_are_counted_per_network():
         guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
     assert (raised.value.finding.network, raised.value.finding.consecutive) == ("discriminator", 3)
     assert guard.skipped == 2
+
+
+def test_a_rollback_forgets_what_an_abandoned_step_left(tmp_path):
+    """A backward whose step never came (another network's step rolled back first): its
+    gradients and its loss flag must not reach the first step after the restore."""
+    engine = Engine(_spec(tmp_path, "train.nonfinite=rollback"), print_fn=None)
+    params = list(engine.strategy.unwrap("vae").parameters())
+    engine.ctx.backward(sum(p.sum() for p in params) * float("nan"), "vae")
+    assert all(p.grad is not None for p in params)
+    engine.strategy.drop_gradients()
+    assert all(p.grad is None for p in params)
+    engine.optimizer_step(engine.train_batches())  # no stale flag: no NonFiniteRollback
+    assert engine.step == 1 and all(torch.isfinite(value).all() for value in _weights(engine).values())

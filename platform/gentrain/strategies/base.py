@@ -152,6 +152,13 @@ class Strategy(ABC):
             drop()
         return allowed
 
+    def drop_gradients(self) -> None:
+        """Every network's pending gradients dropped (a rollback, before it restores: a
+        network whose backward ran but whose step did not still holds them)."""
+        for optimizer in self._optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.forget_pending()
+
     @abstractmethod
     def _lr_schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler]:
         """Every trained network's lr schedule (each holds the optimizer it sets)."""

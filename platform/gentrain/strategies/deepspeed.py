@@ -234,6 +234,14 @@ class DeepSpeedStrategy(Strategy):
         engine = self._engines.get(name)
         return engine.get_lr()[0] if engine is not None else None
 
+    def drop_gradients(self):
+        # Through the overflow branch: it also clears what ZeRO reduced into its partitions
+        # (an engine without pending gradients goes through it unchanged; the restore that
+        # follows sets its step counters back anyway).
+        for engine in self._engines.values():
+            _drop_step(engine)
+        self.nonfinite.forget_pending()
+
     def _lr_schedulers(self):
         return [engine.lr_scheduler for engine in self._engines.values()]
 
