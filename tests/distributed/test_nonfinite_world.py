@@ -218,11 +218,22 @@ SKIP_CASES = {
 }
 
 
+# ZeRO-1 in bf16 with fp32 gradient accumulation: DeepSpeed picks its BF16_Optimizer, whose
+# overflow branch gentrain does not force: refused under skip, accepted under stop.
+BF16_OPTIMIZER = {**ZERO1, "precision": "bf16", "deepspeed_config": {"data_types": {"grad_accum_dtype": "fp32"}}}
+
+
 def _skip_cases(rank: int, world: int) -> dict:
     results = {}
     for name, section in SKIP_CASES.items():
         results[name] = _skip_against_never_seen(rank, world, section)
         gc.collect()
+    for policy in ("skip", "stop"):
+        try:
+            strategy = build_strategy(make_spec(BF16_OPTIMIZER, nonfinite=policy))
+            results[f"bf16-optimizer-{policy}"] = type(strategy._engines["vae"].optimizer).__name__
+        except ValueError as error:
+            results[f"bf16-optimizer-{policy}"] = str(error)
     return results
 
 
@@ -240,6 +251,13 @@ def test_deepspeed_skip_keeps_weights_and_optimizer_state_and_equals_a_run_witho
         assert result["lr_kept"] and result["counted"], result  # the schedule waited; DeepSpeed counted a skip
         assert result["skipped"] == 1 and result["finite"] and result["moved_after"], result
         assert result["difference"] == 0.0, result
+
+
+def test_deepspeed_skip_refuses_an_optimizer_wrapper_it_cannot_drop_through(deepspeed_skips):
+    assert deepspeed_skips[0]["bf16-optimizer-skip"].startswith(
+        "train.nonfinite: 'skip' drops non-finite updates through the overflow branch")
+    assert "DeepSpeed chose BF16_Optimizer" in deepspeed_skips[0]["bf16-optimizer-skip"]
+    assert deepspeed_skips[0]["bf16-optimizer-stop"] == "BF16_Optimizer"  # stop needs no drop
 
 
 # -- rollback through the engine, two ranks ----------------------------------------------------

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from gentrain.ema import EMA
+from gentrain.nonfinite import NonFiniteFound
 from gentrain.schema import SpecError
 from gentrain.spec import StrategySection
 from gentrain.strategies.base import LOW_PRECISION_DTYPES, StepSettings, Strategy
-from gentrain.nonfinite import NonFiniteFound
 
 EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
 
@@ -131,8 +131,9 @@ class DeepSpeedStrategy(Strategy):
         config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
         self._engines = {name: self._engine(name, module, optimizers[name], config)
                          for name, module in modules.items() if name in optimizers}
-        for engine in self._engines.values():
-            _check_can_drop(engine.optimizer)
+        if self.settings.nonfinite != "stop":  # skip and rollback go on after dropping an update
+            for engine in self._engines.values():
+                _check_can_drop(engine.optimizer, self.settings.nonfinite)
         for name, module in modules.items():
             if name not in self._engines:  # untrained (frozen) networks stay plain
                 module.to(self.device)
@@ -218,7 +219,8 @@ class DeepSpeedStrategy(Strategy):
                     name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
                     lambda: _first_nonfinite_full(engine))
             except NonFiniteFound:
-                _drop_step(engine)  # stop or rollback: nothing left half-reduced in the engine
+                if _overflow_kind(engine.optimizer) is not None:
+                    _drop_step(engine)  # stop or rollback: nothing left half-reduced in the engine
                 raise
             if not allowed:  # skip
                 _drop_step(engine)
@@ -334,14 +336,14 @@ def _import_deepspeed(device: torch.device):
 
 
 # -- dropping an update: DeepSpeed's own overflow path -----------------------------------------
-def _check_can_drop(optimizer) -> None:
+def _check_can_drop(optimizer, policy: str) -> None:
     """Refuse, at set-up, an engine optimizer whose skip path `_drop_step` does not know."""
     if _overflow_kind(optimizer) is None:
         raise ValueError(
-            f"DeepSpeed chose {type(optimizer).__name__} as this network's optimizer wrapper (from "
-            "strategy.deepspeed_config, e.g. data_types.grad_accum_dtype); gentrain can drop a "
-            "non-finite update (train.nonfinite) only through the wrappers of ZeRO 0-3 in its own "
-            "settings: remove that key from strategy.deepspeed_config")
+            f"train.nonfinite: {policy!r} drops non-finite updates through the overflow branch of "
+            f"DeepSpeed's ZeRO 0-3 optimizer wrappers, but DeepSpeed chose {type(optimizer).__name__} "
+            "for this network (from strategy.deepspeed_config, e.g. data_types.grad_accum_dtype); "
+            "remove that key from strategy.deepspeed_config, or use train.nonfinite=stop")
 
 
 def _overflow_kind(optimizer) -> str | None:
