@@ -25,14 +25,7 @@ from gentrain_jobs.pixelcnn.model import horizontal_conv
 
 SMALL = dict(width=12, layers=3, kernel_size=3, first_kernel_size=3, head_width=24, mixtures=2)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared CPU: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(head: str, shape=(3, 5, 5), classes: int = 4, conditional: bool = True, seed: int = 0):

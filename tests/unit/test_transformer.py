@@ -23,14 +23,7 @@ from gentrain_jobs.transformer.likelihood import token_nll
 from gentrain_jobs.transformer.model import DecoderLM, KVCache
 from gentrain_jobs.transformer.sampling import draw, filtered_probabilities, generate
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(positions: str = "learned", vocab: int = 256, context: int = 32, norm: str = "layernorm",
