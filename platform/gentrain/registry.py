@@ -54,6 +54,8 @@ class DataInfo:
     num_classes: int = 0
     kind: str = "image"
     vocab_size: int = 0  # tokens only
+    # tokens of a BPE pack: its merges (left id, right id), so samples decode back to text
+    merges: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.kind not in BATCH_KEYS:
@@ -74,17 +76,21 @@ class DataInfo:
     def of_index(cls, index) -> "DataInfo":
         """From a packed data set's index (its "text" kind holds byte tokens)."""
         kind = {"text": "tokens"}.get(index.kind, index.kind)
-        return cls(tuple(index.shape), index.num_classes, kind, int(getattr(index, "vocab_size", 0) or 0))
+        return cls(tuple(index.shape), index.num_classes, kind, int(getattr(index, "vocab_size", 0) or 0),
+                   tuple(getattr(index, "merges", ())))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
+        data = {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
                 "vocab_size": self.vocab_size}
+        if self.merges:
+            data["merges"] = [list(pair) for pair in self.merges]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "DataInfo":
         """What to_dict wrote (a checkpoint's metadata; older ones hold only shape and classes)."""
         return cls(tuple(data["shape"]), int(data.get("num_classes", 0)), data.get("kind", "image"),
-                   int(data.get("vocab_size", 0)))
+                   int(data.get("vocab_size", 0)), tuple((int(a), int(b)) for a, b in data.get("merges", ())))
 
 
 def batch_inputs(batch: Mapping) -> "torch.Tensor":
