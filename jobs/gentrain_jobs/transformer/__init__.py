@@ -1,9 +1,11 @@
 """Autoregressive transformer job type: a decoder-only language model over token shards
-(bytes of UTF-8 text as `gentrain data pack corpus.txt` writes them).
+(bytes of UTF-8 text as `gentrain data pack corpus.txt` writes them, or byte-level BPE
+tokens with `--bpe-vocab V`).
 
     gentrain run transformer/debug                      # the bundled text, about a minute on 2 CPU workers
     gentrain data pack corpus.txt --out data/corpus --seq-len 1024
     gentrain run transformer/gpt2-small data.source=data/corpus
+    gentrain data pack corpus.txt --out data/corpus-bpe --seq-len 1024 --bpe-vocab 32768
     gentrain sample runs/transformer-debug --n 4 --set 'prompt="Tale 7: Ada"' --set top_p=0.9 --out tales.txt
     gentrain eval runs/transformer-debug --metrics nll  # nll (nats/token), bits_per_byte, perplexity
 

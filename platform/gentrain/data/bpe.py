@@ -25,6 +25,7 @@ byte-to-unicode strings beside a `vocab.json`), see `read_gpt2_merges`.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import heapq
 import json
@@ -107,10 +108,14 @@ class Bpe:
         return word
 
     def encode(self, text: str) -> list[int]:
-        tokens: list[int] = []
-        for piece in pretokens(text):
-            tokens.extend(self.encode_piece(piece.encode("utf-8")))
-        return tokens
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as int64 [n], held as 4 bytes a token while it grows (long texts)."""
+        tokens = array.array("I")
+        for match in PRETOKEN.finditer(text):
+            tokens.extend(self.encode_piece(match.group().encode("utf-8")))
+        return np.frombuffer(tokens, dtype=np.uint32).astype(np.int64)
 
     def decode_bytes(self, tokens: Iterable[int]) -> bytes:
         return b"".join(self._pieces[int(t)] for t in tokens)
@@ -149,7 +154,7 @@ def learn_merges(text: str, vocab_size: int) -> Bpe:
     if vocab_size < BYTE_TOKENS + 1:
         raise BpeError(f"--bpe-vocab {vocab_size} must be at least {BYTE_TOKENS + 1} (the 256 bytes and one merge); "
                        "leave it out to pack plain bytes")
-    frequencies = Counter(piece.encode("utf-8") for piece in pretokens(text))
+    frequencies = Counter(match.group().encode("utf-8") for match in PRETOKEN.finditer(text))
     words = [list(piece) for piece in frequencies]
     counts = list(frequencies.values())
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)

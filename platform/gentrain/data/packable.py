@@ -7,6 +7,8 @@
     gentrain data pack faces.npz --out data/faces                # or images.npy (labels all 0)
     gentrain data pack shakespeare.txt --out data/shakespeare    # bytes for a text model
     gentrain data pack tinytales --out data/tinytales            # the bundled text (gentrain.data.texts)
+    gentrain data pack corpus.txt --out data/c --bpe-vocab 4096  # byte-level BPE tokens (bpe.py)
+    gentrain data pack other.txt --out data/o --bpe-merges data/c/merges.txt   # the same vocabulary
 
 A registered built-in name wins over a file of the same name (write
 `./digits` for the file). Every source becomes a `Packable`: how many samples
@@ -22,6 +24,13 @@ seeded random order within each split. Text is UTF-8, stored as bytes
 (vocabulary 256) in samples of `seq_len` bytes; the trailing `size % seq_len`
 bytes are dropped, and the test split is the last --test-fraction of the file
 rather than random chunks, because neighbouring chunks share their context.
+
+With --bpe-vocab V (or --bpe-merges FILE) the text is split first, by bytes (the
+last --test-fraction, from a character boundary, is the test split), merges are
+learnt on the train part only, and each split's BPE tokens are cut into
+consecutive samples of `seq_len` tokens (uint16 for V <= 65536), each split's
+trailing `len % seq_len` tokens dropped. Each sample also records the UTF-8
+bytes it covers and those of its first token, for bits per byte.
 """
 
 from __future__ import annotations
@@ -324,7 +333,7 @@ def _bpe_text_packable(source, data: bytes, identity: dict, test_fraction: float
     lengths = bpe.token_lengths()
     samples, covered, first, counts = {}, {}, {}, {}
     for split in SPLITS:
-        tokens = np.asarray(bpe.encode(texts[split]), dtype=np.int64)
+        tokens = bpe.encode_array(texts[split])
         count = len(tokens) // seq_len
         tokens = tokens[: count * seq_len].reshape(count, seq_len)
         samples[split] = tokens.astype(dtype)
@@ -332,8 +341,8 @@ def _bpe_text_packable(source, data: bytes, identity: dict, test_fraction: float
         first[split] = lengths[tokens[:, 0]]
         counts[split] = count
     if counts["train"] < 1:
-        raise ValueError(f"{source} gives {len(bpe.encode(texts['train']))} train tokens, too few for one "
-                         f"sample of seq_len {seq_len}: use a longer text or a smaller --seq-len")
+        raise ValueError(f"{source}: its train split holds fewer than seq_len {seq_len} BPE tokens, too few for one "
+                         "sample: use a longer text or a smaller --seq-len")
 
     def rows(split: str, start: int, stop: int) -> BpeTokenRows:
         return BpeTokenRows(samples[split][start:stop].copy(), covered[split][start:stop].copy(),

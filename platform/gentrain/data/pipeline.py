@@ -178,7 +178,8 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
                  on_error: str = "fail", allow_pipe: bool = False) -> Batches:
     """One deterministic pass over this rank's shards (rank r reads shards r, r + world_size, ...).
 
-    Batches are {"image", "label", "key"} ({"tokens", "key"} for text; "key" lists the samples' `__key__`s),
+    Batches are {"image", "label", "key"} ({"tokens", "key"} for text, with "bytes" and "first_bytes"
+    for BPE text; "key" lists the samples' `__key__`s),
     never augmented; the last batch may be short and ranks may get different
     numbers of batches, so reduce metrics once after the pass rather than per batch.
     """
