@@ -103,9 +103,9 @@ def evaluate(modules, config: TransformerConfig, batch, generator: torch.Generat
     perplexity comes from the mean over all batches (summarize).
 
     BPE batches (with "bytes") give, per sample, the NLL in bits summed over its predicted
-    tokens and the bytes those tokens stand for; the platform averages both over the held-out
-    set (weighted by samples), so their ratio in summarize is sum(bits) / sum(bytes) exactly
-    (likelihood.py states the rule)."""
+    tokens and the bytes those tokens stand for (bpe/bits_per_sample, bpe/bytes_per_sample);
+    the platform averages both over the held-out set (weighted by samples), so their ratio in
+    summarize is sum(bits) / sum(bytes) exactly (likelihood.py states the rule)."""
     model = modules["transformer"]
     tokens = batch["tokens"]
     nll_tokens = token_nll(model(tokens), tokens)
@@ -113,8 +113,8 @@ def evaluate(modules, config: TransformerConfig, batch, generator: torch.Generat
     metrics = {"nll": nll}
     if "bytes" in batch:
         samples = tokens.shape[0]
-        metrics["bits_per_sample"] = float(nll_tokens.double().sum()) / math.log(2) / samples
-        metrics["bytes_per_sample"] = float(predicted_bytes(batch).double().sum()) / samples
+        metrics["bpe/bits_per_sample"] = float(nll_tokens.double().sum()) / math.log(2) / samples
+        metrics["bpe/bytes_per_sample"] = float(predicted_bytes(batch).double().sum()) / samples
     elif model.vocab_size == BYTE_VOCAB:
         metrics["bits_per_byte"] = bits_per_byte(nll)
     return metrics
@@ -123,8 +123,8 @@ def evaluate(modules, config: TransformerConfig, batch, generator: torch.Generat
 def summarize(means: dict[str, float]) -> dict[str, float]:
     """perplexity = exp(mean nll); BPE: bits_per_byte = mean bits / mean bytes per sample."""
     summary = {"perplexity": perplexity(means["nll"])} if "nll" in means else {}
-    if means.get("bytes_per_sample"):
-        summary["bits_per_byte"] = means["bits_per_sample"] / means["bytes_per_sample"]
+    if means.get("bpe/bytes_per_sample"):
+        summary["bits_per_byte"] = means["bpe/bits_per_sample"] / means["bpe/bytes_per_sample"]
     return summary
 
 
