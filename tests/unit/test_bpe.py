@@ -206,6 +206,19 @@ def test_reused_merges_give_the_same_pack_and_other_vocabularies_another_hash(tm
         load_index(tmp_path / "a")
 
 
+def test_token_shards_decode_little_endian_16_and_32_bit_ids():
+    from gentrain.data.reader import decode_sample
+
+    ids = [0, 255, 256, 65535]
+    sample = {"tokens": np.array(ids, dtype="<u2").tobytes()}
+    assert decode_sample(sample, (4,), "uint16").tolist() == ids
+    big = ids + [65536, 2**31 + 5]
+    decoded = decode_sample({"tokens": np.array(big, dtype="<u4").tobytes()}, (6,), "uint32")
+    assert decoded.dtype == torch.int64 and decoded.tolist() == big
+    with pytest.raises(ValueError, match="index says"):
+        decode_sample(sample, (8,), "uint16")  # 4 ids where the index promised 8
+
+
 def test_bpe_flags_are_refused_for_non_text_sources():
     with pytest.raises(ValueError, match="--bpe-vocab"):
         pack_source("digits", "/nonexistent-never-written", bpe_vocab=300, progress=False)
