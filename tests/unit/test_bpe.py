@@ -19,7 +19,7 @@ from gentrain.data.pack import pack_source
 from gentrain.data.packable import split_text_bytes
 from gentrain.data.pipeline import eval_batches
 from gentrain.registry import DataInfo
-from gentrain.visual import token_text
+from gentrain.visual import save_samples, token_text
 from gentrain_jobs.transformer import TransformerConfig, TransformerSampler, evaluate, prompt_tokens, summarize
 from gentrain_jobs.transformer.likelihood import bpe_bits_per_byte, token_nll
 
@@ -225,12 +225,14 @@ def test_bpe_flags_are_refused_for_non_text_sources():
 
 
 # -- samples ----------------------------------------------------------------------------
-def test_token_samples_and_prompts_decode_and_encode_with_the_merges():
+def test_token_samples_and_prompts_decode_and_encode_with_the_merges(tmp_path):
     bpe = learn_merges("Tale 1: the fox. Tale 2: the owl. ", 280)
     info = DataInfo((8,), kind="tokens", vocab_size=bpe.vocab_size, merges=tuple(bpe.merges))
     assert DataInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
     tokens = torch.tensor([bpe.encode("Tale 2: the fox.")])
     assert token_text(tokens, info.vocab_size, info.merges) == "===== sample 0 =====\nTale 2: the fox.\n"
+    path = save_samples(tokens, tmp_path / "step-00000100.png", info)  # what training and `gentrain sample` call
+    assert path.name == "step-00000100.txt" and path.read_text(encoding="utf-8").endswith("Tale 2: the fox.\n")
     prompt = prompt_tokens(TransformerSampler(prompt="Tale 1: "), bpe.vocab_size, bpe.merges)
     assert prompt == bpe.encode("Tale 1: ") and len(prompt) < len("Tale 1: ")
 
