@@ -30,7 +30,8 @@ ENTRY_POINT_GROUP = "gentrain.jobs"
 # What one sample is, and the keys of the batches a job type receives for it (the data
 # pipeline's collate, train_step, evaluate, visuals and score all read this table):
 #   image:  {"image": float32 [B, C, H, W] in [0, 1], "label": int64 [B]}
-#   tokens: {"tokens": int64 [B, T] in [0, vocab_size)}
+#   tokens: {"tokens": int64 [B, T] in [0, vocab_size)}; BPE packs add "bytes" and
+#           "first_bytes", int64 [B]: the UTF-8 bytes each sample and its first token stand for
 #   vector: {"x": float32 [B, D], "label": int64 [B]}
 # Held-out batches (evaluate, score) also carry "key": the samples' names.
 BATCH_KEYS: dict[str, tuple[str, ...]] = {
