@@ -315,3 +315,20 @@ def test_learns_the_bundled_tales_over_bpe_below_their_unigram_byte_entropy(tmp_
     assert start["eval/bits_per_byte"] > 2.0
     assert end["eval/bits_per_byte"] < 0.6 * entropy  # 150 steps reach 0.33 bits/byte
     assert end["eval/perplexity"] == pytest.approx(math.exp(end["eval/nll"]), rel=1e-9)
+
+
+def test_the_cli_flags_learn_then_reuse_merges(tmp_path, capsys):
+    from gentrain.cli import main
+
+    (tmp_path / "a.txt").write_text("the fox and the owl. " * 40, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("the owl and the fox! " * 40, encoding="utf-8")
+    assert main(["data", "pack", str(tmp_path / "a.txt"), "--out", str(tmp_path / "a"), "--seq-len", "8",
+                 "--bpe-vocab", "264"]) == 0
+    assert main(["data", "pack", str(tmp_path / "b.txt"), "--out", str(tmp_path / "b"), "--seq-len", "8",
+                 "--bpe-merges", str(tmp_path / "a" / "merges.txt")]) == 0
+    a, b = load_index(tmp_path / "a"), load_index(tmp_path / "b")
+    assert a.vocab_size == b.vocab_size == 264 and a.merges == b.merges
+    with pytest.raises(SystemExit):  # one or the other
+        main(["data", "pack", str(tmp_path / "a.txt"), "--out", str(tmp_path / "c"), "--bpe-vocab", "300",
+              "--bpe-merges", str(tmp_path / "a" / "merges.txt")])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -149,8 +149,8 @@ def _pairs(word: Sequence[int]) -> Counter:
 
 
 def learn_merges(text: str, vocab_size: int) -> Bpe:
-    """Merges learnt on `text` until the vocabulary holds `vocab_size` tokens (fewer when no
-    pair occurs twice... or at all: learning stops when no adjacent pair is left)."""
+    """Merges learnt on `text` until the vocabulary holds `vocab_size` tokens, or fewer when
+    every pre-token is down to one token (no adjacent pair is left to merge)."""
     if vocab_size < BYTE_TOKENS + 1:
         raise BpeError(f"--bpe-vocab {vocab_size} must be at least {BYTE_TOKENS + 1} (the 256 bytes and one merge); "
                        "leave it out to pack plain bytes")

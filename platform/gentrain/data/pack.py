@@ -102,6 +102,9 @@ def pack_source(
     with _process_pool(workers) as pool:
         packable = open_packable(source, test_fraction, seed, image_size, seq_len,
                                  mapper=pool.map if pool else map, bpe_vocab=bpe_vocab, bpe_merges=bpe_merges)
+        if bpe_vocab is not None and packable.fields["vocab_size"] < bpe_vocab:
+            _say(progress, f"pack {source}: the train split runs out of pairs to merge after "
+                           f"{packable.fields['vocab_size']} of --bpe-vocab {bpe_vocab} tokens; packing with those")
         if not any(packable.counts.values()):
             raise ValueError(f"data source {source!r} holds no samples; nothing to pack")
         if shard_bytes is not None:
