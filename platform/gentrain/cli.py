@@ -90,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--image-size", type=int, default=None,
                       help="resize the shorter side and centre-crop images to this side")
     pack.add_argument("--seq-len", type=int, default=256,
-                      help="text sources: bytes per sample sequence (default 256)")
+                      help="text sources: tokens (bytes, or BPE tokens) per sample sequence (default 256)")
+    bpe = pack.add_mutually_exclusive_group()
+    bpe.add_argument("--bpe-vocab", type=int, default=None,
+                     help="text sources: learn a byte-level BPE of this many tokens on the train split "
+                     "(written to DIR/merges.txt); default: plain bytes (vocabulary 256)")
+    bpe.add_argument("--bpe-merges", default=None,
+                     help="text sources: encode with this merges.txt of an earlier --bpe-vocab pack (or a GPT-2 "
+                     "merges.txt with its vocab.json beside it)")
     pack.add_argument("--workers", type=int, default=1, help="packing processes (default 1)")
     pack.add_argument("--seed", type=int, default=0)
     pack.set_defaults(handler=cmd_data_pack)
@@ -227,7 +234,7 @@ def cmd_data_pack(args) -> int:
     index = pack_source(args.source, args.out, per_shard=args.per_shard,
                         shard_size=args.shard_size, test_fraction=args.test_fraction,
                         seed=args.seed, workers=args.workers, image_size=args.image_size,
-                        seq_len=args.seq_len)
+                        seq_len=args.seq_len, bpe_vocab=args.bpe_vocab, bpe_merges=args.bpe_merges)
     splits = ", ".join(f"{name}: {info['total']} samples in {len(info['shards'])} shards"
                        for name, info in index["splits"].items())
     print(f"[gentrain] packed {args.source} into {args.out} ({splits})")

@@ -1,9 +1,11 @@
 """Autoregressive transformer job type: a decoder-only language model over token shards
-(bytes of UTF-8 text as `gentrain data pack corpus.txt` writes them).
+(bytes of UTF-8 text as `gentrain data pack corpus.txt` writes them, or byte-level BPE
+tokens with `--bpe-vocab V`).
 
     gentrain run transformer/debug                      # the bundled text, about a minute on 2 CPU workers
     gentrain data pack corpus.txt --out data/corpus --seq-len 1024
     gentrain run transformer/gpt2-small data.source=data/corpus
+    gentrain data pack corpus.txt --out data/corpus-bpe --seq-len 1024 --bpe-vocab 32768
     gentrain sample runs/transformer-debug --n 4 --set 'prompt="Tale 7: Ada"' --set top_p=0.9 --out tales.txt
     gentrain eval runs/transformer-debug --metrics nll  # nll (nats/token), bits_per_byte, perplexity
 
@@ -13,6 +15,7 @@ and uncached decoding), likelihood.py (held-out NLL, bits per byte, perplexity).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +24,9 @@ import torch
 
 from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
 from gentrain.schema import bounds
-from gentrain_jobs.transformer.likelihood import BYTE_VOCAB, bits_per_byte, perplexity, token_nll
+from gentrain_jobs.transformer.likelihood import (
+    BYTE_VOCAB, bits_per_byte, bpe_bits_per_byte, perplexity, predicted_bytes, token_nll,
+)
 from gentrain_jobs.transformer.model import DecoderLM
 from gentrain_jobs.transformer.sampling import generate
 
@@ -58,7 +63,8 @@ class TransformerSampler:
     top_p: float = field(default=1.0, metadata=bounds(gt=0, le=1, help="nucleus: keep the most likely tokens "
                                                                           "up to this probability mass; 1 keeps all"))
     length: int = field(default=0, metadata=bounds(ge=0, help="tokens to draw after the prompt; 0 fills the context"))
-    prompt: str = field(default="\n", metadata=bounds(help="text the samples continue (UTF-8 bytes as tokens)"))
+    prompt: str = field(default="\n", metadata=bounds(help="text the samples continue (UTF-8 bytes as tokens, "
+                                                             "or BPE tokens of a BPE pack)"))
     cache: bool = True  # decode with the key/value cache (same tokens, far fewer FLOPs)
 
 
@@ -69,19 +75,23 @@ def build(config: TransformerConfig, data: DataInfo) -> dict[str, torch.nn.Modul
         raise ValueError(f"job.config.context {context} is shorter than the data's samples ({sample_length} "
                          "tokens) and learned positions stop at the context: set context 0 (the data's "
                          "length) or repack the text with a smaller --seq-len")
-    return {"transformer": DecoderLM(data.vocab_size, context, config.layers, config.d_model, config.heads,
-                                     config.mlp_ratio, config.dropout, config.positions, config.norm,
-                                     config.tie_weights)}
+    model = DecoderLM(data.vocab_size, context, config.layers, config.d_model, config.heads, config.mlp_ratio,
+                      config.dropout, config.positions, config.norm, config.tie_weights)
+    model.bpe_merges = tuple(data.merges)  # BPE packs: prompts are encoded with the pack's merges
+    return {"transformer": model}
 
 
 def train_step(ctx, batch) -> dict[str, float]:
     tokens = batch["tokens"]
     with ctx.autocast():
         logits = ctx.module("transformer")(tokens)
-    loss = token_nll(logits, tokens).mean()
+    nll = token_nll(logits, tokens)
+    loss = nll.mean()
     ctx.backward(loss, "transformer")
     metrics = {"loss": float(loss.detach())}
-    if ctx.plain("transformer").vocab_size == BYTE_VOCAB:
+    if "bytes" in batch:
+        metrics["bits_per_byte"] = bpe_bits_per_byte(nll.detach(), batch)
+    elif ctx.plain("transformer").vocab_size == BYTE_VOCAB:
         metrics["bits_per_byte"] = bits_per_byte(metrics["loss"])
     metrics.update(ctx.step("transformer"))
     return metrics
@@ -90,18 +100,32 @@ def train_step(ctx, batch) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(modules, config: TransformerConfig, batch, generator: torch.Generator) -> dict[str, float]:
     """Mean NLL per predicted token in nats (and bits per byte for byte tokens); the
-    perplexity comes from the mean over all batches (summarize)."""
+    perplexity comes from the mean over all batches (summarize).
+
+    BPE batches (with "bytes") give, per sample, the NLL in bits summed over its predicted
+    tokens and the bytes those tokens stand for (bpe/bits_per_sample, bpe/bytes_per_sample);
+    the platform averages both over the held-out set (weighted by samples), so their ratio in
+    summarize is sum(bits) / sum(bytes) exactly (likelihood.py states the rule)."""
     model = modules["transformer"]
     tokens = batch["tokens"]
-    nll = float(token_nll(model(tokens), tokens).mean())
+    nll_tokens = token_nll(model(tokens), tokens)
+    nll = float(nll_tokens.mean())
     metrics = {"nll": nll}
-    if model.vocab_size == BYTE_VOCAB:
+    if "bytes" in batch:
+        samples = tokens.shape[0]
+        metrics["bpe/bits_per_sample"] = float(nll_tokens.double().sum()) / math.log(2) / samples
+        metrics["bpe/bytes_per_sample"] = float(predicted_bytes(batch).double().sum()) / samples
+    elif model.vocab_size == BYTE_VOCAB:
         metrics["bits_per_byte"] = bits_per_byte(nll)
     return metrics
 
 
 def summarize(means: dict[str, float]) -> dict[str, float]:
-    return {"perplexity": perplexity(means["nll"])} if "nll" in means else {}
+    """perplexity = exp(mean nll); BPE: bits_per_byte = mean bits / mean bytes per sample."""
+    summary = {"perplexity": perplexity(means["nll"])} if "nll" in means else {}
+    if means.get("bpe/bytes_per_sample"):
+        summary["bits_per_byte"] = means["bpe/bits_per_sample"] / means["bpe/bytes_per_sample"]
+    return summary
 
 
 def validate(config: TransformerConfig, spec) -> list[str]:
@@ -114,8 +138,15 @@ def validate(config: TransformerConfig, spec) -> list[str]:
     return problems
 
 
-def prompt_tokens(settings: TransformerSampler, vocab_size: int) -> list[int]:
-    """The prompt as byte tokens (byte vocabularies); other vocabularies start from token 0."""
+def prompt_tokens(settings: TransformerSampler, vocab_size: int, merges=()) -> list[int]:
+    """The prompt as byte tokens (byte vocabularies) or BPE tokens (with the pack's merges);
+    other vocabularies start from token 0."""
+    if merges and settings.prompt:
+        from gentrain.data.bpe import Bpe
+
+        bpe = Bpe(list(merges))
+        if bpe.vocab_size == vocab_size:
+            return bpe.encode(settings.prompt)
     if vocab_size == BYTE_VOCAB and settings.prompt:
         return list(settings.prompt.encode("utf-8"))
     return [0]
@@ -126,7 +157,7 @@ def sample(modules, config: TransformerConfig, request: SampleRequest) -> torch.
     """int64 tokens [n, prompt + length]: the prompt, then the drawn continuation."""
     model = modules["transformer"]
     settings = request.settings
-    prompt = prompt_tokens(settings, model.vocab_size)
+    prompt = prompt_tokens(settings, model.vocab_size, getattr(model, "bpe_merges", ()))
     room = model.context - len(prompt)
     if room < 1:
         raise ValueError(f"job.sampling.prompt is {len(prompt)} tokens, which fills the context "
@@ -161,7 +192,8 @@ JOB = JobType(
     summarize=summarize,
     validate=validate,
     sampler=TransformerSampler,
-    # per predicted token: nll in nats, bits per byte (byte tokens), perplexity exp(nll)
+    # per predicted token: nll in nats, perplexity exp(nll); bits per byte of the text (byte
+    # tokens: nll / ln 2; BPE: sum of bits / sum of the predicted tokens' bytes)
     likelihoods={"nll": "nats", "bits_per_byte": "bits/byte", "perplexity": "perplexity"},
     data_kinds=("tokens",),
     # fp16 (loss scaling on a GPU) is left out until a GPU run of this family checks it:

@@ -8,6 +8,14 @@ first token of a sample is context only). Over those predictions:
   (vocabulary 256, `gentrain data pack` of a .txt); for ASCII text this is bits per character;
 - perplexity: exp(nll), computed from the mean NLL over the whole held-out set (never a
   mean of per-batch perplexities, which exp's convexity would push up).
+
+BPE tokens (`gentrain data pack --bpe-vocab`) stand for several bytes each, and each sample
+carries the UTF-8 bytes it covers ("bytes") and those of its first token ("first_bytes").
+Bits per byte is then a ratio of sums over the held-out set: the NLL in bits of every
+predicted token over the bytes those tokens stand for, sum(nll) / ln 2 / sum(bytes -
+first_bytes); the first token of each sample is context only, so neither its loss (there is
+none) nor its bytes count. nll and perplexity stay per token. With byte tokens the same rule
+gives nll / ln 2.
 """
 
 from __future__ import annotations
@@ -35,3 +43,13 @@ def bits_per_byte(nll_nats: float) -> float:
 def perplexity(nll_nats: float) -> float:
     """exp(mean NLL per token in nats)."""
     return math.exp(nll_nats)
+
+
+def predicted_bytes(batch) -> torch.Tensor:
+    """UTF-8 bytes of the tokens a BPE batch predicts (every token but each sample's first), [B]."""
+    return batch["bytes"] - batch["first_bytes"]
+
+
+def bpe_bits_per_byte(nll_nats: torch.Tensor, batch) -> float:
+    """sum of NLL [B, T - 1] in bits / bytes of the predicted tokens, over one batch."""
+    return float(nll_nats.sum()) / math.log(2) / float(predicted_bytes(batch).sum())
