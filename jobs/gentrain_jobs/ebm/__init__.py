@@ -150,7 +150,12 @@ JOB = JobType(
     evaluate=evaluate,
     sampler=EBMSampler,
     data_kinds=("image", "vector"),
-    supports=Supports(strategies=("ddp",), precisions=("fp32",)),
+    # Langevin runs on the unwrapped network in fp32 outside autocast: no ZeRO-3 (sharded
+    # weights), and no DeepSpeed bf16 (its bf16 weights would meet fp32 chains).
+    supports=Supports(strategies=("ddp", "accelerate", "deepspeed"), precisions=("fp32", "bf16"),
+                      zero_stages=(0, 1, 2),
+                      excluded=(("deepspeed", "bf16", "Langevin sampling runs the unwrapped network on fp32 "
+                                 "chains; DeepSpeed's bf16 weights do not take them: use strategy.precision=fp32"),)),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Energy-based model: contrastive divergence with short-run Langevin (or MALA) "
                 "and a replay buffer (Du & Mordatch 2019)",
