@@ -132,3 +132,30 @@ def test_learns_binarized_digits_through_the_engine(digits, persistent):
     assert math.isfinite(metrics["loss"])
     assert start["nll"] > 40.0
     assert end["nll"] < end["baseline_nll"] - 2.0 and end["log_z_stderr"] < 0.5
+
+
+def test_resume_keeps_the_data_marginals_and_the_held_out_nll(digits, tmp_path):
+    """The AIS base's data marginals are buffers in the checkpoint: a restored engine reports
+    the same held-out NLL; PCD's chains are not saved and restart from the next batch."""
+    spec = from_dict({"job": {"type": "rbm", "config": {"hidden": 8, "persistent": True, "ais_betas": 50,
+                                                        "ais_chains": 10}},
+                      "train": {"steps": 4, "optimizer": {"name": "sgd", "lr": 0.1}}, "storage_path": str(tmp_path)})
+    info = DataInfo(tuple(digits.shape))
+    engine = Engine(spec, data_info=info, print_fn=None)
+    engine.optimizer_step(train_batches(digits, "train", 16, rank=0, world_size=1, seed=0))
+    engine.save(tmp_path / "step")
+    held_out = next(iter(eval_batches(digits, "test", 64, 0, 1)))
+    config = job_config(spec)
+
+    def nll(e):
+        with e.strategy.evaluation() as modules:
+            return evaluate(modules, config, held_out, torch.Generator().manual_seed(0))["nll"]
+
+    restored = Engine(spec, data_info=info, print_fn=None)
+    assert restored.strategy.unwrap("rbm").data_count == 0
+    restored.restore(tmp_path / "step")
+    model = restored.strategy.unwrap("rbm")
+    assert float(model.data_count) == 16 and model.chains is None
+    assert nll(restored) == pytest.approx(nll(engine), abs=1e-9)
+    restored.optimizer_step(train_batches(digits, "train", 16, rank=0, world_size=1, seed=7))
+    assert model.chains is not None and float(model.data_count) == 32
