@@ -88,3 +88,24 @@ def test_learns_a_2d_mixture_through_the_engine(one_thread):
     print(f"energy data {scores['energy_data']:.4f} noise {scores['energy_noise']:.4f}; near a mode {near}")
     assert scores["energy_data"] < scores["energy_noise"]
     assert near["langevin"] > 0.5 and near["mala"] > 0.5
+
+
+def test_resume_restores_the_weights_and_starts_an_empty_replay_buffer(tmp_path):
+    """The buffer is per rank and not checkpointed (documented in the family's docstring)."""
+    spec = from_dict({"job": {"type": "ebm", "config": {"arch": "mlp", "hidden": 8, "steps": 2, "step_size": 0.1}},
+                      "train": {"steps": 4}, "storage_path": str(tmp_path)})
+    info = DataInfo((2,), kind="vector")
+    engine = Engine(spec, data_info=info, print_fn=None)
+    data = torch.Generator().manual_seed(0)
+    batches = iter(lambda: {"x": mixture(16, data)}, None)
+    engine.optimizer_step(batches)
+    assert engine.strategy.unwrap("energy").replay_buffer.count == 16
+    engine.save(tmp_path / "step")
+    restored = Engine(spec, data_info=info, print_fn=None)
+    restored.restore(tmp_path / "step")
+    network = restored.strategy.unwrap("energy")
+    assert getattr(network, "replay_buffer", None) is None
+    saved = engine.strategy.unwrap("energy").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in network.state_dict().items())
+    restored.optimizer_step(batches)
+    assert network.replay_buffer.count == 16
