@@ -59,13 +59,14 @@ def test_base_log_z_is_the_partition_function_of_the_bias_only_model():
     assert base_log_z(bias, HIDDEN) == pytest.approx(exact_log_z(params), abs=1e-9)
 
 
-@pytest.mark.parametrize("scale", [0.5, 1.5])
-def test_ais_log_z_matches_the_exact_value_within_its_error_bars(scale):
+@pytest.mark.parametrize("scale,schedule", [(0.5, "linear"), (1.5, "linear"), (1.5, "salakhutdinov")])
+def test_ais_log_z_matches_the_exact_value_within_its_error_bars(scale, schedule):
     model = tiny_rbm(scale)
     exact = exact_log_z(model.params())
     base = torch.logit(torch.linspace(0.2, 0.8, VISIBLE, dtype=torch.float64))
-    result = ais_log_z(model.params(), base, betas=500, chains=200, generator=torch.Generator().manual_seed(0))
-    print(f"scale {scale}: AIS {result.log_z:.4f} +- {result.log_z_stderr:.4f}, exact {exact:.4f}")
+    result = ais_log_z(model.params(), base, betas=500, chains=200, generator=torch.Generator().manual_seed(0),
+                       schedule=schedule)
+    print(f"scale {scale}, {schedule}: AIS {result.log_z:.4f} +- {result.log_z_stderr:.4f}, exact {exact:.4f}")
     assert 0 < result.log_z_stderr < 0.1
     assert abs(result.log_z - exact) < 3 * result.log_z_stderr + 1e-3
 

@@ -44,6 +44,8 @@ class RBMConfig:
     init_std: float = field(default=0.01, metadata=bounds(gt=0, help="weights ~ N(0, init_std^2)"))
     ais_betas: int = field(default=1000, metadata=bounds(
         ge=2, help="intermediate temperatures of AIS for log Z at evaluation (S&M use 14,500)"))
+    ais_schedule: Literal["linear", "salakhutdinov"] = field(default="linear", metadata={
+        "help": "AIS temperatures: linear in beta, or spaced as Salakhutdinov & Murray (denser towards 1)"})
     ais_chains: int = field(default=100, metadata=bounds(ge=2, help="AIS runs (the error bars shrink as 1/sqrt)"))
     ais_seed: int = field(default=0, metadata=bounds(
         ge=0, help="AIS's randomness: the same weights give the same log Z on every rank and evaluation"))
@@ -102,13 +104,13 @@ def train_step(ctx, batch) -> dict[str, float]:
 
 def _log_z(model: RBM, config: RBMConfig) -> tuple[float, float]:
     """AIS's log Z, cached per weights: evaluate is called once per held-out batch."""
-    key = (config.ais_betas, config.ais_chains, config.ais_seed,
+    key = (config.ais_betas, config.ais_schedule, config.ais_chains, config.ais_seed,
            *(float(t.double().sum()) for t in (model.weight, model.visible_bias, model.hidden_bias)),
            float(model.weight.double().abs().sum()), float(model.data_count))
     cached = getattr(model, "_log_z_cache", None)
     if cached is None or cached[0] != key:
         result = ais_log_z(model.params(), model.base_visible_bias(), config.ais_betas, config.ais_chains,
-                           torch.Generator().manual_seed(config.ais_seed))
+                           torch.Generator().manual_seed(config.ais_seed), config.ais_schedule)
         cached = (key, (result.log_z, result.log_z_stderr))
         model._log_z_cache = cached
     return cached[1]

@@ -16,12 +16,11 @@ returns the final states with diagnostics (`acceptance`: the mean acceptance rat
 """
 
 from gentrain.samplers.ais import (AISResult, annealed_importance_sampling, energy_kernel, geometric_path,
-                                   linear_betas, log_mean_exp)
+                                   linear_betas, log_mean_exp, salakhutdinov_betas)
 from gentrain.samplers.gibbs import RBMParams, rbm_free_energy, rbm_gibbs
 from gentrain.samplers.importance import importance_log_likelihood
 from gentrain.samplers.mcmc import Chain, hmc, kernel, langevin, mala, random_walk_metropolis
 
-__all__ = ["AISResult", "Chain", "RBMParams", "annealed_importance_sampling", "energy_kernel", "geometric_path", "hmc",
-           "kernel", "linear_betas",
-           "importance_log_likelihood", "langevin", "log_mean_exp", "mala", "random_walk_metropolis",
-           "rbm_free_energy", "rbm_gibbs"]
+__all__ = ["AISResult", "Chain", "RBMParams", "annealed_importance_sampling", "energy_kernel", "geometric_path",
+           "hmc", "importance_log_likelihood", "kernel", "langevin", "linear_betas", "log_mean_exp", "mala",
+           "random_walk_metropolis", "rbm_free_energy", "rbm_gibbs", "salakhutdinov_betas"]

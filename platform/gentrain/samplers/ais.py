@@ -59,6 +59,17 @@ def linear_betas(count: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, count, dtype=torch.float64)
 
 
+def salakhutdinov_betas(count: int) -> torch.Tensor:
+    """`count` temperatures spaced as Salakhutdinov & Murray 2008 (500 in [0, 0.5), 4,000 in
+    [0.5, 0.9), 10,000 in [0.9, 1] of 14,500): denser where the distributions change fastest."""
+    low = max(1, round(count * 500 / 14500))
+    middle = max(1, round(count * 4000 / 14500))
+    high = max(2, count - low - middle)
+    return torch.cat([torch.linspace(0.0, 0.5, low + 1, dtype=torch.float64)[:-1],
+                      torch.linspace(0.5, 0.9, middle + 1, dtype=torch.float64)[:-1],
+                      torch.linspace(0.9, 1.0, high, dtype=torch.float64)])
+
+
 def annealed_importance_sampling(path: LogDensity, transition: Transition, x0: torch.Tensor,
                                  betas: Sequence[float] | torch.Tensor, log_z_base: float,
                                  generator: torch.Generator) -> AISResult:
