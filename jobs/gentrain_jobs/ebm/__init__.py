@@ -3,7 +3,7 @@ replay buffer (Du & Mordatch 2019, "Implicit generation and generalization in EB
 
     gentrain run ebm/debug
     gentrain run ebm/debug job.config.sampler=mala
-    gentrain sample runs/ebm-debug --set sampler=mala steps=100 --out mala.png
+    gentrain sample runs/ebm-debug --set sampler=mala --set steps=100 --out mala.png
 
 p(x) ∝ exp(-E(x)). Each step draws negatives: chains start from the replay buffer (or uniform
 noise with probability `reinit`, 5%), run `steps` Langevin steps x <- x - step_size dE/dx +
@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
+from gentrain.registry import DataInfo, JobType, SampleRequest, Supports, batch_inputs
 from gentrain.samplers import langevin, mala
 from gentrain.schema import bounds
 from gentrain_jobs.ebm.model import ReplayBuffer, energy_network
@@ -101,7 +101,7 @@ def _buffer(module: torch.nn.Module, config: EBMConfig, shape) -> ReplayBuffer:
 
 def train_step(ctx, batch) -> dict[str, float]:
     config = ctx.config
-    x = batch["x"] if "x" in batch else batch["image"]
+    x = batch_inputs(batch)
     plain = ctx.plain("energy")
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))  # from the seeded global RNG
     buffer = _buffer(plain, config, x.shape[1:])
@@ -124,7 +124,7 @@ def train_step(ctx, batch) -> dict[str, float]:
 def evaluate(modules, config: EBMConfig, batch, generator: torch.Generator) -> dict[str, float]:
     """Mean energy of held-out data and of uniform noise (a trained model puts the data lower)."""
     model = modules["energy"]
-    x = batch["x"] if "x" in batch else batch["image"]
+    x = batch_inputs(batch)
     with torch.no_grad():
         noise = torch.rand(x.shape, generator=generator).to(x.device)
         e_data, e_noise = model(x).float().mean(), model(noise).float().mean()
