@@ -46,7 +46,12 @@ def test_debug_spec_loads_and_conv_energy_samples_images():
     config = job_config(load_spec("ebm/debug"))
     assert isinstance(config, EBMConfig) and config.arch == "conv" and config.reinit == 0.05
     modules = build(config, DataInfo((1, 8, 8)))
-    images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0), EBMSampler(steps=2)))
+    with torch.no_grad():  # as the platform's evaluation calls it: the chains take their own gradients
+        images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0), EBMSampler(steps=2)))
+        mala_images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0),
+                                                            EBMSampler(sampler="mala", steps=2)))
+    assert mala_images.shape == (3, 1, 8, 8) and not torch.equal(mala_images, images)
+    assert all(p.grad is None for p in modules["energy"].parameters())  # sampling leaves the weights alone
     assert images.shape == (3, 1, 8, 8) and float(images.min()) >= 0 and float(images.max()) <= 1
 
 
