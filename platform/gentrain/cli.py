@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from gentrain.registry import UnknownJobType
 from gentrain.schema import SpecError
@@ -246,10 +247,12 @@ def cmd_sample(args) -> int:
     from gentrain.visual import save_samples
 
     trained = load_trained(args.ref, use_ema=not args.no_ema, sampling=args.sampling)
+    started = time.perf_counter()
     images = trained.sample(args.n, args.seed, _sample_labels(trained, args.labels, args.n))
+    rate = args.n / max(time.perf_counter() - started, 1e-9)
     path = save_samples(images, args.out, trained.data_info)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
-          f"{trained.checkpoint}) -> {path}")
+          f"{trained.checkpoint}) -> {path} ({rate:,.1f} samples/s)")
     _log_to_run(trained, path, "samples/cli")
     return 0
 

@@ -37,6 +37,8 @@ CI_CASES = {
     ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"), ("transformer", "deepspeed-zero3-bf16"),
     ("pixelcnn", "ddp-bf16"),
     ("flow", "deepspeed-zero3-bf16"),  # ActNorm's first-step init through ZeRO-3's hooks, bf16 weights
+    ("rbm", "deepspeed-zero2-fp32"),  # Gibbs sampling inside the engine's forward, AIS on the gathered weights
+    ("ebm", "ddp-bf16"),  # Langevin on the unwrapped fp32 network, the loss under autocast
 }
 
 

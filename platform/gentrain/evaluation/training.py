@@ -17,6 +17,7 @@ Under ZeRO-3 every network's weights are gathered for the whole block
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,7 +49,10 @@ class TrainingEvaluator:
                 metrics.update(self._sample_metrics(modules))
             if engine.rank == 0:
                 generator = torch.Generator().manual_seed(spec.train.seed)
-                self._save_grid(self._draw(modules)(spec.eval.num_samples, generator))
+                started = time.perf_counter()
+                images = self._draw(modules)(spec.eval.num_samples, generator)
+                self._log_sampling_rate(spec.eval.num_samples / max(time.perf_counter() - started, 1e-9))
+                self._save_grid(images)
                 if engine.job.visuals is not None:
                     self._save_visuals(modules, generator)
         return metrics
@@ -103,6 +107,12 @@ class TrainingEvaluator:
         engine = self.engine
         return lambda n, generator: engine.job.sample(modules, engine.config,
                                                       SampleRequest(n, generator, engine.sampler))
+
+    def _log_sampling_rate(self, rate: float) -> None:
+        """`sample/samples_per_second` of the grid's draw under the spec's job.sampling (rank 0,
+        MLflow only): what a sampler setting (steps, MALA vs Langevin, ...) costs."""
+        if self.engine.logger:
+            self.engine.logger.log_metrics({"sample/samples_per_second": rate}, step=self.engine.step)
 
     def _publish(self, metrics: dict[str, float]) -> None:
         self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
