@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from gentrain.registry import UnknownJobType
 from gentrain.schema import SpecError
@@ -90,16 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--image-size", type=int, default=None,
                       help="resize the shorter side and centre-crop images to this side")
     pack.add_argument("--seq-len", type=int, default=256,
-                      help="text sources: bytes per sample sequence (default 256)")
+                      help="text sources: tokens (bytes, or BPE tokens) per sample sequence (default 256)")
+    bpe = pack.add_mutually_exclusive_group()
+    bpe.add_argument("--bpe-vocab", type=int, default=None,
+                     help="text sources: learn a byte-level BPE of this many tokens on the train split "
+                     "(written to DIR/merges.txt); default: plain bytes (vocabulary 256)")
+    bpe.add_argument("--bpe-merges", default=None,
+                     help="text sources: encode with this merges.txt of an earlier --bpe-vocab pack (or a GPT-2 "
+                     "merges.txt with its vocab.json beside it)")
     pack.add_argument("--workers", type=int, default=1, help="packing processes (default 1)")
     pack.add_argument("--seed", type=int, default=0)
     pack.set_defaults(handler=cmd_data_pack)
 
-    sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG")
+    sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG (text: a .txt)")
     sample.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
                         help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("--out", default="samples.png",
+                        help="output PNG (default samples.png); token samples are written as text with the suffix .txt")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
     sample.add_argument("--set", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
@@ -236,7 +245,7 @@ def cmd_data_pack(args) -> int:
     index = pack_source(args.source, args.out, per_shard=args.per_shard,
                         shard_size=args.shard_size, test_fraction=args.test_fraction,
                         seed=args.seed, workers=args.workers, image_size=args.image_size,
-                        seq_len=args.seq_len)
+                        seq_len=args.seq_len, bpe_vocab=args.bpe_vocab, bpe_merges=args.bpe_merges)
     splits = ", ".join(f"{name}: {info['total']} samples in {len(info['shards'])} shards"
                        for name, info in index["splits"].items())
     print(f"[gentrain] packed {args.source} into {args.out} ({splits})")
@@ -245,13 +254,15 @@ def cmd_data_pack(args) -> int:
 
 def cmd_sample(args) -> int:
     from gentrain.inference import load_trained
-    from gentrain.visual import save_image_grid
+    from gentrain.visual import save_samples
 
     trained = load_trained(args.ref, use_ema=not args.no_ema, sampling=args.sampling)
+    started = time.perf_counter()
     images = trained.sample(args.n, args.seed, _sample_labels(trained, args.labels, args.n))
-    path = save_image_grid(images, args.out)
+    rate = args.n / max(time.perf_counter() - started, 1e-9)
+    path = save_samples(images, args.out, trained.data_info)
     print(f"[gentrain] {args.n} samples of {trained.spec.name} (step {trained.step}, "
-          f"{trained.checkpoint}) -> {path}")
+          f"{trained.checkpoint}) -> {path} ({rate:,.1f} samples/s)")
     _log_to_run(trained, path, "samples/cli")
     return 0
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from gentrain.nonfinite import NonFiniteError, NonFiniteFound, stop_message
+from gentrain.nonfinite import NonFiniteError, NonFiniteFound, NonFiniteRollback, stop_message
 
 
 class StepContext:
@@ -49,10 +49,13 @@ class StepContext:
 
     def step(self, name: str) -> dict[str, float]:
         """Clip, optimizer and lr step for `name` (at the accumulation boundary), unless its
-        loss or gradients are not finite: then train.nonfinite decides (gentrain.nonfinite)."""
+        loss or gradients are not finite: then train.nonfinite decides (gentrain.nonfinite);
+        under rollback NonFiniteRollback reaches the engine, which restores a checkpoint."""
         try:
             stepped = self.strategy.step(name)
         except NonFiniteFound as found:
+            if self.strategy.settings.nonfinite == "rollback":
+                raise NonFiniteRollback(found.finding, self.global_step) from None  # Engine.fit
             message = stop_message(found.finding, self.global_step, self.strategy.nonfinite_facts(name))
             raise NonFiniteError(message) from None
         return {f"{key}/{name}": value for key, value in stepped.items()}

@@ -24,17 +24,19 @@ from typing import Callable, Iterator
 
 import torch
 
-from gentrain.checkpoint import MODEL_FILE, checkpoint_problem, file_manifest, read_meta, step_dir_name, write_meta
+from gentrain.checkpoint import (MODEL_FILE, checkpoint_problem, file_manifest, newest_good_checkpoint, read_meta,
+                                 step_dir_name, write_meta)
 from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
 from gentrain.progress import Window, clock
-from gentrain.nonfinite import check_weights
+from gentrain.nonfinite import NonFiniteError, NonFiniteRollback, check_weights, rollback_line, stop_message
 from gentrain.optim import make_optimizer
 from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, job_config, sampler_settings
 from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
+from gentrain.strategies.limits import nonfinite_problem
 
 
 class Engine:
@@ -50,6 +52,9 @@ class Engine:
         if not spec.scaling.use_gpu:
             # DeepSpeed picks its accelerator when first imported; say CPU before it guesses.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        problem = nonfinite_problem(spec.train.nonfinite, spec.run_dir)
+        if problem:
+            raise ValueError(problem)
         self.spec = spec
         self.job = get_job_type(spec.job.type)
         self.config = job_config(spec) if config is None else config
@@ -72,6 +77,10 @@ class Engine:
         self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
         self.skipped_before = 0  # data/skipped_samples at the checkpoint this engine resumed from
         self.run_id = None  # the MLflow run the checkpoints name (a restart keeps logging into it)
+        # train.nonfinite=rollback: rollbacks made in the run and the product of their lr
+        # factors (both in every checkpoint's metadata: a resumed run continues with them).
+        self.rollbacks = 0
+        self.lr_scale = 1.0
         self._evaluator = None
 
     @property
@@ -98,7 +107,8 @@ class Engine:
         """Train to spec.train.steps from where the engine stands: progress every
         train.log_every steps, evaluation at the start, every eval.every steps and at the
         end, a checkpoint every checkpoint.every steps and at the end through `save`
-        (default: self.save into <run dir>/step-N/)."""
+        (default: self.save into <run dir>/step-N/). Under train.nonfinite=rollback a fresh run
+        first saves its initial state (step-0), and a non-finite step rolls back (roll_back)."""
         spec = self.spec
         save = save or (lambda engine: engine.save(os.path.join(spec.run_dir, step_dir_name(engine.step))))
         if self.step >= spec.train.steps:
@@ -106,10 +116,18 @@ class Engine:
             return
         if not self.resumed:
             self.evaluate()
+            if spec.train.nonfinite == "rollback" and self.step == 0:
+                save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()
         window = Window()
         while self.step < spec.train.steps:
-            window.add(self.optimizer_step(batches))
+            try:
+                window.add(self.optimizer_step(batches))
+            except NonFiniteRollback as error:
+                self.roll_back(error)  # or NonFiniteError: rollbacks exhausted
+                batches = self.train_batches()  # from the restored data position
+                window = Window()
+                continue
             if self.step % spec.train.log_every == 0 or self.step == spec.train.steps:
                 self._report(window)
                 window = Window()
@@ -179,7 +197,41 @@ class Engine:
             metrics["data/skipped_samples"] = self.skipped_samples()
         if spec.train.nonfinite == "skip":  # the same on every rank: the guard's flags are all-reduced
             metrics["train/nonfinite_skipped"] = self.strategy.nonfinite.skipped
+        if spec.train.nonfinite == "rollback":
+            metrics["train/nonfinite_rollbacks"] = self.rollbacks
         return metrics
+
+    def roll_back(self, error: NonFiniteRollback) -> str:
+        """train.nonfinite=rollback, on every rank alike (a collective): restore the newest
+        good checkpoint of the run folder as a resume does (weights, optimizer, schedule,
+        data position; the noise is seeded per step), multiply the learning rate by
+        train.nonfinite_lr_factor and count it. Raises NonFiniteError, as train.nonfinite=stop
+        does, once train.nonfinite_max_rollbacks are made or no good checkpoint is left.
+        Returns the folder restored; the caller draws its batches again (train_batches)."""
+        train = self.spec.train
+        if self.rollbacks >= train.nonfinite_max_rollbacks:
+            facts = self.strategy.nonfinite_facts(error.finding.network, self.rollbacks)
+            raise NonFiniteError(stop_message(error.finding, error.done, facts))
+        choice = newest_good_checkpoint(self.spec.run_dir) if self.rank == 0 else None
+        folder = from_rank_zero(str(choice.folder) if choice and choice.folder else None, self.world_size)
+        if choice:
+            for line in choice.rejection_lines():
+                self.print(line)
+        if folder is None:
+            raise NonFiniteError(f"{error}; train.nonfinite=rollback found no good checkpoint in "
+                                 f"{self.spec.run_dir} to roll back to (the step-0 one is written at "
+                                 "the start of a run; was the folder emptied?)")
+        scale, count = self.lr_scale * train.nonfinite_lr_factor, self.rollbacks + 1
+        self.strategy.drop_gradients()
+        self.restore(folder, verified=True)  # sets lr_scale and rollbacks from the checkpoint
+        self.strategy.scale_lr(scale / self.lr_scale)
+        self.lr_scale, self.rollbacks = scale, count
+        lrs = {name: self.strategy.base_lr(name) for name in self.strategy.names}
+        self.print(rollback_line(error, self.step, folder, {k: v for k, v in lrs.items() if v is not None},
+                                 count, train.nonfinite_max_rollbacks, train.nonfinite_lr_factor))
+        if self.logger:
+            self.logger.set_tag("gentrain.nonfinite_rollbacks", str(count))
+        return folder
 
     def _report(self, window: Window) -> None:
         metrics = self.train_metrics(window)
@@ -248,6 +300,8 @@ class Engine:
             "world_size": self.world_size,
             "data_info": self.data_info.to_dict(),
             "mlflow_run_id": self.run_id,
+            "nonfinite_rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,  # already in the optimizer and schedule state: for the record
             "job_type": self.spec.job.type,
             "spec": self.spec.to_dict(),
             "time": time.time(),
@@ -267,6 +321,8 @@ class Engine:
         self.step = int(meta["step"])
         self.batches_consumed = int(meta["batches_consumed"])
         self.skipped_before = int(meta.get("skipped_samples", 0))
+        self.rollbacks = int(meta.get("nonfinite_rollbacks", 0))
+        self.lr_scale = float(meta.get("lr_scale", 1.0))
         self.resumed = True
         return meta
 
@@ -286,6 +342,15 @@ def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
             if hasattr(module, "enable_grad_checkpointing"):  # an optional method of a network
                 module.enable_grad_checkpointing(True)
     return modules
+
+
+def from_rank_zero(value, world_size: int):
+    """Rank 0's `value` on every rank (a collective when distributed)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_manifests(manifest: dict, world_size: int) -> dict:

@@ -18,7 +18,7 @@ import ray.train
 import torch
 
 from gentrain.checkpoint import newest_good_checkpoint, step_dir_name
-from gentrain.engine import Engine
+from gentrain.engine import Engine, from_rank_zero
 from gentrain.nonfinite import NonFiniteError, can_hand_over, write_stop
 from gentrain.launch.console import route_worker_logs, worker_print
 from gentrain.paths import is_remote
@@ -75,7 +75,7 @@ def restore(engine: Engine, spec: JobSpec, announced: tuple[str, ...] = ()) -> N
             engine.print(f"resumed from step {engine.step} ({offered.path})")
         return
     choice = newest_good_checkpoint(spec.run_dir) if engine.rank == 0 else None
-    folder = _from_rank_zero(str(choice.folder) if choice and choice.folder else None, engine.world_size)
+    folder = from_rank_zero(str(choice.folder) if choice and choice.folder else None, engine.world_size)
     if choice:  # what the driver has not said already: a folder cut short during this run
         for line in choice.rejection_lines():
             if line not in announced:
@@ -84,14 +84,6 @@ def restore(engine: Engine, spec: JobSpec, announced: tuple[str, ...] = ()) -> N
         return
     engine.restore(folder, verified=True)
     engine.print(f"resumed from step {engine.step} ({folder})")
-
-
-def _from_rank_zero(value, world_size: int):
-    if world_size == 1 or not torch.distributed.is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def report_checkpoint(engine: Engine) -> None:

@@ -2,6 +2,7 @@
 
     gentrain run vae/debug train.optimizer.lr=1e30              # stops at the first bad step
     gentrain run vae/debug train.nonfinite=skip                 # skips it, counts it, goes on
+    gentrain run vae/debug train.nonfinite=rollback             # back to the last good checkpoint, lower lr
 
 Each strategy's `step(name)` asks its `NonFiniteGuard` before it updates `name`: the
 losses `backward` saw for `name` since the last update and this rank's gradients (its
@@ -9,6 +10,9 @@ partitions under ZeRO) give two flags, all-reduced, so every rank takes the same
 (a rank-local decision would leave the others waiting in DDP's or ZeRO's collectives).
 Under fp16 the gradients are the loss scaler's business (an overflow skips the step and
 lowers the scale, under DDP, Accelerate and DeepSpeed alike): only the loss is checked.
+A step that is not made (any policy) has its gradients dropped by the strategy: DDP and
+Accelerate zero them; DeepSpeed runs its own fp16-overflow branch, which clears its
+gradient partitions and leaves Adam and the lr schedule alone (deepspeed._drop_step).
 
 train.nonfinite (the spec's policy):
 - stop: `NonFiniteError` naming the step, the network, whether the loss or a gradient
@@ -19,6 +23,11 @@ train.nonfinite (the spec's policy):
   STOP_FILE in the run folder, and the driver raises it (`raise_if_stopped`).
 - skip: the step's gradients are dropped and nothing is updated (nor the lr schedule);
   counted as train/nonfinite_skipped; more than train.nonfinite_max_skips in a row stop.
+- rollback: the step's gradients are dropped, `StepContext.step` raises NonFiniteRollback
+  and the engine (`Engine.roll_back`) restores the newest good checkpoint on every rank,
+  multiplies every network's learning rate by train.nonfinite_lr_factor and goes on:
+  counted as train/nonfinite_rollbacks; past train.nonfinite_max_rollbacks it stops as
+  `stop` does. The retry is not the same run again: its learning rate is lower.
 
 A checkpoint is never written from non-finite weights: `check_weights` runs before every
 save, on every rank, and raises NonFiniteError instead.
@@ -51,6 +60,17 @@ class Finding:
     consecutive: int = 1  # non-finite updates of this network in a row, this one included
 
 
+class NonFiniteRollback(NonFiniteError):
+    """train.nonfinite=rollback: raised on every rank alike by StepContext.step; the engine
+    catches it and rolls back (a worker never lets it reach Ray Train)."""
+
+    def __init__(self, finding: "Finding", done: int):
+        super().__init__(f"non-finite values at step {done + 1} in network {finding.network!r}: "
+                         f"{_what(finding)}")
+        self.finding = finding
+        self.done = done  # optimizer steps done before the failing one
+
+
 class NonFiniteFound(Exception):
     """Raised by a strategy's step; StepContext.step turns it into a NonFiniteError with the step."""
 
@@ -70,6 +90,12 @@ class NonFiniteGuard:
         # per network: a GAN's generator stepping fine must not hide a critic skipped forever
         self._in_a_row: dict[str, int] = {}
         self._loss_bad: dict[str, torch.Tensor] = {}
+
+    def forget_pending(self) -> None:
+        """Drop the loss flags of updates that never came (a rollback abandons its step, and a
+        network whose backward ran but whose step did not would carry a stale flag)."""
+        self._loss_bad.clear()
+        self._in_a_row.clear()
 
     def record_loss(self, name: str, loss: torch.Tensor) -> None:
         """Called at every backward; no host sync (the flag stays a tensor until the update)."""
@@ -124,7 +150,9 @@ class SpecFacts:
     grad_clip: float | None
     precision: str
     lr: float | None  # at the failing step (after warm-up and schedule)
-    base_lr: float | None = None  # before the schedule: what train.optimizer.lr sets
+    base_lr: float | None = None  # before the schedule: what train.optimizer.lr sets (after rollbacks)
+    max_rollbacks: int = 3
+    rollbacks: int = 0  # made so far in this run (rollback)
 
 
 def _what(finding: Finding) -> str:
@@ -142,7 +170,11 @@ def stop_message(finding: Finding, done: int, facts: SpecFacts) -> str:
     `done`: optimizer steps done before it, so the failing one is step done+1 (as the
     progress lines and step-N checkpoints count)."""
     step = done + 1
-    if finding.consecutive > 1:
+    if facts.policy == "rollback":
+        head = (f"non-finite values at step {step} in network {finding.network!r}: {_what(finding)}; "
+                f"rollbacks exhausted ({facts.rollbacks} made, train.nonfinite_max_rollbacks="
+                f"{facts.max_rollbacks})")
+    elif finding.consecutive > 1:
         head = (f"non-finite values at step {step} in network {finding.network!r}, {finding.consecutive} "
                 f"updates in a row (train.nonfinite_max_skips={facts.max_skips}): {_what(finding)}")
     else:
@@ -151,17 +183,29 @@ def stop_message(finding: Finding, done: int, facts: SpecFacts) -> str:
     base = facts.base_lr if facts.base_lr is not None else facts.lr
     if base is not None:
         now = f"; {facts.lr:g} at this step of the schedule" if facts.lr is not None and facts.lr != base else ""
-        advice.append(f"lower train.optimizer.lr (now {base:g}{now}), e.g. train.optimizer.lr={base / 10:g}")
+        after = f" after {facts.rollbacks} rollbacks" if facts.policy == "rollback" and facts.rollbacks else ""
+        advice.append(f"lower train.optimizer.lr (now {base:g}{after}{now}), e.g. train.optimizer.lr={base / 10:g}")
     if facts.grad_clip is None:
         advice.append("set train.grad_clip (e.g. 1.0)")
     if facts.precision != "fp32":
         advice.append(f"try strategy.precision=fp32 (now {facts.precision})")
     if facts.policy == "stop":
         advice.append("or skip such steps with train.nonfinite=skip")
+    elif facts.policy == "rollback":
+        advice.append(f"or allow more rollbacks: train.nonfinite_max_rollbacks (now {facts.max_rollbacks})")
     else:
         advice.append(f"or allow more in a row: train.nonfinite_max_skips (now {facts.max_skips})")
     return (f"{head}. Step {step} made no update: the weights are those after step {done}. "
             f"To fix: {'; '.join(advice)}.")
+
+
+def rollback_line(error: NonFiniteRollback, restored_step: int, folder: str, lrs: dict[str, float],
+                  count: int, max_rollbacks: int, factor: float) -> str:
+    """The console line of a rollback: what failed where, which checkpoint, the new lr."""
+    rates = ", ".join(f"{lr:g} ({name})" for name, lr in lrs.items())
+    return (f"{error}; rolled back to step {restored_step} ({folder}), learning rate "
+            f"x{factor:g}, now {rates} (train.nonfinite=rollback: rollback {count} of at most "
+            f"{max_rollbacks})")
 
 
 # -- weights before a save ---------------------------------------------------------------

@@ -30,7 +30,8 @@ ENTRY_POINT_GROUP = "gentrain.jobs"
 # What one sample is, and the keys of the batches a job type receives for it (the data
 # pipeline's collate, train_step, evaluate, visuals and score all read this table):
 #   image:  {"image": float32 [B, C, H, W] in [0, 1], "label": int64 [B]}
-#   tokens: {"tokens": int64 [B, T] in [0, vocab_size)}
+#   tokens: {"tokens": int64 [B, T] in [0, vocab_size)}; BPE packs add "bytes" and
+#           "first_bytes", int64 [B]: the UTF-8 bytes each sample and its first token stand for
 #   vector: {"x": float32 [B, D], "label": int64 [B]}
 # Held-out batches (evaluate, score) also carry "key": the samples' names.
 BATCH_KEYS: dict[str, tuple[str, ...]] = {
@@ -39,7 +40,7 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "vector": ("x", "label"),
 }
 # Units a family may declare for its likelihood metrics (JobType.likelihoods).
-LIKELIHOOD_UNITS = ("nats", "bits/dim", "bits/char", "perplexity")
+LIKELIHOOD_UNITS = ("nats", "bits/dim", "bits/char", "bits/byte", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class DataInfo:
     num_classes: int = 0
     kind: str = "image"
     vocab_size: int = 0  # tokens only
+    # tokens of a BPE pack: its merges (left id, right id), so samples decode back to text
+    merges: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.kind not in BATCH_KEYS:
@@ -74,17 +77,21 @@ class DataInfo:
     def of_index(cls, index) -> "DataInfo":
         """From a packed data set's index (its "text" kind holds byte tokens)."""
         kind = {"text": "tokens"}.get(index.kind, index.kind)
-        return cls(tuple(index.shape), index.num_classes, kind, int(getattr(index, "vocab_size", 0) or 0))
+        return cls(tuple(index.shape), index.num_classes, kind, int(getattr(index, "vocab_size", 0) or 0),
+                   tuple(getattr(index, "merges", ())))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
+        data = {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
                 "vocab_size": self.vocab_size}
+        if self.merges:
+            data["merges"] = [list(pair) for pair in self.merges]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "DataInfo":
         """What to_dict wrote (a checkpoint's metadata; older ones hold only shape and classes)."""
         return cls(tuple(data["shape"]), int(data.get("num_classes", 0)), data.get("kind", "image"),
-                   int(data.get("vocab_size", 0)))
+                   int(data.get("vocab_size", 0)), tuple((int(a), int(b)) for a, b in data.get("merges", ())))
 
 
 def batch_inputs(batch: Mapping) -> "torch.Tensor":
@@ -196,6 +203,9 @@ class JobType:
       anomaly scores for `gentrain score`; lower = more typical)
     - validate(config, spec) -> [problem, ...] (optional: rules that span the family's
       config and the rest of the spec, reported by `gentrain validate`)
+    - summarize(means) -> {metric: float} (optional: metrics that are functions of the
+      held-out means rather than means themselves, e.g. perplexity = exp(mean NLL);
+      computed once from evaluate's averages over every batch and rank)
 
     Declarations:
     - config: the hyperparameter dataclass (the spec's `job.config`)
@@ -220,6 +230,7 @@ class JobType:
     visuals: Callable[[dict, Any, dict, "torch.Generator"], dict[str, "torch.Tensor"]] | None = None
     score: Callable[[dict, Any, dict], dict[str, "torch.Tensor"]] | None = None
     validate: Callable[[Any, "JobSpec"], list[str]] | None = None
+    summarize: Callable[[Mapping[str, float]], dict[str, float]] | None = None
     sampler: type = NoSettings
     likelihoods: Mapping[str, str] = field(default_factory=dict)
     generative: bool = True

@@ -92,9 +92,13 @@ class TrainSection:
     grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, help="null disables clipping"))
     seed: int = 0
     log_every: int = field(default=10, metadata=bounds(ge=1))
-    # A non-finite loss or gradient (gentrain.nonfinite): stop the run, or skip the update.
-    nonfinite: Literal["stop", "skip"] = "stop"
+    # A non-finite loss or gradient (gentrain.nonfinite): stop the run, skip the update, or
+    # roll back to the newest good checkpoint with a lower learning rate.
+    nonfinite: Literal["stop", "skip", "rollback"] = "stop"
     nonfinite_max_skips: int = field(default=10, metadata=bounds(ge=0, help="skipped updates in a row before stopping"))
+    nonfinite_lr_factor: float = field(default=0.5, metadata=bounds(
+        gt=0, lt=1, help="rollback: the learning rate is multiplied by it at each rollback"))
+    nonfinite_max_rollbacks: int = field(default=3, metadata=bounds(ge=1, help="rollbacks in the run before stopping"))
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
 

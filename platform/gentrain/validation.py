@@ -109,7 +109,7 @@ def strategy_problems(spec: JobSpec) -> list[str]:
     problems = [fp16_problem(strategy.precision, spec.scaling.use_gpu)]
     if strategy.name == "accelerate":
         problems.append(fsdp_problem(strategy.accelerate_mode, spec.scaling.use_gpu))
-    problems.append(nonfinite_problem(strategy.name, spec.train.nonfinite))
+    problems.append(nonfinite_problem(spec.train.nonfinite, spec.run_dir))
     problems = [problem for problem in problems if problem]
     if strategy.name == "deepspeed" and strategy.deepspeed_config:
         from gentrain.strategies.base import StepSettings

@@ -1,4 +1,5 @@
-"""Image grids for sample artifacts (PIL only; torchvision does not import beside our torch)."""
+"""Sample artifacts: image grids (PIL only; torchvision does not import beside our torch), and
+token samples as text."""
 
 from __future__ import annotations
 
@@ -37,3 +38,42 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(images.float(), columns)).save(path)
     return path
+
+
+BYTE_VOCAB = 256  # tokens that are the bytes of UTF-8 text (`gentrain data pack` of a .txt)
+
+
+def token_text(tokens: torch.Tensor, vocab_size: int, merges=()) -> str:
+    """Token samples [N, T] as one text: byte tokens, or BPE tokens through their `merges`,
+    decoded as UTF-8 (undecodable bytes as U+FFFD), other vocabularies as space-separated
+    ids; each sample under a header line."""
+    if tokens.dim() != 2:
+        raise ValueError(f"expected token samples [N, T], got shape {tuple(tokens.shape)}")
+    bpe = None
+    if merges:
+        from gentrain.data.bpe import Bpe
+
+        bpe = Bpe(list(merges))
+    parts = []
+    for number, row in enumerate(tokens.tolist()):
+        if bpe is not None and vocab_size == bpe.vocab_size:
+            body = bpe.decode(row, errors="replace")
+        elif vocab_size == BYTE_VOCAB:
+            body = bytes(row).decode("utf-8", errors="replace")
+        else:
+            body = " ".join(map(str, row))
+        parts.append(f"===== sample {number} =====\n{body}\n")
+    return "\n".join(parts)
+
+
+def save_samples(samples: torch.Tensor, path: str | Path, data_info=None) -> Path:
+    """Images as a grid PNG at `path`; token samples (data kind "tokens") as text at `path`
+    with the suffix .txt."""
+    path = Path(path)
+    if data_info is not None and data_info.kind == "tokens":
+        path = path.with_suffix(".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = token_text(samples.cpu(), data_info.vocab_size, getattr(data_info, "merges", ()))
+        path.write_text(text, encoding="utf-8")
+        return path
+    return save_image_grid(samples, path)

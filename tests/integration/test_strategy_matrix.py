@@ -1,12 +1,13 @@
 """Every (job type, strategy, ZeRO stage, precision) a job type declares in `supports`
 runs through `gentrain run` on a real Ray (2 workers, gloo): the bundled debug spec with
 a few steps, evaluation at the start, in the middle and at the end (held-out metrics,
-sample grid, the family's visuals), and a checkpoint in the middle and at the end.
+sample grid, or sample text for token families, the family's visuals), and a checkpoint
+in the middle and at the end.
 
     .venv/bin/python -m pytest -q tests/integration/test_strategy_matrix.py                # CI's share
     .venv/bin/python -m pytest -q tests/integration/test_strategy_matrix.py --full-matrix  # all of it
 
-The full matrix (22 CPU cases, ~25 s each on 2 cores) runs before any README claim about
+The full matrix (every declared CPU case, ~25 s each on 2 idle cores) runs before any README claim about
 strategies is written; CI runs CI_CASES, which hold every family, strategy, ZeRO stage
 and precision at least once. fp16 cases need GPU workers: they are reported as skipped
 here and run in tests/gpu.
@@ -33,7 +34,11 @@ CI_CASES = {
     ("vae", "ddp-fp32"), ("vae", "deepspeed-zero0-bf16"), ("vae", "deepspeed-zero1-fp32"),
     ("vae", "deepspeed-zero2-bf16"), ("vae", "deepspeed-zero3-fp32"), ("vae", "deepspeed-zero3-bf16"),
     ("vae", "accelerate-bf16"), ("gan", "ddp-bf16"), ("gan", "deepspeed-zero3-fp32"),
-    ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"),
+    ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"), ("transformer", "deepspeed-zero3-bf16"),
+    ("pixelcnn", "ddp-bf16"),
+    ("flow", "deepspeed-zero3-bf16"),  # ActNorm's first-step init through ZeRO-3's hooks, bf16 weights
+    ("rbm", "deepspeed-zero2-fp32"),  # Gibbs sampling inside the engine's forward, AIS on the gathered weights
+    ("ebm", "ddp-bf16"),  # Langevin on the unwrapped fp32 network, the loss under autocast
 }
 
 
@@ -84,5 +89,6 @@ def test_gentrain_run_under_every_declared_combination(job, combo, embedded_ray,
     run_dir = Path(spec.run_dir)
     final = run_dir / f"step-{STEPS:08d}"
     assert json.loads((final / "gentrain.json").read_text())["step"] == STEPS
-    grids = sorted(p.name for p in (run_dir / "samples").glob("step-*.png"))
-    assert grids == [f"step-{s:08d}.png" for s in (0, 3, STEPS)], grids  # start, middle, end
+    suffix = ".txt" if job_types()[job].data_kinds == ("tokens",) else ".png"  # token samples are text
+    grids = sorted(p.name for p in (run_dir / "samples").glob("step-*.*"))
+    assert grids == [f"step-{s:08d}{suffix}" for s in (0, 3, STEPS)], grids  # start, middle, end

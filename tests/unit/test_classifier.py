@@ -15,21 +15,13 @@ from gentrain_jobs.classifier import ClassifierConfig, build
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread_module):
+def trained(one_thread):
     """The debug spec's network trained 150 steps on the packed digits (one process)."""
     spec = load_spec("classifier/debug", ["train.steps=150"])
     engine = Engine(spec, print_fn=None)
     batches = train_batches(engine.index, "train", 32, 0, 1, seed=0)
     history = [engine.optimizer_step(batches) for _ in range(spec.train.steps)]
     return engine.job, engine.strategy.unwrap("classifier").eval(), engine.index, history
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads cost more than they give
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learns_digits_far_above_chance(trained):

@@ -187,15 +187,6 @@ def test_train_step_reports_monitoring_metrics_and_keeps_an_ema_generator(loss, 
     assert scores == again  # the evaluation's randomness is the generator it is given
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run fastest on one thread, and a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_learns_all_eight_modes_of_a_ring_of_gaussians(one_thread):
     """SNGAN's recipe (hinge, spectral norm, Adam lr 2e-4, betas (0, 0.9)) on the MLP pair.
 

@@ -1,4 +1,4 @@
-"""Non-finite losses and gradients in one process (no Ray): stop, skip, the advice, no save.
+"""Non-finite losses and gradients in one process (no Ray): stop, skip, rollback, the advice, no save.
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/unit/test_nonfinite_engine.py -q
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import gentrain
-from gentrain.checkpoint import META_FILE, MODEL_FILE
+from gentrain.checkpoint import META_FILE, MODEL_FILE, read_meta, step_dir_name
 from gentrain.engine import Engine
-from gentrain.nonfinite import Finding, NonFiniteError, NonFiniteFound, NonFiniteGuard, SpecFacts, stop_message
+from gentrain.nonfinite import (Finding, NonFiniteError, NonFiniteFound, NonFiniteGuard, NonFiniteRollback, SpecFacts,
+                                stop_message)
+from gentrain.strategies.ddp import STATE_FILE
 from gentrain.progress import Window
 from gentrain.schema import SpecError
 
@@ -114,9 +116,98 @@ def test_save_refuses_non_finite_weights(tmp_path):
 
 def test_spec_policy_is_checked(tmp_path):
     with pytest.raises(SpecError, match="train.nonfinite"):
-        _spec(tmp_path, "train.nonfinite=rollback")
-    with pytest.raises(SpecError, match="'skip' is not supported with strategy.name=deepspeed"):
-        _spec(tmp_path, "train.nonfinite=skip", "strategy.name=deepspeed")
+        _spec(tmp_path, "train.nonfinite=retry")
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(SpecError, match="train.nonfinite_lr_factor"):
+            _spec(tmp_path, "train.nonfinite=rollback", f"train.nonfinite_lr_factor={bad}")
+    with pytest.raises(SpecError, match="train.nonfinite_max_rollbacks"):
+        _spec(tmp_path, "train.nonfinite=rollback", "train.nonfinite_max_rollbacks=0")
+    with pytest.raises(SpecError, match="'rollback' needs a local or shared storage_path"):
+        gentrain.load("vae/debug", ["train.nonfinite=rollback", "storage_path=s3://bucket/runs"])
+    # DeepSpeed drops a skipped update through its own overflow path (test_nonfinite_world.py).
+    assert _spec(tmp_path, "train.nonfinite=skip", "strategy.name=deepspeed").train.nonfinite == "skip"
+
+
+# -- rollback -----------------------------------------------------------------------------
+def _poison_once(engine: Engine, steps: set[int]):
+    """NaN into PARAMETER's gradient the first time engine.step is in `steps` (then healthy)."""
+    parameter = engine.strategy.unwrap("vae").get_parameter(PARAMETER)
+    left = set(steps)
+
+    def hook(grad):
+        if engine.step in left:
+            left.discard(engine.step)
+            return torch.full_like(grad, float("nan"))
+        return grad
+
+    return parameter.register_hook(hook)
+
+
+def test_rollback_restores_the_newest_checkpoint_lowers_the_lr_and_counts(tmp_path, capsys):
+    spec = _spec(tmp_path, "train.nonfinite=rollback", "train.steps=8")
+    engine = Engine(spec, print_fn=print)
+    _poison_once(engine, {POISON + 1})  # step 4: after the step-2 checkpoint
+    batches = engine.train_batches()
+    engine.save(os.path.join(spec.run_dir, step_dir_name(0)))
+    for _ in range(POISON):
+        engine.optimizer_step(batches)
+    folder = os.path.join(spec.run_dir, step_dir_name(POISON))
+    engine.save(folder)
+    engine.optimizer_step(batches)
+    base, lr = engine.strategy.base_lr("vae"), engine.strategy.lr("vae")
+    with pytest.raises(NonFiniteRollback) as raised:
+        engine.optimizer_step(batches)
+    assert engine.roll_back(raised.value) == folder
+    assert (engine.step, engine.batches_consumed, engine.rollbacks, engine.lr_scale) == (POISON, POISON, 1, 0.5)
+    saved = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)["networks"]["vae"]
+    for key, value in _weights(engine).items():
+        assert torch.equal(value, saved[key]), key
+    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+    optimizer = engine.strategy._optimizers["vae"].state_dict()
+    for index, moments in state["optimizers"]["vae"]["state"].items():
+        assert torch.equal(optimizer["state"][index]["exp_avg"], moments["exp_avg"])
+    # The schedule is back at step 2 (its lr at step 3 was `lr`), every rate halved.
+    assert engine.strategy.base_lr("vae") == base / 2
+    assert engine.strategy._schedulers["vae"].last_epoch == POISON
+    out = capsys.readouterr().out
+    assert (f"non-finite values at step {POISON + 2} in network 'vae': the gradient of {PARAMETER} is not "
+            f"finite") in out and f"rolled back to step {POISON} ({folder}), learning rate x0.5, now 0.001 (vae)" in out
+    assert "rollback 1 of at most 3" in out
+    # Training goes on from the restored data position, finite, with the lower lr.
+    batches = engine.train_batches()
+    window = Window()
+    for _ in range(3):
+        window.add(engine.optimizer_step(batches))
+    assert engine.step == POISON + 3 and engine.strategy.lr("vae") < lr / 2
+    assert engine.train_metrics(window)["train/nonfinite_rollbacks"] == 1
+    # The lowered lr and the count survive a restart: in the checkpoint, and taken by a resume.
+    later = os.path.join(spec.run_dir, step_dir_name(engine.step))
+    engine.save(later)
+    assert (read_meta(later)["lr_scale"], read_meta(later)["nonfinite_rollbacks"]) == (0.5, 1)
+    resumed = Engine(spec, print_fn=None)
+    resumed.restore(later)
+    assert (resumed.rollbacks, resumed.lr_scale) == (1, 0.5)
+    assert resumed.strategy.base_lr("vae") == base / 2 and resumed.strategy.lr("vae") == engine.strategy.lr("vae")
+
+
+def test_rollbacks_exhausted_stop_as_stop_does(tmp_path, capsys):
+    """A NaN at every step from the start: fit rolls back to its step-0 checkpoint twice,
+    halving the lr each time, then stops naming the step, the parameter and the limit."""
+    spec = _spec(tmp_path, "train.nonfinite=rollback", "train.nonfinite_max_rollbacks=2")
+    engine = Engine(spec, print_fn=print)
+    _poison(engine)
+    with pytest.raises(NonFiniteError) as raised:
+        engine.fit()
+    message = str(raised.value)
+    assert not isinstance(raised.value, NonFiniteRollback)
+    assert message.startswith(f"non-finite values at step 1 in network 'vae': the gradient of {PARAMETER}")
+    assert "rollbacks exhausted (2 made, train.nonfinite_max_rollbacks=2)" in message
+    assert "lower train.optimizer.lr (now 0.0005 after 2 rollbacks" in message
+    assert "train.nonfinite_max_rollbacks (now 2)" in message
+    out = capsys.readouterr().out
+    assert out.count("rolled back to step 0") == 2 and "x0.5, now 0.001 (vae)" in out and "now 0.0005 (vae)" in out
+    steps = sorted(name for name in os.listdir(spec.run_dir) if name.startswith("step-"))
+    assert steps == [step_dir_name(0)]  # the initial state, written by fit
 
 
 def test_window_leaves_non_finite_values_out_of_the_means():
@@ -138,3 +229,16 @@ def test_skips_in_a_row_are_counted_per_network():
         guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
     assert (raised.value.finding.network, raised.value.finding.consecutive) == ("discriminator", 3)
     assert guard.skipped == 2
+
+
+def test_a_rollback_forgets_what_an_abandoned_step_left(tmp_path):
+    """A backward whose step never came (another network's step rolled back first): its
+    gradients and its loss flag must not reach the first step after the restore."""
+    engine = Engine(_spec(tmp_path, "train.nonfinite=rollback"), print_fn=None)
+    params = list(engine.strategy.unwrap("vae").parameters())
+    engine.ctx.backward(sum(p.sum() for p in params) * float("nan"), "vae")
+    assert all(p.grad is not None for p in params)
+    engine.strategy.drop_gradients()
+    assert all(p.grad is None for p in params)
+    engine.optimizer_step(engine.train_batches())  # no stale flag: no NonFiniteRollback
+    assert engine.step == 1 and all(torch.isfinite(value).all() for value in _weights(engine).values())

@@ -27,15 +27,7 @@ from gentrain_jobs.vae.objective import (elbo_terms, free_bits_kl, gaussian_kl, 
 
 TRAIN_STEPS = 300
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared CPU: a second intra-op thread only adds contention
-    (measured 20 steps: 0.5 s on one thread, 22 s on two under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- KL annealing ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from gentrain.samplers import importance
 from gentrain_jobs.vae.likelihoods import log_likelihood, to_image
 
 __all__ = ["gaussian_kl", "kl_weight", "free_bits_kl", "elbo_terms", "iwae_bound",
@@ -95,20 +96,23 @@ def log_importance_weights(model, x: torch.Tensor, samples: int, chunk: int = 10
     mean, log_var = (t.float() for t in model.encode(x))
     std = torch.exp(0.5 * log_var)
     batch = x.shape[0]
-    chunks = []
-    for start in range(0, samples, chunk):
-        n = min(chunk, samples - start)
+
+    def propose(n: int, gen: torch.Generator | None):
         # Drawn on the CPU (where the generator lives), then moved to the model's device.
-        noise = torch.randn((n, *mean.shape), generator=generator).to(mean.device)
-        z = mean + std * noise  # [n, B, latent]
-        log_q = _log_normal(z, mean, log_var)
-        log_prior = (-_HALF_LOG_2PI - 0.5 * z.pow(2)).sum(-1)
+        z = mean + std * torch.randn((n, *mean.shape), generator=gen).to(mean.device)  # [n, B, latent]
+        return z, _log_normal(z, mean, log_var)
+
+    def log_px(z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
         decoded, log_scale = model.decode_params(z.reshape(n * batch, -1).to(x.dtype))
         repeated = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
-        log_px = log_likelihood(repeated, decoded.float(), model.likelihood,
-                                None if log_scale is None else log_scale.float()).view(n, batch)
-        chunks.append(log_px + log_prior - log_q)
-    return torch.cat(chunks)
+        return log_likelihood(repeated, decoded.float(), model.likelihood,
+                              None if log_scale is None else log_scale.float()).view(n, batch)
+
+    def log_prior(z: torch.Tensor) -> torch.Tensor:
+        return (-_HALF_LOG_2PI - 0.5 * z.pow(2)).sum(-1)
+
+    return importance.log_importance_weights(propose, log_prior, log_px, samples, generator, chunk)
 
 
 def iwae_bound(model, x: torch.Tensor, samples: int, chunk: int = 100,

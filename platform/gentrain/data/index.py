@@ -21,6 +21,7 @@ the index fully and lifts all three limits.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -37,6 +38,7 @@ from gentrain.data import remote
 from gentrain.data.errors import UnsafeURLError
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, pack_source
 from gentrain.data.sources import UnknownSourceError, known_sources
+from gentrain.data.texts import TEXT_SOURCES
 
 BUILTIN_PREFIX = "builtin:"
 # The built-in sets are small (1,797 and 5,000 images): 128 per shard still
@@ -76,6 +78,9 @@ class DatasetIndex:
     trusted: bool = False
     kind: str = "image"  # "image" (png or npy samples) or "text" (raw byte tokens); see registry.DataInfo
     vocab_size: int = 0  # text: tokens are 0 .. vocab_size - 1
+    dtype: str = "uint8"  # text: how a sample's tokens are stored ("uint16" for BPE tokens)
+    # A BPE pack's merges (left id, right id) in order, read from the file index.json names.
+    merges: tuple[tuple[int, int], ...] = ()
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -124,7 +129,41 @@ def load_index(location: str, allow_pipe: bool = False) -> DatasetIndex:
         if not index_path.is_file():
             raise IndexNotFoundError(_missing_message(str(index_path), base))
         text = index_path.read_text(encoding="utf-8")
-    return _parse(text, base, trusted=allow_pipe)
+    index = _parse(text, base, trusted=allow_pipe)
+    tokenizer = json.loads(text).get("tokenizer")
+    if tokenizer:
+        index = dataclasses.replace(index, merges=_read_merges(tokenizer, base, scheme, allow_pipe))
+    return index
+
+
+def _read_merges(tokenizer: dict, base: str, scheme: str, trusted: bool) -> tuple[tuple[int, int], ...]:
+    """A BPE pack's merges file, checked against the sha256 index.json records."""
+    import hashlib
+
+    from gentrain.data.bpe import parse_merges
+
+    where = _join(base, INDEX_NAME)
+    name = str(tokenizer.get("merges", ""))
+    if tokenizer.get("type") != "bpe" or not name:
+        raise InvalidIndexError(f"{where}: tokenizer {tokenizer!r} is not a BPE with a merges file; repack with "
+                                "`gentrain data pack --bpe-vocab`")
+    if not trusted:
+        _check_shard_name(name, where, base)
+    location = _join(base, name)
+    if scheme in remote.CURL_SCHEMES:
+        text = _read_url(location)
+    elif scheme:
+        text = _read_fsspec(location, base)
+    else:
+        if not os.path.isfile(location):
+            raise IndexNotFoundError(f"{where} names the BPE merges file {name} but {location} does not exist; "
+                                     "copy it from the pack's folder or repack")
+        text = Path(location).read_text(encoding="utf-8")
+    bpe = parse_merges(text, location)
+    if bpe.sha256() != tokenizer.get("merges_sha256"):
+        raise InvalidIndexError(f"{location} does not match the merges_sha256 in {where} (it was changed after "
+                                "packing): repack with `gentrain data pack`")
+    return tuple(bpe.merges)
 
 
 def default_cache_dir() -> Path:
@@ -153,7 +192,9 @@ def resolve_builtin(source: str, cache_dir=None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (target / INDEX_NAME).is_file():
-                pack_source(name, target, per_shard=BUILTIN_PER_SHARD)
+                text = TEXT_SOURCES.get(name)  # a bundled text: packed in its own sample length
+                lengths = {} if text is None else {"seq_len": text[1]}
+                pack_source(name, target, per_shard=BUILTIN_PER_SHARD, **lengths)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target)
@@ -191,6 +232,7 @@ def _parse(text: str, base: str, trusted: bool = False) -> DatasetIndex:
         trusted=trusted,
         kind=str(raw.get("kind", "image")),
         vocab_size=int(raw.get("vocab_size", 0) or 0),
+        dtype=str(raw.get("dtype", "uint8")),
     )
 
 

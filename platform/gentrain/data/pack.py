@@ -5,7 +5,9 @@
 
 Each split becomes `{split}-000000.tar`, `{split}-000001.tar`, ...; an image
 sample is `{__key__: "train-000123", png: <PNG bytes>, cls: b"7"}`, a text
-sample `{__key__: ..., tokens: <seq_len raw uint8 bytes>}`. What SOURCE may be
+sample `{__key__: ..., tokens: <seq_len raw uint8 bytes>}` (a BPE pack's tokens
+are little-endian uint16, with `bytes` and `first_bytes`: the UTF-8 bytes the
+sample and its first token stand for, as ASCII decimals). What SOURCE may be
 is in `packable.py`.
 
 Shards are independent units written by `workers` processes (spawned, each
@@ -17,9 +19,11 @@ always holds complete shards: a crash mid-pack leaves a folder that readers
 refuse (no index) rather than one they half-read.
 
 index.json: `kind` ("image" or "text"), `shape` ([C, H, W] or [seq_len]),
-`dtype` ("uint8"), `encoding` ("png", or "raw": `np.frombuffer(tokens,
-np.uint8)`), `num_classes`, `class_names`, text's `seq_len` and `vocab_size`
-(256), `source`, `source_format`, `split_method` ("source", "seeded" or
+`dtype` ("uint8"; "uint16" for BPE tokens), `encoding` ("png", or "raw":
+`np.frombuffer(tokens, "<" + dtype)`), `num_classes`, `class_names`, text's
+`seq_len` and `vocab_size` (256, or the BPE vocabulary), BPE's `tokenizer`
+({"type": "bpe", "merges": "merges.txt", "merges_sha256"}) and `text_bytes`
+per split, `source`, `source_format`, `split_method` ("source", "seeded" or
 "tail"), `per_shard`, and per split `shards`, `counts`, `total`, `bytes` and
 `sha256` (one per shard), then `content_hash` over all shards and the
 `pack_fingerprint` that a resumed pack must match.
@@ -79,13 +83,17 @@ def pack_source(
     workers: int = 1,
     image_size: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
+    bpe_vocab: int | None = None,
+    bpe_merges=None,
 ) -> dict:
     """Pack `source` into `out_dir` (resuming an interrupted pack there); returns the index written.
 
     `per_shard` samples go in each shard; or `shard_size` ("256MB") sets it
     from the mean encoded size of up to 32 samples spread over the train
     split (a target, not a cap); neither gives 512. `image_size` resizes and
-    centre-crops images to a square; `seq_len` is the text sample length.
+    centre-crops images to a square; `seq_len` is the text sample length (in
+    tokens). Text only: `bpe_vocab` learns a byte-level BPE of that many tokens on
+    the train split, `bpe_merges` reuses an earlier pack's merges.txt (packable.py).
     """
     shard_bytes = _check_settings(per_shard, shard_size, test_fraction, workers, image_size)
     out = Path(out_dir)
@@ -93,7 +101,10 @@ def pack_source(
     _say(progress, f"pack {source}: loading")
     with _process_pool(workers) as pool:
         packable = open_packable(source, test_fraction, seed, image_size, seq_len,
-                                 mapper=pool.map if pool else map)
+                                 mapper=pool.map if pool else map, bpe_vocab=bpe_vocab, bpe_merges=bpe_merges)
+        if bpe_vocab is not None and packable.fields["vocab_size"] < bpe_vocab:
+            _say(progress, f"pack {source}: the train split runs out of pairs to merge after "
+                           f"{packable.fields['vocab_size']} of --bpe-vocab {bpe_vocab} tokens; packing with those")
         if not any(packable.counts.values()):
             raise ValueError(f"data source {source!r} holds no samples; nothing to pack")
         if shard_bytes is not None:
@@ -104,6 +115,8 @@ def pack_source(
         fingerprint = _fingerprint(packable, per_shard, test_fraction, seed, image_size)
         out.mkdir(parents=True, exist_ok=True)
         kept, log = _prepare_folder(out, plan, fingerprint)
+        for name, text in packable.files.items():
+            _write_text_atomically(out / name, text)
         try:
             records = dict(kept)
             todo = [task for task in plan if task.name not in kept]
@@ -117,7 +130,7 @@ def pack_source(
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "source": str(source),
         "source_format": packable.source_format, **packable.fields,
         "test_fraction": test_fraction, "seed": seed, "split_method": packable.split_method,
-        "per_shard": per_shard, "splits": splits, "content_hash": content_hash(out, splits),
+        "per_shard": per_shard, "splits": splits, "content_hash": content_hash(out, splits, packable.files),
         "pack_fingerprint": fingerprint,
     }
     _write_json_atomically(out / INDEX_NAME, index)
@@ -127,9 +140,13 @@ def pack_source(
     return index
 
 
-def content_hash(out_dir, splits: dict) -> str:
-    """sha256 over every shard's bytes, split by split, shard by shard, in index order."""
+def content_hash(out_dir, splits: dict, files=()) -> str:
+    """sha256 over every shard's bytes, split by split, shard by shard, in index order, after
+    each of `files` (names beside the shards, e.g. a BPE pack's merges.txt: two packs
+    of one text with different vocabularies never share a hash)."""
     digest = hashlib.sha256()
+    for name in files:
+        digest.update(hashlib.sha256((Path(out_dir) / name).read_bytes()).digest())
     for info in splits.values():
         for name in info["shards"]:
             with open(Path(out_dir) / name, "rb") as shard:
@@ -317,6 +334,12 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:

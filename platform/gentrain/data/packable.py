@@ -6,6 +6,9 @@
     gentrain data pack data/imagenet --out data/in64 --image-size 64
     gentrain data pack faces.npz --out data/faces                # or images.npy (labels all 0)
     gentrain data pack shakespeare.txt --out data/shakespeare    # bytes for a text model
+    gentrain data pack tinytales --out data/tinytales            # the bundled text (gentrain.data.texts)
+    gentrain data pack corpus.txt --out data/c --bpe-vocab 4096  # byte-level BPE tokens (bpe.py)
+    gentrain data pack other.txt --out data/o --bpe-merges data/c/merges.txt   # the same vocabulary
 
 A registered built-in name wins over a file of the same name (write
 `./digits` for the file). Every source becomes a `Packable`: how many samples
@@ -21,19 +24,27 @@ seeded random order within each split. Text is UTF-8, stored as bytes
 (vocabulary 256) in samples of `seq_len` bytes; the trailing `size % seq_len`
 bytes are dropped, and the test split is the last --test-fraction of the file
 rather than random chunks, because neighbouring chunks share their context.
+
+With --bpe-vocab V (or --bpe-merges FILE) the text is split first, by bytes (the
+last --test-fraction, from a character boundary, is the test split), merges are
+learnt on the train part only, and each split's BPE tokens are cut into
+consecutive samples of `seq_len` tokens (uint16 for V <= 65536), each split's
+trailing `len % seq_len` tokens dropped. Each sample also records the UTF-8
+bytes it covers and those of its first token, for bits per byte.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from gentrain.data import formats, image_folder
+from gentrain.data.texts import TEXT_SOURCES
 from gentrain.data.sources import (
     SOURCES, SPLITS, ArraySource, SplitSource, UnknownSourceError, combine_splits, encode_png, fit_array,
     known_sources, split_indices,
@@ -63,6 +74,9 @@ class Packable:
     identity: dict
     split_method: str
     rows: Callable[[str, int, int], object]
+    # Files written beside the shards (name -> text), each referenced from `fields`
+    # and hashed into the index's content hash: a BPE pack's merges.txt.
+    files: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,22 @@ class TokenRows:
             yield {"tokens": self.data[start : start + self.seq_len]}
 
 
+@dataclass(frozen=True)
+class BpeTokenRows:
+    """Samples of BPE tokens: `tokens` [n, seq_len] (uint16 or uint32), the UTF-8 bytes each
+    sample covers and the bytes of its first token (context only, never predicted)."""
+
+    tokens: np.ndarray
+    covered: np.ndarray
+    first: np.ndarray
+
+    def encoded(self) -> Iterator[dict]:
+        little = self.tokens.dtype.newbyteorder("<")
+        for row, covered, first in zip(self.tokens, self.covered, self.first):
+            yield {"tokens": row.astype(little).tobytes(), "bytes": str(int(covered)).encode("ascii"),
+                   "first_bytes": str(int(first)).encode("ascii")}
+
+
 def describe_sources() -> str:
     """One line for errors: what a SOURCE may be."""
     return f"a built-in source ({', '.join(known_sources())}), {_PATH_SOURCES}"
@@ -104,13 +134,24 @@ def open_packable(
     image_size: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     mapper: Callable = map,
+    bpe_vocab: int | None = None,
+    bpe_merges=None,
 ) -> Packable:
-    """Read `source` far enough to know its splits, shape and classes (image folders: every header)."""
+    """Read `source` far enough to know its splits, shape and classes (image folders: every header).
+
+    Text only: `bpe_vocab` learns that many BPE tokens on the train split, `bpe_merges`
+    reuses a merges file (see _bpe_text_packable); neither packs plain bytes.
+    """
     source = os.fspath(source)
     name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else source
+    if bpe_vocab is not None or bpe_merges is not None:
+        return _open_bpe_text(source, name, test_fraction, seq_len, bpe_vocab, bpe_merges)
     if name in SOURCES:
         data = SOURCES[name]()
         return _array_packable(source, "builtin", data, {"builtin": name}, test_fraction, seed, image_size)
+    if name in TEXT_SOURCES:
+        text, _ = TEXT_SOURCES[name]
+        return _bytes_text_packable(source, text(), {"builtin": name}, test_fraction, seq_len)
     if source.startswith(BUILTIN_PREFIX):
         raise UnknownSourceError(f"unknown data source {source!r}; known sources: {', '.join(known_sources())}")
     path = Path(source).expanduser()
@@ -204,29 +245,114 @@ def _folder_packable(source, root: Path, test_fraction, seed, image_size, mapper
                     "source" if listing.presplit else "seeded", rows)
 
 
-def _text_packable(source, path: Path, test_fraction: float, seq_len: int) -> Packable:
+def _text_split(where: str, size: int, test_fraction: float, seq_len: int) -> dict[str, int]:
+    """Samples per split of `size` bytes: the train split first, the last test_fraction held out."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (a token and the one that follows), got {seq_len}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1) (--test-fraction), got {test_fraction}")
-    _check_utf8(path)
-    size = path.stat().st_size
     chunks = size // seq_len
     test = int(round(chunks * test_fraction))
     if chunks - test < 1:
-        raise ValueError(f"{path} holds {size} bytes, too few for one train sample of seq_len {seq_len}: "
+        raise ValueError(f"{where} holds {size} bytes, too few for one train sample of seq_len {seq_len}: "
                          "use a longer text or a smaller seq_len")
-    first = {"train": 0, "test": chunks - test}
+    return {"train": chunks - test, "test": test}
+
+
+def _text_fields(seq_len: int) -> dict:
+    return {"kind": "text", "shape": [seq_len], "dtype": "uint8", "encoding": "raw", "seq_len": seq_len,
+            "vocab_size": TEXT_VOCAB_SIZE, "num_classes": 0, "class_names": []}
+
+
+def _text_packable(source, path: Path, test_fraction: float, seq_len: int) -> Packable:
+    if seq_len < 2 or not 0.0 <= test_fraction < 1.0:
+        _text_split(str(path), 0, test_fraction, seq_len)  # the settings' errors before reading the file
+    _check_utf8(path)
+    counts = _text_split(str(path), path.stat().st_size, test_fraction, seq_len)
+    first = {"train": 0, "test": counts["train"]}
 
     def rows(split: str, start: int, stop: int) -> TokenRows:
         with open(path, "rb") as handle:
             handle.seek((first[split] + start) * seq_len)
             return TokenRows(handle.read((stop - start) * seq_len), seq_len)
 
-    fields = {"kind": "text", "shape": [seq_len], "dtype": "uint8", "encoding": "raw", "seq_len": seq_len,
-              "vocab_size": TEXT_VOCAB_SIZE, "num_classes": 0, "class_names": []}
-    counts = {"train": chunks - test, "test": test}
-    return Packable(source, "text", "text", counts, fields, _file_identity(path), "tail", rows)
+    return Packable(source, "text", "text", counts, _text_fields(seq_len), _file_identity(path), "tail", rows)
+
+
+def _bytes_text_packable(source, data: bytes, identity: dict, test_fraction: float, seq_len: int) -> Packable:
+    """A bundled text already in memory (gentrain.data.texts), split like a .txt file."""
+    counts = _text_split(f"built-in text {source!r}", len(data), test_fraction, seq_len)
+    first = {"train": 0, "test": counts["train"]}
+
+    def rows(split: str, start: int, stop: int) -> TokenRows:
+        return TokenRows(data[(first[split] + start) * seq_len : (first[split] + stop) * seq_len], seq_len)
+
+    return Packable(source, "text", "text", counts, _text_fields(seq_len), identity, "tail", rows)
+
+
+def _open_bpe_text(source, name, test_fraction, seq_len, bpe_vocab, bpe_merges) -> Packable:
+    if bpe_vocab is not None and bpe_merges is not None:
+        raise ValueError("give --bpe-vocab (learn merges) or --bpe-merges (reuse them), not both")
+    if seq_len < 2 or not 0.0 <= test_fraction < 1.0:
+        _text_split(source, 0, test_fraction, seq_len)  # the settings' errors before reading the text
+    if name in TEXT_SOURCES:
+        data, identity = TEXT_SOURCES[name][0](), {"builtin": name}
+    else:
+        path = Path(source).expanduser()
+        if not (path.is_file() and path.suffix.lower() in TEXT_SUFFIXES):
+            raise UnknownSourceError(f"--bpe-vocab/--bpe-merges apply to text: {source!r} is not a .txt file "
+                                     f"or a bundled text ({', '.join(TEXT_SOURCES)}); leave them out for other sources")
+        _check_utf8(path)
+        data, identity = path.read_bytes(), _file_identity(path)
+    return _bpe_text_packable(source, data, identity, test_fraction, seq_len, bpe_vocab, bpe_merges)
+
+
+def split_text_bytes(data: bytes, test_fraction: float) -> tuple[bytes, bytes]:
+    """The train head and test tail of UTF-8 `data`: the tail holds about `test_fraction`
+    of the bytes and starts at a character boundary."""
+    cut = len(data) - int(round(len(data) * test_fraction))
+    while 0 < cut < len(data) and 0x80 <= data[cut] < 0xC0:  # a continuation byte: move to the next character
+        cut += 1
+    return data[:cut], data[cut:]
+
+
+def _bpe_text_packable(source, data: bytes, identity: dict, test_fraction: float, seq_len: int,
+                       bpe_vocab: int | None, bpe_merges) -> Packable:
+    """BPE tokens of a text, split before tokenising: the last `test_fraction` of the bytes
+    (from a character boundary) is the test split, the rest the train split; merges are
+    learnt on the train split only (or read from `bpe_merges`). Each split's tokens are cut
+    into consecutive samples of `seq_len` tokens, its trailing `len % seq_len` tokens dropped."""
+    from gentrain.data import bpe as bpe_module
+
+    texts = dict(zip(("train", "test"), (part.decode("utf-8") for part in split_text_bytes(data, test_fraction))))
+    if bpe_merges is not None:
+        bpe = bpe_module.read_merges(bpe_merges)
+    else:
+        bpe = bpe_module.learn_merges(texts["train"], bpe_vocab)
+    dtype = np.uint16 if bpe.vocab_size <= 1 << 16 else np.uint32
+    lengths = bpe.token_lengths()
+    samples, covered, first, counts = {}, {}, {}, {}
+    for split in SPLITS:
+        tokens = bpe.encode_array(texts[split])
+        count = len(tokens) // seq_len
+        tokens = tokens[: count * seq_len].reshape(count, seq_len)
+        samples[split] = tokens.astype(dtype)
+        covered[split] = lengths[tokens].sum(axis=1)
+        first[split] = lengths[tokens[:, 0]]
+        counts[split] = count
+    if counts["train"] < 1:
+        raise ValueError(f"{source}: its train split holds fewer than seq_len {seq_len} BPE tokens, too few for one "
+                         "sample: use a longer text or a smaller --seq-len")
+
+    def rows(split: str, start: int, stop: int) -> BpeTokenRows:
+        return BpeTokenRows(samples[split][start:stop].copy(), covered[split][start:stop].copy(),
+                            first[split][start:stop].copy())
+
+    fields = {**_text_fields(seq_len), "dtype": np.dtype(dtype).name, "vocab_size": bpe.vocab_size,
+              "tokenizer": {"type": "bpe", "merges": bpe_module.MERGES_NAME, "merges_sha256": bpe.sha256()},
+              "text_bytes": {split: int(covered[split].sum()) for split in SPLITS}}
+    return Packable(source, "text", "text", counts, fields, identity, "tail", rows,
+                    files={bpe_module.MERGES_NAME: bpe.merges_text()})
 
 
 def _image_fields(class_names, channels: int, height: int, width: int, image_size) -> dict:

@@ -178,7 +178,8 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
                  on_error: str = "fail", allow_pipe: bool = False) -> Batches:
     """One deterministic pass over this rank's shards (rank r reads shards r, r + world_size, ...).
 
-    Batches are {"image", "label", "key"} ({"tokens", "key"} for text; "key" lists the samples' `__key__`s),
+    Batches are {"image", "label", "key"} ({"tokens", "key"} for text, with "bytes" and "first_bytes"
+    for BPE text; "key" lists the samples' `__key__`s),
     never augmented; the last batch may be short and ranks may get different
     numbers of batches, so reduce metrics once after the pass rather than per batch.
     """
@@ -190,7 +191,7 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
     pipeline = wds.DataPipeline(
         functools.partial(iter, urls[rank::world_size]),  # a bare list would be taken as a list of stages
         ShardSamples(dict(zip(urls, index.split(split).counts)), log, allow_pipe),
-        SampleDecoder(index.shape, log),
+        SampleDecoder(index.shape, log, index.dtype),
         wds.filters.batched(batch_size, collation_fn=functools.partial(_collate, kind=index.kind, with_keys=True),
                             partial=True),
         _AttachSkipped(log),
@@ -223,7 +224,7 @@ def _train_pipeline(reading: _Reading, epoch: int) -> wds.DataPipeline:
         ReaderShards(urls, rank, reading.world_size, seed, epoch, log, resampled=reading.resampled),
         _ShuffledCycles(ShardSamples(dict(zip(urls, index.split(reading.split).counts)), log, reading.allow_pipe),
                         reading.shuffle_buffer, seed, epoch, rank),
-        SampleDecoder(index.shape, log),
+        SampleDecoder(index.shape, log, index.dtype),
         wds.filters.batched(reading.batch_size, partial=False,
                             collation_fn=functools.partial(_collate, kind=index.kind, with_keys=reading.with_keys)),
     ]
@@ -267,11 +268,15 @@ class _AttachSkipped:
 
 def _collate(samples, kind: str = "image", with_keys: bool = False) -> dict:
     """The batch of one data kind, keyed as gentrain.registry.BATCH_KEYS says: {"image": float
-    [B, C, H, W] in [0, 1], "label"} for images, {"tokens": int64 [B, T]} for text."""
-    tensors, labels, keys = zip(*samples)
+    [B, C, H, W] in [0, 1], "label"} for images, {"tokens": int64 [B, T]} for text; BPE text
+    adds "bytes" and "first_bytes" (int64 [B]: the UTF-8 bytes each sample and its first
+    token stand for)."""
+    tensors, labels, keys, counts = zip(*samples)
     stacked = torch.stack(tensors)
     if kind == "text":
         batch = {"tokens": stacked.to(torch.int64)}
+        for name in counts[0]:
+            batch[name] = torch.tensor([sample_counts[name] for sample_counts in counts], dtype=torch.int64)
     else:  # images: one float conversion per batch, not per sample
         batch = {"image": stacked.to(torch.float32).div_(255.0),
                  "label": torch.tensor(labels, dtype=torch.int64)}

@@ -174,33 +174,47 @@ class ShardSamples:
             yield held
 
 
-class SampleDecoder:
-    """Stage: raw samples -> (tensor, label, key) via decode_sample; bad samples go to the log."""
+# Per-sample counts that BPE text samples carry beside their tokens (ASCII decimals):
+# the UTF-8 bytes the sample stands for and those of its first token (context only).
+COUNT_FIELDS = ("bytes", "first_bytes")
 
-    def __init__(self, shape, log: ReadLog):
-        self.shape, self.log = tuple(shape), log
+
+class SampleDecoder:
+    """Stage: raw samples -> (tensor, label, key, counts) via decode_sample; `counts` holds
+    the sample's COUNT_FIELDS that it has (BPE text); bad samples go to the log."""
+
+    def __init__(self, shape, log: ReadLog, dtype: str = "uint8"):
+        self.shape, self.log, self.dtype = tuple(shape), log, dtype
 
     def __call__(self, samples):
         for sample in samples:
             try:
-                decoded = decode_sample(sample, self.shape), int(sample.get("cls", 0)), sample["__key__"]
+                counts = {name: int(sample[name]) for name in COUNT_FIELDS if name in sample}
+                decoded = (decode_sample(sample, self.shape, self.dtype), int(sample.get("cls", 0)),
+                           sample["__key__"], counts)
             except Exception as error:
                 self.log.sample_failed(sample, error)
                 continue
             yield decoded
 
 
-def decode_sample(sample: dict, shape) -> torch.Tensor:
+def decode_sample(sample: dict, shape, dtype: str = "uint8") -> torch.Tensor:
     """One shard sample -> a tensor: `png` or `npy` images (uint8 [C, H, W]; the batch is
-    turned into floats at once by the collate step), or `tokens` (int64 [seq_len])."""
+    turned into floats at once by the collate step), or `tokens` (int64 [seq_len]) stored
+    as the index's `dtype` (uint8 bytes; little-endian uint16/uint32 BPE tokens)."""
     if "png" in sample:
         return decode_image(sample["png"], shape, scale=False)
     if "npy" in sample:
         array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)  # never unpickle shard data
         return _checked(torch.from_numpy(np.ascontiguousarray(array)), shape)
     if "tokens" in sample:
-        tokens = torch.frombuffer(bytearray(sample["tokens"]), dtype=torch.uint8)
-        return _checked(tokens, shape).to(torch.int64)
+        if dtype == "uint8":
+            tokens = torch.frombuffer(bytearray(sample["tokens"]), dtype=torch.uint8)
+            return _checked(tokens, shape).to(torch.int64)
+        if dtype not in ("uint16", "uint32"):
+            raise ValueError(f"token dtype {dtype!r} is not uint8, uint16 or uint32; repack with `gentrain data pack`")
+        array = np.frombuffer(sample["tokens"], dtype=np.dtype(dtype).newbyteorder("<"))
+        return _checked(torch.from_numpy(array.astype(np.int64)), shape)
     entries = sorted(key for key in sample if not key.startswith("__"))
     raise KeyError(f"no 'png', 'npy' or 'tokens' entry (it has {entries}); repack with `gentrain data pack`")
 

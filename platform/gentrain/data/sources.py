@@ -171,11 +171,14 @@ SOURCES: dict[str, Callable[[], ArraySource]] = {
 
 
 def known_sources() -> list[str]:
-    return sorted(SOURCES)
+    """Built-in image sources and bundled texts (gentrain.data.texts)."""
+    from gentrain.data.texts import TEXT_SOURCES
+
+    return sorted([*SOURCES, *TEXT_SOURCES])
 
 
 def require_source(name: str) -> None:
-    """Raise UnknownSourceError, listing the known names, unless `name` is registered."""
+    """Raise UnknownSourceError, listing the known names, unless `name` is a built-in image source."""
     if name not in SOURCES:
         raise UnknownSourceError(f"unknown data source {name!r}; known sources: {', '.join(known_sources())}")
 

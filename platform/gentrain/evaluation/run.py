@@ -11,8 +11,9 @@
   min(1000, n // 2), below n so kid_std means something) set IS and KID; the report's
   `samples.settings` says what was used.
 - nll: the likelihood metrics the job type declares (`JobType.likelihoods`: ELBO and IWAE
-  bound in nats, bits/dim, bits/char, perplexity), from its `evaluate` averaged over the
-  held-out split (`--eval-split`); the report's `likelihood.units` names each unit.
+  bound in nats, bits/dim, bits/char, bits/byte, perplexity), from its `evaluate` averaged
+  over the held-out split (`--eval-split`) and its `summarize` of those means (perplexity
+  = exp(mean NLL)); the report's `likelihood.units` names each unit.
   heldout: everything its `evaluate` returns (a classifier's accuracy, a GAN's critic scores).
 
 Results go to the run's MLflow run at the checkpoint's step: metrics
@@ -142,6 +143,8 @@ def heldout_metrics(trained, index, split: str, metrics: list[str], batch_size: 
     if not count:
         raise ValueError(f"split {split!r} of {index.location} gave no batches to evaluate")
     means = {key: value / count for key, value in sorted(sums.items())}
+    if trained.job.summarize is not None:  # functions of the means (perplexity = exp(mean NLL))
+        means = dict(sorted({**means, **trained.job.summarize(means)}.items()))
     likelihoods = trained.job.likelihoods
     if "heldout" not in metrics:
         means = {key: value for key, value in means.items() if key in likelihoods}

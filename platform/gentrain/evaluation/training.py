@@ -3,9 +3,11 @@
 At step 0, every eval.every steps and at the end, all ranks together:
 
 - the job type's `evaluate` over up to eval.max_batches held-out batches per rank,
-  weighted by batch size and all-reduced -> eval/<metric>;
+  weighted by batch size and all-reduced, plus the job type's `summarize` of those
+  means (perplexity from the mean NLL) -> eval/<metric>;
 - eval.metrics (FID, KID, ...) through evaluation/periodic.py (every rank samples a share);
-- on rank 0, a grid of eval.num_samples samples into <run dir>/samples/step-N.png and
+- on rank 0, a grid of eval.num_samples samples into <run dir>/samples/step-N.png (token
+  samples as text: step-N.txt) and
   the job type's visuals (reconstructions, traversals, ...) into samples/<name>/.
 
 Under ZeRO-3 every network's weights are gathered for the whole block
@@ -15,6 +17,7 @@ Under ZeRO-3 every network's weights are gathered for the whole block
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from gentrain.engine import to_device
 from gentrain.evaluation.work import batch_generator
 from gentrain.progress import metrics_line
 from gentrain.registry import SampleRequest, batch_length
-from gentrain.visual import save_image_grid
+from gentrain.visual import save_image_grid, save_samples
 
 
 class TrainingEvaluator:
@@ -46,7 +49,10 @@ class TrainingEvaluator:
                 metrics.update(self._sample_metrics(modules))
             if engine.rank == 0:
                 generator = torch.Generator().manual_seed(spec.train.seed)
-                self._save_grid(self._draw(modules)(spec.eval.num_samples, generator))
+                started = time.perf_counter()
+                images = self._draw(modules)(spec.eval.num_samples, generator)
+                self._log_sampling_rate(spec.eval.num_samples / max(time.perf_counter() - started, 1e-9))
+                self._save_grid(images)
                 if engine.job.visuals is not None:
                     self._save_visuals(modules, generator)
         return metrics
@@ -72,7 +78,10 @@ class TrainingEvaluator:
         total = engine.strategy.all_reduce(vector, op="sum")
         if total[-1] == 0:
             return {}
-        metrics = {f"eval/{k}": float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        means = {k: float(v / total[-1]) for k, v in zip(keys, total[:-1])}
+        if engine.job.summarize is not None:  # functions of the means (perplexity = exp(mean NLL))
+            means.update(engine.job.summarize(means))
+        metrics = {f"eval/{k}": v for k, v in means.items()}
         self._publish(metrics)
         return metrics
 
@@ -99,6 +108,12 @@ class TrainingEvaluator:
         return lambda n, generator: engine.job.sample(modules, engine.config,
                                                       SampleRequest(n, generator, engine.sampler))
 
+    def _log_sampling_rate(self, rate: float) -> None:
+        """`sample/samples_per_second` of the grid's draw under the spec's job.sampling (rank 0,
+        MLflow only): what a sampler setting (steps, MALA vs Langevin, ...) costs."""
+        if self.engine.logger:
+            self.engine.logger.log_metrics({"sample/samples_per_second": rate}, step=self.engine.step)
+
     def _publish(self, metrics: dict[str, float]) -> None:
         self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
         if self.engine.logger:
@@ -113,14 +128,18 @@ class TrainingEvaluator:
         return sorted(set().union(*gathered))
 
     def _save_grid(self, images: torch.Tensor, kind: str = "samples") -> Path:
-        """A grid PNG into <run dir>/<kind>/step-N.png, logged as an MLflow artifact."""
+        """A grid PNG into <run dir>/<kind>/step-N.png (token samples: step-N.txt), logged as
+        an MLflow artifact."""
         if is_remote(self.spec.storage_path):
             folder = Path(tempfile.mkdtemp())
         else:
             folder = Path(self.spec.run_dir) / kind
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{step_dir_name(self.engine.step)}.png"
-        save_image_grid(images.detach().float().cpu(), path)
+        if kind == "samples" and self.engine.data_info.kind == "tokens":
+            path = save_samples(images.detach().cpu(), path, self.engine.data_info)
+        else:
+            save_image_grid(images.detach().float().cpu(), path)
         if self.engine.logger:
             self.engine.logger.log_artifact(str(path), kind)
         return path

@@ -315,5 +315,6 @@ def _short(value, width: int = 40) -> str:
 
 def _latest_samples(spec: JobSpec) -> str | None:
     folder = Path(spec.run_dir) / "samples"
-    grids = sorted(folder.glob("step-*.png")) if folder.is_dir() else []
+    # image grids (step-N.png) or token samples as text (step-N.txt)
+    grids = sorted([*folder.glob("step-*.png"), *folder.glob("step-*.txt")]) if folder.is_dir() else []
     return str(grids[-1]) if grids else None

@@ -161,10 +161,7 @@ class AccelerateStrategy(Strategy):
         # DDP has all-reduced the gradients: this is the true global norm. Checked before
         # clipping, which would spread one non-finite gradient over all of them.
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if not self._update_allowed(name, params, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator.scaler is not None:
-                accelerator.scaler.update()  # unscaled above: the scaler expects an update
+        if not self._update_allowed(name, grad_norm, lambda: self._drop(optimizer)):
             return {}
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
         optimizer.step()
@@ -173,6 +170,14 @@ class AccelerateStrategy(Strategy):
         if not getattr(optimizer, "step_was_skipped", False):
             self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
+
+    def _lr_schedulers(self):
+        return list(self._schedulers.values())
+
+    def _drop(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self._accelerator.scaler is not None:
+            self._accelerator.scaler.update()  # unscaled in step: the scaler expects an update
 
     def save(self, directory, rank):
         if rank == 0:  # DDP replicas are identical: one copy is enough

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from gentrain.ema import EMA
-from gentrain.nonfinite import NonFiniteGuard, SpecFacts, first_nonfinite
+from gentrain.nonfinite import NonFiniteFound, NonFiniteGuard, SpecFacts, first_nonfinite
 from gentrain.optim import make_scheduler
 from gentrain.spec import StrategySection, TrainSection
 
@@ -50,14 +50,16 @@ class StepSettings:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     # optimizer -> its lr schedule, stepped once per optimizer step
     scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] = constant_lr
-    nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" or "skip" (gentrain.nonfinite)
+    nonfinite: str = "stop"  # a non-finite loss or gradient: stop, skip or rollback (gentrain.nonfinite)
     nonfinite_max_skips: int = 10
+    nonfinite_max_rollbacks: int = 3  # for the advice; the engine rolls back
 
     @classmethod
     def from_train(cls, train: TrainSection) -> StepSettings:
         return cls(batch_size=train.batch_size, grad_accum=train.grad_accum, grad_clip=train.grad_clip,
                    scheduler=functools.partial(make_scheduler, total_steps=train.steps, schedule=train.schedule),
-                   nonfinite=train.nonfinite, nonfinite_max_skips=train.nonfinite_max_skips)
+                   nonfinite=train.nonfinite, nonfinite_max_skips=train.nonfinite_max_skips,
+                   nonfinite_max_rollbacks=train.nonfinite_max_rollbacks)
 
 
 class Strategy(ABC):
@@ -122,23 +124,56 @@ class Strategy(ABC):
     def step(self, name: str) -> dict[str, float]:
         """Clip, step optimizer and schedule, zero grads; returns {'grad_norm': ...}."""
 
-    def nonfinite_facts(self, name: str) -> SpecFacts:
+    def nonfinite_facts(self, name: str, rollbacks: int = 0) -> SpecFacts:
         """What the advice of a non-finite stop depends on."""
         return SpecFacts(self.settings.nonfinite, self.settings.nonfinite_max_skips, self.grad_clip,
-                         self.section.precision, self.lr(name), self.base_lr(name))
+                         self.section.precision, self.lr(name), self.base_lr(name),
+                         self.settings.nonfinite_max_rollbacks, rollbacks)
 
     def base_lr(self, name: str) -> float | None:
         """`name`'s learning rate before the schedule (the spec's, or the job type's for it)."""
         optimizer = self._optimizers.get(name)
         return optimizer.param_groups[0].get("initial_lr") if optimizer is not None else None
 
-    def _update_allowed(self, name: str, params: list[torch.Tensor], grad_norm: torch.Tensor | None) -> bool:
+    def _update_allowed(self, name: str, grad_norm: torch.Tensor | None, drop: Callable[[], None]) -> bool:
         """Replicated strategies (DDP, Accelerate): the gradients are all-reduced, so their
-        norm is the global one; the guard adds the ranks' loss flags (gentrain.nonfinite)."""
+        norm is the global one; the guard adds the ranks' loss flags (gentrain.nonfinite).
+        `drop` discards the gradients of a step that is not made: skipped, or ending in a
+        stop or a rollback (which then restores a clean state)."""
         bad = None if grad_norm is None else ~torch.isfinite(grad_norm)
-        return self.nonfinite.allows_update(
-            name, bad, lambda flags: self.all_reduce(flags, op="sum"),
-            lambda: first_nonfinite((key, p.grad) for key, p in self.unwrap(name).named_parameters()))
+        try:
+            allowed = self.nonfinite.allows_update(
+                name, bad, lambda flags: self.all_reduce(flags, op="sum"),
+                lambda: first_nonfinite((key, p.grad) for key, p in self.unwrap(name).named_parameters()))
+        except NonFiniteFound:
+            drop()
+            raise
+        if not allowed:
+            drop()
+        return allowed
+
+    def drop_gradients(self) -> None:
+        """Every network's pending gradients dropped (a rollback, before it restores: a
+        network whose backward ran but whose step did not still holds them)."""
+        for optimizer in self._optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.forget_pending()
+
+    @abstractmethod
+    def _lr_schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler]:
+        """Every trained network's lr schedule (each holds the optimizer it sets)."""
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every network's learning rate by `factor`, for the rest of the run: the
+        schedule's base rates (which its state_dict, and so every checkpoint, carries), the
+        optimizer's current and initial rates (train.nonfinite=rollback)."""
+        for scheduler in self._lr_schedulers():
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def lr(self, name: str) -> float | None:
         """The current learning rate of `name`'s optimizer (None: `name` is not trained).

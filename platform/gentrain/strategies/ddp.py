@@ -71,10 +71,7 @@ class DDPStrategy(Strategy):
         # DDP has all-reduced the gradients: this norm is the true global norm. Checked
         # before clipping, which would spread one non-finite gradient over all of them.
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if not self._update_allowed(name, params, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            if self._scaler.is_enabled():
-                self._scaler.update()  # unscale_ was called: the scaler expects an update
+        if not self._update_allowed(name, grad_norm, lambda: self._drop(optimizer)):
             return {}
         if self.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm)
@@ -87,6 +84,14 @@ class DDPStrategy(Strategy):
         if scale is None or self._scaler.get_scale() >= scale:
             self._schedulers[name].step()
         return {"grad_norm": float(grad_norm)}
+
+    def _lr_schedulers(self):
+        return list(self._schedulers.values())
+
+    def _drop(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self._scaler.is_enabled():
+            self._scaler.update()  # unscale_ was called: the scaler expects an update
 
     def save(self, directory, rank):
         if rank == 0:  # replicas are identical: one copy is enough

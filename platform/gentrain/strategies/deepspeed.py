@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from gentrain.ema import EMA
+from gentrain.nonfinite import NonFiniteFound
 from gentrain.schema import SpecError
 from gentrain.spec import StrategySection
 from gentrain.strategies.base import LOW_PRECISION_DTYPES, StepSettings, Strategy
-from gentrain.strategies.limits import nonfinite_problem
 
 EXTRA_FILE = "gentrain_deepspeed.pt"  # EMA weights and untrained modules, written by rank 0
 
@@ -121,9 +121,6 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(section, settings, device)
         # EMA copies without what ZeRO hangs on the network (hooks, partitions): _detached_copy.
         self.ema = EMA(self.full_weights, copy=lambda module: _detached_copy(module).eval())
-        problem = nonfinite_problem(section.name, settings.nonfinite)
-        if problem:
-            raise ValueError(problem)
 
     def setup(self, modules, optimizers):
         if not torch.distributed.is_initialized():
@@ -134,6 +131,9 @@ class DeepSpeedStrategy(Strategy):
         config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
         self._engines = {name: self._engine(name, module, optimizers[name], config)
                          for name, module in modules.items() if name in optimizers}
+        if self.settings.nonfinite != "stop":  # skip and rollback go on after dropping an update
+            for engine in self._engines.values():
+                _check_can_drop(engine.optimizer, self.settings.nonfinite)
         for name, module in modules.items():
             if name not in self._engines:  # untrained (frozen) networks stay plain
                 module.to(self.device)
@@ -211,11 +211,20 @@ class DeepSpeedStrategy(Strategy):
             # already all-reduced here, so this is the true global norm before clipping.
             norm = _grad_norm(engine.module)
         if self._last_micro:
-            # Before engine.step(): ZeRO 1-2 would silently skip a non-finite fp32 step,
-            # and bf16 ones would update the weights with it.
-            self.nonfinite.allows_update(  # stop raises; skip is refused at set-up
-                name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
-                lambda: _first_nonfinite_full(engine))
+            # Before engine.step(), by gentrain's all-reduced decision (losses included):
+            # DeepSpeed alone applies a NaN gradient under ZeRO 0 in fp32 (the plain torch
+            # optimizer) and skips it silently elsewhere (its invalid-norm check).
+            try:
+                allowed = self.nonfinite.allows_update(
+                    name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
+                    lambda: _first_nonfinite_full(engine))
+            except NonFiniteFound:
+                if _overflow_kind(engine.optimizer) is not None:
+                    _drop_step(engine)  # stop or rollback: nothing left half-reduced in the engine
+                raise
+            if not allowed:  # skip
+                _drop_step(engine)
+                return {}
         engine.step()  # every micro-step: the engine only updates at the boundary
         if not self._last_micro:
             return {}
@@ -226,6 +235,17 @@ class DeepSpeedStrategy(Strategy):
     def lr(self, name):
         engine = self._engines.get(name)
         return engine.get_lr()[0] if engine is not None else None
+
+    def drop_gradients(self):
+        # Through the overflow branch: it also clears what ZeRO reduced into its partitions
+        # (an engine without pending gradients goes through it unchanged; the restore that
+        # follows sets its step counters back anyway).
+        for engine in self._engines.values():
+            _drop_step(engine)
+        self.nonfinite.forget_pending()
+
+    def _lr_schedulers(self):
+        return [engine.lr_scheduler for engine in self._engines.values()]
 
     def base_lr(self, name):
         engine = self._engines.get(name)
@@ -313,6 +333,82 @@ def _import_deepspeed(device: torch.device):
     import deepspeed
 
     return deepspeed
+
+
+# -- dropping an update: DeepSpeed's own overflow path -----------------------------------------
+def _check_can_drop(optimizer, policy: str) -> None:
+    """Refuse, at set-up, an engine optimizer whose skip path `_drop_step` does not know."""
+    if _overflow_kind(optimizer) is None:
+        raise ValueError(
+            f"train.nonfinite: {policy!r} drops non-finite updates through the overflow branch of "
+            f"DeepSpeed's ZeRO 0-3 optimizer wrappers, but DeepSpeed chose {type(optimizer).__name__} "
+            "for this network (from strategy.deepspeed_config, e.g. data_types.grad_accum_dtype); "
+            "remove that key from strategy.deepspeed_config, or use train.nonfinite=stop")
+
+
+def _overflow_kind(optimizer) -> str | None:
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return "zero12"
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return "zero3"
+    if isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return "fp16"  # ZeRO 0 in bf16 or fp16
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return "torch"  # ZeRO 0 in fp32: the job type's own optimizer
+    return None
+
+
+class _Overflowing:
+    """Stands in for an FP16 optimizer's overflow checker for one step: 'overflow'."""
+
+    def check(self, *args, **kwargs):
+        return True
+
+    def has_overflow(self, *args, **kwargs):
+        return True
+
+
+def _drop_step(engine) -> None:
+    """engine.step() at the boundary, made to take DeepSpeed's own fp16-overflow branch: the
+    ZeRO optimizers clear their gradient partitions (averaged_gradients, the ipg state,
+    micro_step_id) without calling the inner optimizer (Adam's moments and step count stay),
+    the engine counts a skipped step and leaves its lr scheduler alone. The decision is the
+    guard's, already all-reduced: the overflow check DeepSpeed would run is replaced for this
+    one call (instance attributes, removed after), so no collective of its own runs.
+
+    DeepSpeed 0.19.8: stage_1_and_2.py `step` (`if self.check_grad_overflow: self.check_overflow(...)`,
+    then `if self.overflow:` clear and return), stage3.py `step` (`_overflow_check_and_loss_scale_update`,
+    `_loss_scale_update_and_overflow_cleanup`), unfused_optimizer.py / fused_optimizer.py `step`
+    (`overflow_checker` -> `_skip_invalid_grad_norm`), engine.py `_take_model_step`
+    (`if overflow: self.skipped_steps += 1` else the lr scheduler steps).
+    """
+    optimizer = engine.optimizer
+    kind = _overflow_kind(optimizer)
+
+    def overflow(*args, **kwargs):
+        optimizer.overflow = True
+        return True
+
+    patches = {
+        "zero12": {"check_grad_overflow": True, "check_overflow": overflow},
+        "zero3": {"_overflow_check_and_loss_scale_update": overflow},
+        "fp16": {"overflow_checker": _Overflowing()},
+        "torch": {"step": lambda *args, **kwargs: None, "overflow": True},
+    }[kind]
+    shadowed = {key: optimizer.__dict__[key] for key in patches if key in optimizer.__dict__}
+    optimizer.__dict__.update(patches)
+    try:
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+    finally:
+        for key in patches:
+            del optimizer.__dict__[key]
+        optimizer.__dict__.update(shadowed)
 
 
 def _local_gradients_bad(engine) -> torch.Tensor:

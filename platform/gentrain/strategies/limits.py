@@ -1,13 +1,14 @@
 """What the strategies refuse to run, written once: `gentrain validate` reports it from the
-spec, and the strategies refuse it again at start-up (a spec built without validation, a
-test) with the same words.
+spec, and the strategies (the engine, for the last) refuse it again at start-up (a spec
+built without validation, a test) with the same words.
 
-Both are combinations a library would silently run as something else:
+Two are combinations a library would silently run as something else:
 - fp16 on CPUs: DDP and Accelerate run plain fp32, and DeepSpeed needs AVX512-FP16 units.
 - Accelerate's FSDP: on a CPU Accelerate 1.15 never enters FSDP (it keeps DDP), and
   gentrain's GPU FSDP path (sharded EMA, gathering for samples, sharded checkpoints) is
   not built yet.
-And one policy DeepSpeed's engine leaves no room for: train.nonfinite=skip.
+And a policy that needs the run folder on this machine's file system:
+train.nonfinite=rollback finds the newest good checkpoint there.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def fsdp_problem(accelerate_mode: str, on_gpu: bool) -> str | None:
             "to shard parameters")
 
 
-def nonfinite_problem(strategy_name: str, policy: str) -> str | None:
-    """train.nonfinite=skip under DeepSpeed would have to undo what its engine has already
-    reduced into partitions (its own skipping is fp16 loss scaling): not built yet."""
-    if strategy_name == "deepspeed" and policy == "skip":
-        return ("train.nonfinite: 'skip' is not supported with strategy.name=deepspeed yet; use "
-                "train.nonfinite=stop (the default), or strategy.name=ddp to skip non-finite steps")
+def nonfinite_problem(policy: str, run_dir: str) -> str | None:
+    """train.nonfinite=rollback lists the run folder for the newest good checkpoint
+    (gentrain.checkpoint); with s3:// or gs:// storage Ray Train's snapshot holds that list."""
+    from gentrain.paths import is_remote
+
+    if policy == "rollback" and is_remote(run_dir):
+        return (f"train.nonfinite: 'rollback' needs a local or shared storage_path (the run folder "
+                f"{run_dir} is where it finds the newest good checkpoint); use train.nonfinite=stop "
+                "or skip with remote storage, or a mounted storage_path")
     return None
