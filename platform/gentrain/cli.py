@@ -196,6 +196,16 @@ def cmd_run(args) -> int:
     except Exception as exc:
         from ray.train import TrainingFailedError
 
+        from gentrain.launch.storage import storage_failure
+
+        from gentrain.launch.failures import death_failure
+
+        short = (storage_failure(exc, spec.storage_path, spec.run_dir)
+                 or death_failure(exc, spec.checkpoint.max_failures, spec.run_dir))
+        if short:  # full storage, a killed worker: what to do, not the workers' tracebacks
+            _report_ray_failure(lines=0)
+            print(f"error: training {spec.name} failed: {short}", file=sys.stderr)
+            return 1
         # A TrainingFailedError carries the workers' tracebacks: Ray's lines would repeat them.
         _report_ray_failure(lines=0 if isinstance(exc, TrainingFailedError) else 30)
         if not isinstance(exc, TrainingFailedError):

@@ -29,10 +29,12 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point for ray.train.torch.TorchTrainer (config from launch.trainer)."""
     route_worker_logs()
     job = config["job"]  # a gentrain.validation.ValidatedJob: checked once, on the driver
-    run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config)
+    run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config,
+               announced=tuple(config.get("announced", ())))
 
 
-def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None) -> None:
+def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None,
+               announced: tuple[str, ...] = ()) -> None:
     """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -41,7 +43,7 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)
         engine.run_id = run_id
-        restore(engine, spec)
+        restore(engine, spec, announced)
         try:
             engine.fit(save=report_checkpoint)
         except NonFiniteError as error:
@@ -57,7 +59,7 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
             logger.close()
 
 
-def restore(engine: Engine, spec: JobSpec) -> None:
+def restore(engine: Engine, spec: JobSpec, announced: tuple[str, ...] = ()) -> None:
     """Continue from the newest verified step-N folder of the run, whatever Ray Train offers.
 
     gentrain's listing is the source of truth (as for the driver's "continuing" line): Ray's
@@ -74,9 +76,10 @@ def restore(engine: Engine, spec: JobSpec) -> None:
         return
     choice = newest_good_checkpoint(spec.run_dir) if engine.rank == 0 else None
     folder = from_rank_zero(str(choice.folder) if choice and choice.folder else None, engine.world_size)
-    if choice and offered is not None:  # a restart inside this run: the driver did not say this
+    if choice:  # what the driver has not said already: a folder cut short during this run
         for line in choice.rejection_lines():
-            engine.print(line)
+            if line not in announced:
+                engine.print(line)
     if folder is None:
         return
     engine.restore(folder, verified=True)

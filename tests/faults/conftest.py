@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from mlflow_server import running_mlflow_server  # noqa: E402 - after its folder is on the path
 
 from ports import free_port  # noqa: E402
+from runs import NAME, gentrain_run  # noqa: E402 - tests/faults is on the path (rootdir-less test folder)
 
 
 class RestartableServer:
@@ -54,3 +55,16 @@ def restartable_mlflow(_restartable_server):
     keep to their own experiments)."""
     _restartable_server.start()
     return _restartable_server
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The run directory of one uninterrupted run with runs.SETTINGS (step-2 ... step-12
+    folders): the weights every interrupted run of the suite must end with."""
+    from gentrain.checkpoint import RAY_SNAPSHOT_FILE
+
+    storage = tmp_path_factory.mktemp("reference") / "runs"
+    gentrain_run(storage)
+    run_dir = storage / NAME
+    assert (run_dir / RAY_SNAPSHOT_FILE).is_file()  # Ray registered every folder: its snapshot names them
+    return run_dir

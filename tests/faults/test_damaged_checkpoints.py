@@ -4,10 +4,11 @@ the weights of an uninterrupted run.
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/faults/test_damaged_checkpoints.py -q
 
-One uninterrupted reference run (12 steps, a checkpoint every 2, two Ray workers, fp32)
-is shared. One test copies its folders, damages the four newest as a crash, a full disk
-or a hand would (one kind each) and reruns; one kills a worker the moment a checkpoint is
-complete on disk. Three runs in all: about 2.5 minutes on 2 idle cores.
+One uninterrupted reference run (12 steps, a checkpoint every 2, two Ray workers, fp32:
+conftest.py's `reference`, shared with test_operator_faults.py) is compared against. One
+test copies its folders, damages the four newest as a crash, a full disk or a hand would
+(one kind each) and reruns; one kills a worker the moment a checkpoint is complete on
+disk. Three runs in all: about 2.5 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -17,56 +18,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from gentrain.checkpoint import MODEL_FILE, META_FILE, RAY_SNAPSHOT_FILE, checkpoint_problem, step_dir_name
 from processes import train_workers
+from runs import NAME, assert_same_weights, command, gentrain_run
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-NAME = "vae-debug"
-SETTINGS = ["train.steps=12", "train.schedule.warmup_steps=2", "checkpoint.every=2",
-            "checkpoint.keep=10", "scaling.num_workers=2", "eval.every=0", "eval.max_batches=1",
-            "train.log_every=4", "tracking.enabled=false", "strategy.precision=fp32"]
-
-
-def command(storage: Path, *extra: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT / "jobs"),
-                                         env.get("PYTHONPATH", "")])
-    storage.mkdir(parents=True, exist_ok=True)
-    return dict(args=[sys.executable, "-m", "gentrain.cli", "run", "vae/debug", f"name={NAME}",
-                      f"storage_path={storage}", *SETTINGS, *extra],
-                cwd=storage.parent, env=env, text=True)
-
-
-def gentrain_run(storage: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(**command(storage), capture_output=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    assert "Traceback" not in output, output[-6000:]
-    return result
-
-
-def weights(run_dir: Path, step: int = 12) -> dict[str, torch.Tensor]:
-    saved = torch.load(run_dir / step_dir_name(step) / MODEL_FILE, map_location="cpu", weights_only=True)
-    return {f"{network}.{key}": value for network, state in saved["networks"].items()
-            for key, value in state.items()}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The run directory of one uninterrupted run: step-2, step-4, ... step-12 folders."""
-    storage = tmp_path_factory.mktemp("reference") / "runs"
-    gentrain_run(storage)
-    run_dir = storage / NAME
-    assert (run_dir / RAY_SNAPSHOT_FILE).is_file()  # Ray registered every folder: its snapshot names them
-    return run_dir
 
 
 def damaged_copy(reference: Path, tmp_path: Path) -> Path:
@@ -87,10 +48,7 @@ def assert_resumed_to_the_same_weights(result, reference: Path, run_dir: Path, s
     assert f"[gentrain] continuing {NAME} from step {step} ({run_dir / step_dir_name(step)})" in out, out
     assert f"[gentrain] resumed from step {step} ({run_dir / step_dir_name(step)})" in out, out
     assert "done:" in out
-    expected, got = weights(reference), weights(run_dir)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
+    assert_same_weights(reference, run_dir)
 
 
 def test_damaged_folders_of_each_kind_fall_back_to_the_newest_good_one(reference, tmp_path):
@@ -136,6 +94,4 @@ def test_a_complete_folder_is_used_even_if_a_kill_beat_its_registration(referenc
     assert resumed, f"killed {victims[-1].pid} but no restart:\n{output[-6000:]}"
     step, folder = int(resumed[0][0]), Path(resumed[0][1])
     assert step >= 4 and folder == storage / NAME / step_dir_name(step), output[-6000:]
-    expected, got = weights(reference), weights(storage / NAME)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
+    assert_same_weights(reference, storage / NAME)

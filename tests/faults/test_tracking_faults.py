@@ -14,73 +14,23 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from gentrain.checkpoint import step_dir_name
 from processes import train_workers
+from runs import Gentrain, steps_of
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 1200  # the outage test's: long enough that the server is down well before the end
-
-
-class Gentrain:
-    """A `gentrain` subprocess whose output lines are kept with the time each arrived."""
-
-    def __init__(self, args: list[str], cwd: Path):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT / "jobs"),
-                                             env.get("PYTHONPATH", "")])
-        self.process = subprocess.Popen([sys.executable, "-m", "gentrain.cli", *args], cwd=cwd,
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-        self.lines: list[tuple[float, str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-
-    def output(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    def wait_for_line(self, text: str, timeout: float = 300) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for arrived, line in list(self.lines):
-                if text in line:
-                    return arrived
-            if self.process.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line with {text!r}:\n{self.output()[-6000:]}")
-
-    def finish(self, timeout: float = 300) -> tuple[int, float]:
-        returncode = self.process.wait(timeout=timeout)
-        ended = time.monotonic()
-        self._reader.join(timeout=10)
-        return returncode, ended
 
 
 def run_args(storage: Path, name: str, uri: str, *extra: str) -> list[str]:
     return ["run", "vae/debug", f"name={name}", f"storage_path={storage}", f"tracking.uri={uri}",
             "tracking.experiment=faults", "eval.every=0", "eval.max_batches=1", *extra]
-
-
-def steps_of(uri: str, run_id: str) -> dict[str, list[int]]:
-    """Every metric's steps in the order MLflow holds them (by timestamp, then step)."""
-    client = MlflowClient(tracking_uri=uri)
-    keys = client.get_run(run_id).data.metrics
-    return {key: [metric.step for metric in sorted(client.get_metric_history(run_id, key),
-                                                     key=lambda m: (m.timestamp, m.step))]
-            for key in keys}
 
 
 def the_run(uri: str) -> str:
@@ -127,26 +77,38 @@ def test_mlflow_down_at_the_end_then_synced(restartable_mlflow, tmp_path):
 
 
 def test_a_restarted_attempt_logs_no_step_twice(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = Gentrain(run_args(tmp_path / "runs", "restarted", uri, "train.steps=60",
+    """Rank 0 (the only worker) SIGKILLed after step 35 of 60 (checkpoints every 25): the
+    restart resumes from the folder the workers name and trains again steps the killed
+    attempt had logged; none of them is logged twice. Where the kill lands (after step 35,
+    or past the step-50 checkpoint on a loaded machine) decides only which folder that is."""
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
+    run = Gentrain(run_args(storage, "restarted", uri, "train.steps=60",
                             "train.log_every=5", "checkpoint.every=25", "checkpoint.keep=4",
                             "checkpoint.max_failures=1", "scaling.num_workers=1"), cwd=tmp_path)
-    run.wait_for_line("step 35/60")  # past the checkpoint at 25 (the next is 15 steps away): the steps after it come again
+    run.wait_for_line("step 35/60")
     victims = train_workers(run.process.pid)
     assert victims, "no RayTrainWorker process found to kill"
     os.kill(victims[-1].pid, signal.SIGKILL)
     returncode, _ = run.finish()
     output = run.output()
     assert returncode == 0, output[-6000:]
-    resumed = re.search(r"resumed from step (\d+)", output)
-    assert resumed and int(resumed[1]) < 35, output[-6000:]  # some steps were trained twice
+    resumed = re.search(r"\[gentrain\] resumed from step (\d+) \((.*?)\)", output)
+    assert resumed, output[-6000:]
+    restored = int(resumed[1])
+    assert restored in (25, 50) and Path(resumed[2]) == storage / "restarted" / step_dir_name(restored), output[-6000:]
+    # The killed attempt's last progress line: the steps after the restored checkpoint up to
+    # it were logged, then trained again (what the rule is about).
+    before = output[:resumed.start()]
+    last_logged = max(int(step) for step in re.findall(r"\[gentrain\] step (\d+)/60", before))
+    print(f"killed after step {last_logged} was logged; resumed from step {restored}")
+    assert last_logged > restored, f"nothing logged after the step-{restored} checkpoint was retrained:\n{output[-6000:]}"
 
     run_id = the_run(uri)
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
     steps = steps_of(uri, run_id)
     # Every step from the restored checkpoint on; what a killed rank 0 had queued but not
     # sent before it is lost (the README says so; the rule never fills it in).
-    after_restore = [step for step in range(5, 61, 5) if step > int(resumed[1])]
+    after_restore = [step for step in range(5, 61, 5) if step > restored]
     assert steps["train/loss"][-len(after_restore):] == after_restore, steps["train/loss"]
     for key, logged in steps.items():
         assert all(a < b for a, b in zip(logged, logged[1:])), (key, logged)

@@ -13,6 +13,11 @@ stream's printer (Ray's own handler is removed, so nothing prints twice):
   workers' tracebacks (Ray Train's TrainingFailedError does). Ray's log files hold all of
   it either way.
 
+A worker's death is one line of gentrain's (`launch.failures`): the raylet's own notice
+("A worker died or was killed while executing a task by an unexpected system error ...",
+which Ray prints to the driver's stdout itself, not through the log stream) is kept in the
+buffer instead of printed; Ray's `logs/events/event_RAYLET.log` has it too.
+
 Workers print through `worker_print` and route the `gentrain` logger through
 `route_worker_logs`, so their warnings (an MLflow outage) carry the mark too.
 """
@@ -29,6 +34,7 @@ MARK = "[gentrain] "
 PROGRESS = MARK + "step "
 _HANDLER_NAME = "ray_print_logs"  # the name ray._private.worker gives its printer
 _GENTRAIN_HANDLER = "gentrain_console"
+WORKER_DEATH_NOTICE = "A worker died or was killed while executing a task"  # the raylet's
 
 
 def worker_print(message: str, stream=None) -> None:
@@ -141,10 +147,36 @@ def install() -> WorkerConsole | None:
         # Already replaced for this Ray (runs in one process share it), or log_to_driver=False.
         return _console if _GENTRAIN_HANDLER in names else None
     _console = WorkerConsole()
+    _divert_death_notices()
     dispatcher.remove_handler(_HANDLER_NAME)
     dispatcher.remove_handler(_GENTRAIN_HANDLER)  # one left from a Ray shut down earlier
     dispatcher.add_handler(_GENTRAIN_HANDLER, _console.handle)
     return _console
+
+
+def _divert_death_notices() -> None:
+    """Ray's driver prints the raylet's error notices with `ray._private.worker.
+    print_to_stdstream`, looked up at each call: wrap it so a worker-death notice goes to
+    the console's buffer (launch.failures prints gentrain's line) and any other notice
+    prints as before."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "gentrain", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = data.get("lines", ())
+        if (_console is not None and data.get("pid") == "raylet"
+                and any(WORKER_DEATH_NOTICE in line for line in lines)):
+            _console.handle(data)  # not a marked line: kept in the buffer only
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream.gentrain = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def current() -> WorkerConsole | None:

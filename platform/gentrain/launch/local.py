@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gentrain.checkpoint import forget_ray_snapshot, newest_good_checkpoint
 from gentrain.data.index import default_cache_dir, resolve_builtin
+from gentrain.launch.storage import check_writable
 from gentrain.nonfinite import clear_stop, raise_if_stopped
 from gentrain.spec import JobSpec, dump_yaml
 from gentrain.validation import ValidatedJob
@@ -159,6 +160,7 @@ def run(job: ValidatedJob) -> RunSummary:
     previous = (choice.folder, choice.meta) if choice.folder else None
     if previous and int(previous[1].get("step", 0)) >= spec.train.steps:
         return _nothing_to_do(spec, *previous)  # decided before Ray and MLflow start
+    check_writable(spec.storage_path, spec.run_dir)  # full or read-only: refused before MLflow opens a run
     forget_ray_snapshot(spec.run_dir)  # why: gentrain.checkpoint.forget_ray_snapshot
     spec = prepare_data(spec)
     job = dataclasses.replace(job, spec=spec)
@@ -179,7 +181,7 @@ def run(job: ValidatedJob) -> RunSummary:
     from gentrain.launch.trainer import build_trainer
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
-    trainer = build_trainer(job, run_id, uri)
+    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()))
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from gentrain.launch.failures import FailureReporter
 from gentrain.loop import train_loop_per_worker
 from gentrain.spec import JobSpec
 from gentrain.validation import ValidatedJob
@@ -20,17 +21,22 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
-def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None,
+                  announced: tuple[str, ...] = ()) -> TorchTrainer:
+    """`announced`: the checkpoint rejections the driver has printed already (the workers
+    print the others: a folder cut short during this run)."""
     spec = job.spec
     run_config = RunConfig(
         name=spec.name,
         storage_path=spec.storage_path,
         failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        callbacks=[FailureReporter(spec.checkpoint.max_failures)],  # one line per failure
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
+                           "announced": list(announced)},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,

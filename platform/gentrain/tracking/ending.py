@@ -12,6 +12,7 @@ left RUNNING once the server is reachable and the sync has run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,18 +54,23 @@ def end_run(uri: str, run_id: str, status: str, spool_dir: str | None) -> Ending
     folder = Path(spool_dir) / run_id
     try:
         record_final_status(folder, status, uri)
-    except OSError as error:
-        _log.warning("could not record the final status in %s: %s", folder, error)
-    return sync_run(uri, run_id, spool_dir)
+        problem = None
+    except OSError as error:  # a full or read-only disk: the status is still set below
+        problem = error
+    ending = sync_run(uri, run_id, spool_dir, status=status)
+    if problem is not None and not ending.marked:
+        _log.warning("could not record the final status in %s: %s", folder, problem)
+    return ending
 
 
-def sync_run(uri: str, run_id: str, spool_dir: str | Path) -> Ending:
-    """Send `<spool_dir>/<run_id>`'s records, then set the final status recorded there.
-    Idempotent: what was sent leaves the folder, a second call finds nothing to do."""
+def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = None) -> Ending:
+    """Send `<spool_dir>/<run_id>`'s records, then set the final status recorded there
+    (`status`, where given: the one the caller could not record). Idempotent: what was
+    sent leaves the folder, a second call finds nothing to do."""
     fail_fast_http()
     folder = Path(spool_dir) / run_id
     final = read_final_status(folder)
-    status = final.get("status") if final else None
+    status = status or (final.get("status") if final else None)
     sender = _Sender(uri, run_id, None, _Spool(folder / PENDING_FILE, uri))
     before = pending_count(folder)
     try:
@@ -74,9 +80,11 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path) -> Ending:
     if error is None and status:
         try:
             MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
-            clear_final_status(folder)
         except Exception as failure:  # noqa: BLE001
             error = failure
+        else:
+            with contextlib.suppress(OSError):  # read-only: a later sync sets the same status again
+                clear_final_status(folder)
     unsent = pending_count(folder)
     marked = error is None and unsent == 0
     return Ending(run_id, status, marked=marked, sent=before - unsent, unsent=unsent,

@@ -42,6 +42,9 @@ _FAST_FAIL_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # set_terminated on an http:// server prints "🏃 View run ... 🧪 View experiment ..." to
+    # stdout; gentrain's summary says where the run is ("view it").
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 30.0
 
@@ -107,8 +110,14 @@ class _Sender:
             try:
                 if stop:
                     # On disk first: if the process exits before the send, nothing is lost.
-                    self.spool.append(records)
-                    records = []
+                    # A disk that is full (or read-only) must not cost the records a
+                    # reachable server would take: they are sent as they are instead.
+                    try:
+                        self.spool.append(records)
+                        records = []
+                    except OSError as exc:
+                        _log.info("MLflow logging for run %s: could not spool %d records (%s); "
+                                  "sending them directly", self.run_id, len(records), exc)
                 self._deliver(records, force=bool(flushes))
             except Exception:
                 _log.warning("MLflow logging for run %s dropped %d records", self.run_id,
