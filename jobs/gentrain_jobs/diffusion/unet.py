@@ -25,7 +25,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)
+    return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups where the width allows
 
 
 class ResBlock(nn.Module):
