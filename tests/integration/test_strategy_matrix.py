@@ -37,6 +37,7 @@ CI_CASES = {
     ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"), ("transformer", "deepspeed-zero3-bf16"),
     ("pixelcnn", "ddp-bf16"),
     ("flow", "deepspeed-zero3-bf16"),  # ActNorm's first-step init through ZeRO-3's hooks, bf16 weights
+    ("diffusion", "accelerate-bf16"),  # EMA weights and the float64 bound over a bf16 network
 }
 
 
