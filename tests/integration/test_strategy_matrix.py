@@ -39,6 +39,7 @@ CI_CASES = {
     ("flow", "deepspeed-zero3-bf16"),  # ActNorm's first-step init through ZeRO-3's hooks, bf16 weights
     ("rbm", "deepspeed-zero2-fp32"),  # Gibbs sampling inside the engine's forward, AIS on the gathered weights
     ("ebm", "ddp-bf16"),  # Langevin on the unwrapped fp32 network, the loss under autocast
+    ("diffusion", "accelerate-bf16"),  # EMA weights and the float64 bound over a bf16 network
 }
 
 
