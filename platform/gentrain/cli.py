@@ -207,6 +207,9 @@ def cmd_run(args) -> int:
     if summary.trained:
         print()
         print(f"[gentrain] done: {spec.name}")
+        if summary.metrics.get("stopped_at_time_budget"):
+            print(f"  stopped at the time budget ({spec.train.max_time}) after "
+                  f"{summary.metrics.get('step')} steps (train.steps={spec.train.steps})")
     print(f"  checkpoints : {summary.checkpoint or 'none'}")
     print(f"  samples     : {summary.samples or 'none'}")
     if summary.mlflow_run_id:
