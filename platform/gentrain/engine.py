@@ -123,7 +123,8 @@ class Engine:
         window = Window()
         started = None  # train.max_time counts from the first step (rank 0's clock)
         while self.step < spec.train.steps:
-            started = started or time.monotonic()
+            if started is None:
+                started = time.monotonic()
             try:
                 window.add(self.optimizer_step(batches))
             except NonFiniteRollback as error:
