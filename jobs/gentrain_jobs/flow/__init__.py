@@ -7,7 +7,7 @@
     gentrain score runs/flow-debug builtin:digits --split test --out scores.csv
 
 Exact log-likelihood of 8-bit images in bits/dim, under uniform dequantization
-(objective.py). Files: layers.py (ActNorm, 1x1 convolution, affine coupling, squeeze),
+(objective.py); job.config.num_bits=1 models binarized images (nats per image). Files: layers.py (ActNorm, 1x1 convolution, affine coupling, squeeze),
 model.py (the multi-scale flow), objective.py (dequantization and bits/dim).
 
 ActNorm's data-dependent initialisation happens inside the first training forward, on
