@@ -163,9 +163,11 @@ def run_likelihood_bench(budget: str = "60s", workers: int = 1, data: str | None
                          overrides: list[str] | None = None, eval_batches: int | None = None,
                          json_path: str | None = "bench-likelihoods.json") -> dict:
     """`overrides`: "FAMILY:key=value" (pixelcnn, vae or realnvp) added to that family's run."""
-    from gentrain.spec import parse_duration
+    from gentrain.spec import duration_problem
 
-    parse_duration(budget)  # refused here, before anything is packed or trained
+    problem = duration_problem(budget, "--budget")  # refused before anything is packed or trained
+    if problem:
+        raise ValueError(problem)
     labels = [family.label for family in FAMILIES]
     extra: dict[str, list[str]] = {label: [] for label in labels}
     for item in overrides or []:
