@@ -48,6 +48,8 @@ def _fit(rank: int, world: int, storage: str, racing_rank: int) -> dict:
 
 
 def test_rank_zero_clock_decides_for_every_rank(tmp_path):
+    for folder in ("zero", "one"):  # made here: two ranks validating a missing folder race to create it
+        (tmp_path / folder).mkdir()
     # Rank 0's clock says the 10 minutes are spent at the first check (step 2): both stop there,
     # with the final checkpoint written as at train.steps.
     ranks = run_world(_fit, world_size=2, args=(str(tmp_path / "zero"), 0))
