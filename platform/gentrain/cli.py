@@ -11,6 +11,7 @@
     gentrain bench data
     gentrain bench strategies
     gentrain bench memory
+    gentrain bench likelihoods --budget 60s
     gentrain submit vae/debug storage_path=/shared/runs --address http://HEAD:8265
     gentrain status JOB | gentrain logs JOB --follow | gentrain stop JOB | gentrain jobs
 """
@@ -151,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_memory.add_argument("--layers", type=int, default=12, help="Linear layers (default 12: ~0.8B parameters)")
     bench_memory.add_argument("--json", default="bench-memory.json", help="where to write results")
     bench_memory.set_defaults(handler=cmd_bench_memory)
+    bench_nll = bench_kinds.add_parser(
+        "likelihoods", help="PixelCNN NLL vs VAE IWAE bound vs RealNVP NLL on binarized MNIST-5k, same wall time")
+    bench_nll.add_argument("--budget", default="60s", help="train.max_time of every family (default 60s)")
+    bench_nll.add_argument("--workers", type=int, default=1, choices=(1, 2), help="scaling.num_workers (default 1)")
+    bench_nll.add_argument("--data", default=None,
+                           help="a packed data set of binary images (default: builtin:mnist5k binarized, packed once)")
+    bench_nll.add_argument("--storage", default=None,
+                           help="a new folder for the runs (default runs/bench-likelihoods-<time>)")
+    bench_nll.add_argument("--tracking-uri", default=None, help="MLflow (default: as `gentrain run`)")
+    bench_nll.add_argument("--set", dest="settings", action="append", default=[], metavar="FAMILY:KEY=VALUE",
+                           help="a spec override of one family (pixelcnn, vae, realnvp), e.g. "
+                           "vae:job.config.iwae_samples=64; repeatable")
+    bench_nll.add_argument("--eval-batches", type=int, default=None, help="cap on held-out batches (default: all)")
+    bench_nll.add_argument("--json", default="bench-likelihoods.json", help="where to write results")
+    bench_nll.set_defaults(handler=cmd_bench_likelihoods)
     return parser
 
 
@@ -218,6 +234,9 @@ def cmd_run(args) -> int:
     if summary.trained:
         print()
         print(f"[gentrain] done: {spec.name}")
+        if summary.metrics.get("stopped_at_time_budget"):
+            print(f"  stopped at the time budget ({spec.train.max_time}) after "
+                  f"{summary.metrics.get('step')} steps (train.steps={spec.train.steps})")
     print(f"  checkpoints : {summary.checkpoint or 'none'}")
     print(f"  samples     : {summary.samples or 'none'}")
     if summary.mlflow_run_id:
@@ -390,6 +409,15 @@ def cmd_bench_memory(args) -> int:
     from gentrain.bench.memory import run_memory_bench
 
     run_memory_bench(width=args.width, layers=args.layers, json_path=args.json)
+    return 0
+
+
+def cmd_bench_likelihoods(args) -> int:
+    from gentrain.bench.likelihoods import run_likelihood_bench
+
+    run_likelihood_bench(budget=args.budget, workers=args.workers, data=args.data, storage=args.storage,
+                         tracking_uri=args.tracking_uri, overrides=args.settings,
+                         eval_batches=args.eval_batches, json_path=args.json)
     return 0
 
 

@@ -82,6 +82,7 @@ class Engine:
         self.rollbacks = 0
         self.lr_scale = 1.0
         self._evaluator = None
+        self.stopped_at_time_budget = False  # fit ended at train.max_time, before train.steps
 
     @property
     def index(self):
@@ -104,7 +105,7 @@ class Engine:
 
     # -- training -------------------------------------------------------------------
     def fit(self, save: Callable[["Engine"], None] | None = None) -> None:
-        """Train to spec.train.steps from where the engine stands: progress every
+        """Train to spec.train.steps (or train.max_time) from where the engine stands: progress every
         train.log_every steps, evaluation at the start, every eval.every steps and at the
         end, a checkpoint every checkpoint.every steps and at the end through `save`
         (default: self.save into <run dir>/step-N/). Under train.nonfinite=rollback a fresh run
@@ -120,7 +121,10 @@ class Engine:
                 save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()
         window = Window()
+        started = None  # train.max_time counts from the first step (rank 0's clock)
         while self.step < spec.train.steps:
+            if started is None:
+                started = time.monotonic()
             try:
                 window.add(self.optimizer_step(batches))
             except NonFiniteRollback as error:
@@ -128,16 +132,34 @@ class Engine:
                 batches = self.train_batches()  # from the restored data position
                 window = Window()
                 continue
-            if self.step % spec.train.log_every == 0 or self.step == spec.train.steps:
+            last = self.step == spec.train.steps
+            if self.step % spec.train.log_every == 0 or last:
                 self._report(window)
                 window = Window()
-            if spec.eval.every and self.step % spec.eval.every == 0 and self.step != spec.train.steps:
+                if not last and self._out_of_time(started):
+                    last = self.stopped_at_time_budget = True
+                    self.print(f"stopped at the time budget (train.max_time={spec.train.max_time}) "
+                               f"after {self.step} steps")
+            if spec.eval.every and self.step % spec.eval.every == 0 and not last:
                 self.evaluate()
-            if self.step % spec.checkpoint.every == 0 or self.step == spec.train.steps:
+            if self.step % spec.checkpoint.every == 0 or last:
                 save(self)
                 if self.logger:
                     self.logger.set_tag("gentrain.last_checkpoint_step", str(self.step))
+            if last:
+                break
+        if self.logger and self.stopped_at_time_budget:
+            self.logger.set_tag("gentrain.stopped_at_time_budget", str(self.step))
         self.evaluate()
+
+    def _out_of_time(self, started: float) -> bool:
+        """train.max_time spent, by rank 0's clock: the same answer on every rank (a collective
+        when a budget is set)."""
+        budget = self.spec.train.max_seconds
+        if budget is None:
+            return False
+        spent = float(self.rank == 0 and time.monotonic() - started >= budget)
+        return bool(self.strategy.all_reduce(torch.tensor([spent], dtype=torch.float64), op="sum")[0] > 0)
 
     def train_batches(self) -> Iterator[dict]:
         """This rank's training batches from the engine's data position (mid-epoch after a restore)."""
@@ -301,6 +323,7 @@ class Engine:
             "data_info": self.data_info.to_dict(),
             "mlflow_run_id": self.run_id,
             "nonfinite_rollbacks": self.rollbacks,
+            "stopped_at_time_budget": self.stopped_at_time_budget,
             "lr_scale": self.lr_scale,  # already in the optimizer and schedule state: for the record
             "job_type": self.spec.job.type,
             "spec": self.spec.to_dict(),

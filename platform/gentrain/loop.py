@@ -92,7 +92,8 @@ def report_checkpoint(engine: Engine) -> None:
         engine.save(directory)
         has_files = any(os.scandir(directory))
         checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
-        ray.train.report({"step": engine.step}, checkpoint=checkpoint,
+        ray.train.report({"step": engine.step, "stopped_at_time_budget": engine.stopped_at_time_budget},
+                         checkpoint=checkpoint,
                          checkpoint_dir_name=step_dir_name(engine.step))
     # Each rank's report returns once its own files are copied into storage; after this
     # barrier every rank's are, so step-N is complete on disk before training goes on

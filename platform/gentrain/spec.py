@@ -92,6 +92,9 @@ class TrainSection:
     grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, help="null disables clipping"))
     seed: int = 0
     log_every: int = field(default=10, metadata=bounds(ge=1))
+    # A wall-clock budget from the first step: seconds, or "90s", "5m", "2h". Checked every
+    # log_every steps (rank 0's clock, agreed by all ranks); the run then ends as at train.steps.
+    max_time: float | str | None = None
     # A non-finite loss or gradient (gentrain.nonfinite): stop the run, skip the update, or
     # roll back to the newest good checkpoint with a lower learning rate.
     nonfinite: Literal["stop", "skip", "rollback"] = "stop"
@@ -101,6 +104,39 @@ class TrainSection:
     nonfinite_max_rollbacks: int = field(default=3, metadata=bounds(ge=1, help="rollbacks in the run before stopping"))
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+
+    @property
+    def max_seconds(self) -> float | None:
+        """train.max_time in seconds (None: no budget); the spec was validated (duration_problem)."""
+        return None if self.max_time is None else parse_duration(self.max_time)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds of `value`: a number of seconds, or a string "90", "90s", "1.5m", "2h".
+    Raises ValueError on anything else, and on a value that is not positive and finite."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        factor = _DURATION_UNITS.get(text[-1:], None) if text else None
+        seconds = float(text[:-1] if factor else text) * (factor or 1.0)
+    else:
+        seconds = float(value)
+    if not (0 < seconds < float("inf")):
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+def duration_problem(value, path: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_duration(value)
+    except ValueError:
+        return (f"{path}: {describe(value)} is not a time budget; write seconds (90) or a number "
+                "with s, m or h (\"90s\", \"5m\", \"2h\"), greater than 0, or null for none")
+    return None
 
 
 @dataclass
@@ -203,6 +239,9 @@ def field_rules(spec: JobSpec) -> list[str]:
     if strategy.accelerate_mode != "ddp" and strategy.name != "accelerate":
         problems.append(f"strategy.accelerate_mode: only applies to strategy.name=accelerate "
                         f"(got {strategy.name!r})")
+    max_time = duration_problem(spec.train.max_time, "train.max_time")
+    if max_time:
+        problems.append(max_time)
     if spec.train.schedule.warmup_steps >= spec.train.steps:
         problems.append(f"train.schedule.warmup_steps: {spec.train.schedule.warmup_steps} must be "
                         f"< train.steps ({spec.train.steps})")

@@ -92,3 +92,29 @@ def test_open_run_samples_a_saved_checkpoint(spec):
     assert cooler.sampler.temperature == 0.5 and not torch.equal(cooler.sample(5, seed=1), first)
     with pytest.raises(SpecError, match="job.sampling.temprature: unknown key; did you mean 'temperature'"):
         gentrain.inference.load_trained(spec.run_dir, sampling=["temprature=0.5"])
+
+
+def test_time_budget_ends_fit_as_train_steps_would(tmp_path, capsys):
+    # A budget far below one step's time: spent at the first check (the first log step, 2).
+    spec = gentrain.load("vae/debug", [f"train.steps={STEPS}", "train.schedule.warmup_steps=2", "train.log_every=2",
+                                       "checkpoint.every=100", "eval.every=0", "eval.num_samples=4",
+                                       "eval.max_batches=1", f"storage_path={tmp_path}", "tracking.enabled=false",
+                                       "train.max_time=0.001"])
+    engine = Engine(spec)
+    engine.fit()
+    assert (engine.step, engine.stopped_at_time_budget) == (2, True)
+    lines = capsys.readouterr().out.splitlines()
+    assert "stopped at the time budget (train.max_time=0.001) after 2 steps" in lines
+    assert any(line.startswith("eval at step 2 | ") for line in lines)  # the final evaluation
+    folder, meta = latest_checkpoint(spec.run_dir)  # the final checkpoint, though checkpoint.every=100
+    assert (meta["step"], meta["stopped_at_time_budget"]) == (2, True)
+    grids = sorted(path.name for path in (Path(spec.run_dir) / "samples").glob("*.png"))
+    assert grids == [f"{step_dir_name(0)}.png", f"{step_dir_name(2)}.png"]
+
+
+@pytest.mark.parametrize("value", ["0", "-5s", "5 minutes", "nan"])
+def test_time_budget_is_checked_and_named(value):
+    with pytest.raises(SpecError, match=r"train\.max_time: .* is not a time budget"):
+        gentrain.load("vae/debug", [f"train.max_time={value}"])
+    assert gentrain.load("vae/debug", ["train.max_time=1.5m"]).train.max_seconds == 90.0
+    assert gentrain.load("vae/debug", ["train.max_time=90"]).train.max_seconds == 90.0

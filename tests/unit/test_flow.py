@@ -18,7 +18,7 @@ from gentrain_jobs.flow import (JOB, FlowConfig, FlowSampler, build, evaluate, r
 from gentrain_jobs.flow.layers import (ActNorm, AffineCoupling, InvConv1x1, Squeeze, pooled_moments,
                                        squeeze2d, unsqueeze2d)
 from gentrain_jobs.flow.model import Flow, Split
-from gentrain_jobs.flow.objective import bits_per_dim, dequantize, quantize
+from gentrain_jobs.flow.objective import bits_per_dim, dequantize, discrete_nll_nats, levels, quantize
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
@@ -266,6 +266,64 @@ def test_dequantization_cubes_and_quantize_back():
         assert torch.equal(quantize(y), x)
 
 
+# -- binarized images: num_bits=1 ------------------------------------------------------------------------
+def test_two_levels_are_the_top_bit_and_a_binarized_image_is_its_own_pixels():
+    j = torch.arange(256, dtype=torch.float32)
+    assert torch.equal(levels(j / 255, 2), (j >= 128).float())
+    binary = torch.tensor([0.0, 1.0, 1.0, 0.0])  # a binarized image: 8-bit 0 and 255
+    for u in (0.0, 0.3, 0.999):
+        y = dequantize(binary, torch.full_like(binary, u), 2)
+        torch.testing.assert_close(y, (binary + u) / 2)  # the cubes [0, 1/2) and [1/2, 1)
+        assert torch.equal(quantize(y, 2), binary)
+
+
+def test_two_level_nll_is_exact_for_a_density_constant_on_the_cubes():
+    """p(y) = prod_i q(y_i) with q = 2a on [0, 1/2) and 2(1 - a) on [1/2, 1): P(k) = prod a or
+    (1 - a) exactly (Jensen's bound is tight), so -log p(y) + D ln 2 is -log P(k), and the 2^D
+    binary images' probabilities sum to 1 (all 16 of a 2x2 image enumerated)."""
+    a, dims = 0.3, 4
+    total = 0.0
+    for code in range(2 ** dims):
+        k = torch.tensor([(code >> i) & 1 for i in range(dims)], dtype=torch.float64)
+        y = dequantize(k, torch.rand(dims, generator=torch.Generator().manual_seed(code), dtype=torch.float64), 2)
+        log_q = torch.tensor([math.log(2 * a), math.log(2 * (1 - a))], dtype=torch.float64)
+        log_p = log_q[(y >= 0.5).long()].sum()
+        expected = -sum(math.log(a if bit == 0 else 1 - a) for bit in k.tolist())
+        nll = float(discrete_nll_nats(log_p, dims, 2))
+        assert nll == pytest.approx(expected, abs=1e-12)
+        assert float(bits_per_dim(log_p, dims, 2)) == pytest.approx(expected / (dims * math.log(2)), abs=1e-12)
+        total += math.exp(-nll)
+    assert total == pytest.approx(1.0, abs=1e-12)
+    assert float(bits_per_dim(torch.zeros(1), 784, 2)) == pytest.approx(1.0, abs=1e-12)  # uniform: 1 bit/dim
+
+
+def test_two_level_nll_of_the_identity_flow_by_hand():
+    """num_bits=1, pixel 1, u = 0: y = 1/2, y - 1/2 = 0 ~ N(0, 1): per image
+    -log p(y) + D ln 2 = D (ln(2 pi) / 2 + ln 2) nats."""
+    model = identity_flow("center")
+    config = FlowConfig(num_bits=1)
+    x = torch.ones(1, 1, 2, 2)
+    metrics = evaluate({"flow": model}, config, {"image": x}, torch.Generator().manual_seed(0))
+    u = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    z = (1 + u) / 2 - 0.5
+    expected = float((z * z / 2).sum()) + 4 * (math.log(2 * math.pi) / 2 + math.log(2))
+    assert metrics["nll"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["bits_per_dim"] == pytest.approx(expected / (4 * math.log(2)), abs=1e-6)
+    log_density, _ = model(dequantize(x, torch.zeros_like(x), 2))
+    assert float(discrete_nll_nats(log_density, 4, 2)) == pytest.approx(4 * (math.log(2 * math.pi) / 2 + math.log(2)),
+                                                                        abs=1e-5)
+
+
+def test_two_level_samples_and_reconstructions_are_binary():
+    model = small_flow("realnvp")
+    config = FlowConfig(architecture="realnvp", num_bits=1)
+    images = sample({"flow": model}, config, SampleRequest(6, torch.Generator().manual_seed(0), FlowSampler(1.0)))
+    assert set(images.unique().tolist()) <= {0.0, 1.0}
+    x = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    pairs = reconstructions(model.eval(), x, 2)
+    assert torch.equal(pairs[0::2], x[:2]) and torch.equal(pairs[1::2], x[:2])
+
+
 def test_evaluate_reports_the_per_sample_mean_in_bits_and_nats():
     model = identity_flow("center")
     batch = {"image": torch.rand(5, 1, 2, 2)}
@@ -346,6 +404,29 @@ def test_learns_digits_through_the_engine(digits, architecture):
     assert end < 7.0 and end < start - 1.5
     scores = score({"flow": engine.strategy.unwrap("flow").eval()}, config, held_out)["bits_per_dim"]
     assert scores.shape == (len(held_out["image"]),) and float(scores.mean()) == pytest.approx(end, abs=0.1)
+
+
+def test_learns_binarized_digits_below_one_bit_per_dim(digits):
+    """num_bits=1 through the engine: the digits' top bit (8-bit values >= 128), held-out
+    bits/dim from about 1 or more (untrained) to well below a uniform's 1 bit."""
+    spec = from_dict({"job": {"type": "flow"}, "train": {"steps": 40, "optimizer": {"name": "adam", "lr": 3e-3},
+                                                         "schedule": {"name": "constant"}}})
+    config = FlowConfig(architecture="realnvp", levels=2, hidden=16, blocks=1, num_bits=1)
+    engine = Engine(spec, config, data_info=DataInfo(tuple(digits.shape)), print_fn=None)
+    held_out = next(iter(eval_batches(digits, "test", 256, 0, 1)))
+
+    def held_out_metrics():
+        with engine.strategy.evaluation() as modules:
+            return evaluate(modules, config, held_out, torch.Generator().manual_seed(0))
+
+    start = held_out_metrics()["bits_per_dim"]
+    batches = train_batches(digits, "train", 32, rank=0, world_size=1, seed=0)
+    for _ in range(40):
+        engine.optimizer_step(batches)
+    end = held_out_metrics()
+    print(f"realnvp, 1 bit: held-out bits/dim {start:.3f} -> {end['bits_per_dim']:.3f} ({end['nll']:.2f} nats)")
+    assert end["bits_per_dim"] < 0.8 and end["bits_per_dim"] < start - 0.2
+    assert end["nll"] == pytest.approx(end["bits_per_dim"] * 64 * math.log(2), rel=1e-6)
 
 
 def test_resume_keeps_actnorm_statistics(digits, tmp_path):

@@ -7,7 +7,7 @@
     gentrain score runs/flow-debug builtin:digits --split test --out scores.csv
 
 Exact log-likelihood of 8-bit images in bits/dim, under uniform dequantization
-(objective.py). Files: layers.py (ActNorm, 1x1 convolution, affine coupling, squeeze),
+(objective.py); job.config.num_bits=1 models binarized images (nats per image). Files: layers.py (ActNorm, 1x1 convolution, affine coupling, squeeze),
 model.py (the multi-scale flow), objective.py (dequantization and bits/dim).
 
 ActNorm's data-dependent initialisation happens inside the first training forward, on
@@ -54,6 +54,13 @@ class FlowConfig:
         "help": "auto: logit for realnvp, center (y - 1/2) for glow"})
     logit_alpha: float = field(default=0.05, metadata=bounds(
         gt=0, lt=0.5, help="logit(alpha + (1 - 2 alpha) y), RealNVP's 0.05"))
+    num_bits: int = field(default=8, metadata=bounds(
+        ge=1, le=8, help="the 2**num_bits levels per pixel modelled (the top bits of 8-bit pixels); "
+                         "1: binarized images (pixels >= 128/255 are 1), likelihoods per binary image"))
+
+    @property
+    def num_levels(self) -> int:
+        return 2 ** self.num_bits
 
     @property
     def scale(self) -> str:
@@ -94,12 +101,12 @@ def build(config: FlowConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
 
 
 def train_step(ctx, batch) -> dict[str, float]:
-    x = batch["image"]
+    x, num_levels = batch["image"], ctx.config.num_levels
     # Uniform dequantization from the global RNG (the engine seeds it per seed, rank, step).
-    y = dequantize(x, torch.rand(x.shape, device=x.device))
+    y = dequantize(x, torch.rand(x.shape, device=x.device), num_levels)
     with ctx.autocast():
         log_density, _ = ctx.module("flow")(y)
-    bpd = bits_per_dim(log_density.float(), x[0].numel())
+    bpd = bits_per_dim(log_density.float(), x[0].numel(), num_levels)
     loss = bpd.mean()  # bits/dim of the training batch: the objective, scaled per dimension
     ctx.backward(loss, "flow")
     return {"loss": float(loss.detach()), "bits_per_dim": float(loss.detach()), **ctx.step("flow")}
@@ -107,40 +114,42 @@ def train_step(ctx, batch) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(modules, config: FlowConfig, batch, generator: torch.Generator) -> dict[str, float]:
-    """Held-out bits/dim and NLL (nats) of the 8-bit images: one dequantization draw per image."""
-    model, x = modules["flow"], batch["image"]
-    log_density, _ = model(dequantize(x, torch.rand(x.shape, generator=generator)))
+    """Held-out bits/dim and NLL (nats per image) of the images at 2**num_bits levels (8-bit by
+    default; per binary image with num_bits=1): one dequantization draw per image."""
+    model, x, num_levels = modules["flow"], batch["image"], config.num_levels
+    log_density, _ = model(dequantize(x, torch.rand(x.shape, generator=generator), num_levels))
     log_density = log_density.float()
     dims = x[0].numel()
-    return {"bits_per_dim": float(bits_per_dim(log_density, dims).mean()),
-            "nll": float(discrete_nll_nats(log_density, dims).mean())}
+    return {"bits_per_dim": float(bits_per_dim(log_density, dims, num_levels).mean()),
+            "nll": float(discrete_nll_nats(log_density, dims, num_levels).mean())}
 
 
 @torch.no_grad()
-def reconstructions(model: Flow, x: torch.Tensor) -> torch.Tensor:
+def reconstructions(model: Flow, x: torch.Tensor, num_levels: int = 256) -> torch.Tensor:
     """Held-out images and decode(encode(image)), interleaved: equal, as a flow is invertible
     (each image encoded from its dequantization cube's centre, decoded back onto the 8-bit grid)."""
     count = next((n for n in (32, 18, 8, 2) if n <= x.shape[0]), 0)
     if count == 0:
         return x[:0]
-    inputs = x[:count].float()
-    _, latents = model(dequantize(inputs, None))
-    outputs = quantize(model.decode(latents)).to(inputs.device)
+    inputs = quantize(dequantize(x[:count].float(), None, num_levels), num_levels)  # the levels modelled
+    _, latents = model(dequantize(inputs, None, num_levels))
+    outputs = quantize(model.decode(latents), num_levels).to(inputs.device)
     return torch.stack([inputs, outputs], dim=1).flatten(0, 1)
 
 
 @torch.no_grad()
-def temperature_grid(model: Flow, generator: torch.Generator, columns: int = 8) -> torch.Tensor:
+def temperature_grid(model: Flow, generator: torch.Generator, columns: int = 8,
+                     num_levels: int = 256) -> torch.Tensor:
     """One row per temperature in TEMPERATURES, the same noise in every row."""
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
-    rows = [quantize(model.sample(columns, t, torch.Generator().manual_seed(seed))) for t in TEMPERATURES]
+    rows = [quantize(model.sample(columns, t, torch.Generator().manual_seed(seed)), num_levels) for t in TEMPERATURES]
     return torch.cat(rows)
 
 
 def visuals(modules, config: FlowConfig, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
     model = modules["flow"]
-    grids = {"reconstructions": reconstructions(model, batch["image"]),
-             "temperatures": temperature_grid(model, generator)}
+    grids = {"reconstructions": reconstructions(model, batch["image"], config.num_levels),
+             "temperatures": temperature_grid(model, generator, num_levels=config.num_levels)}
     return {name: images for name, images in grids.items() if len(images)}
 
 
@@ -149,14 +158,14 @@ def score(modules, config: FlowConfig, batch) -> dict[str, torch.Tensor]:
     """Per-image bits/dim (one seeded dequantization draw): lower = more typical."""
     x = batch["image"]
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(SCORE_SEED))
-    log_density, _ = modules["flow"](dequantize(x, noise))
-    return {"bits_per_dim": bits_per_dim(log_density.float(), x[0].numel())}
+    log_density, _ = modules["flow"](dequantize(x, noise, config.num_levels))
+    return {"bits_per_dim": bits_per_dim(log_density.float(), x[0].numel(), config.num_levels)}
 
 
 @torch.no_grad()
 def sample(modules, config: FlowConfig, request: SampleRequest) -> torch.Tensor:
     y = modules["flow"].sample(request.n, request.settings.temperature, request.generator)
-    return quantize(y)  # onto the 8-bit grid, in [0, 1]
+    return quantize(y, config.num_levels)  # onto the grid of 2**num_bits levels, in [0, 1]
 
 
 JOB = JobType(
