@@ -100,7 +100,12 @@ def check_storage(spec: "JobSpec") -> list[str]:
             return [f"storage_path: {describe(storage)}: {describe(str(existing))} is a file, not a "
                     f"folder; {fix}"]
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:  # another process (a second rank checking the same spec) made it
+                if not folder.is_dir():
+                    raise
+                continue  # not ours to remove afterwards
             created.append(folder)
         probe = Path(storage) / f".gentrain-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
