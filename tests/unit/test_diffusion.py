@@ -24,12 +24,7 @@ TINY = dict(timesteps=50, schedule="cosine", channels=16, channel_mult=[1, 2], r
             attention_resolutions=[4], dropout=0.0, bound_timesteps=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(classes=0, shape=(1, 8, 8), seed=0, **changes):

@@ -17,13 +17,7 @@ from gentrain_jobs.diffusion import bound as B
 from gentrain_jobs.diffusion import samplers
 from gentrain_jobs.diffusion import schedules as S
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small elementwise work on a shared CPU: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MU = torch.tensor([1.0, -0.5, 0.0, 2.0], dtype=torch.float64)

@@ -64,14 +64,6 @@ def mixture(n: int, generator: torch.Generator) -> torch.Tensor:
     return CENTRES[torch.randint(0, 4, (n,), generator=generator)] + STD * torch.randn(n, 2, generator=generator)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_learns_a_2d_mixture_through_the_engine(one_thread):
     spec = from_dict({"job": {"type": "ebm"}, "train": {"steps": 500, "batch_size": 128, "schedule": {"name": "constant"},
                                                          "optimizer": {"name": "adam", "lr": 3e-3, "betas": [0.0, 0.999]}}})
