@@ -105,7 +105,10 @@ def test_full_storage_from_the_workers_errors_is_one_paragraph(tmp_path):
 
 def test_a_storage_that_refuses_writes_is_refused_before_anything_starts(tmp_path, monkeypatch):
     check_writable(str(tmp_path), str(tmp_path / "run"))  # writable: nothing to say
-    assert not list((tmp_path / "run").iterdir())  # the probe is gone
+    assert not (tmp_path / "run").exists()  # the probe and the folder made for it are gone
+    (tmp_path / "kept").mkdir()
+    check_writable(str(tmp_path), str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())  # an existing one stays
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -41,9 +41,16 @@ class StorageError(RuntimeError):
 
 
 def check_writable(storage_path: str, run_dir: str) -> None:
-    """Refuse a run whose storage cannot be written (before Ray and MLflow start)."""
+    """Refuse a run whose storage cannot be written (before Ray and MLflow start). Leaves
+    nothing behind: folders it had to create for the probe are removed again (training
+    creates the run folder itself; a refused run must leave storage as it was)."""
     if is_remote(run_dir):
         return
+    folder = Path(run_dir)
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
     probe = Path(run_dir) / ".gentrain-write-check"
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -56,6 +63,10 @@ def check_writable(storage_path: str, run_dir: str) -> None:
         with contextlib.suppress(OSError):
             probe.unlink()
         raise StorageError(message(storage_path, run_dir, exc.errno, str(exc), before=True)) from None
+    finally:
+        for created in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
 
 
 def storage_failure(error: BaseException, storage_path: str, run_dir: str) -> str | None:
