@@ -33,6 +33,15 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
     return array[..., 0] if channels == 1 else array
 
 
+def inpainting_grid(originals: torch.Tensor, masked: torch.Tensor, completed: torch.Tensor) -> torch.Tensor:
+    """(original, masked, completion) triples of [n, C, H, W] images in [0, 1], in that order,
+    padded with white to at least 9 images (a 3x3 grid, so a triple never wraps)."""
+    grid = torch.stack([originals, masked, completed.to(originals.device)], dim=1).flatten(0, 1)
+    if len(grid) < 9:
+        grid = torch.cat([grid, grid.new_ones(9 - len(grid), *grid.shape[1:])])
+    return grid
+
+
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

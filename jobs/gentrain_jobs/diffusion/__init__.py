@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from gentrain.launch.console import worker_print
 from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
 from gentrain.schema import bounds
+from gentrain.visual import inpainting_grid
 from gentrain_jobs.diffusion import samplers
 from gentrain_jobs.diffusion import schedules as S
 from gentrain_jobs.diffusion.bound import variational_bound
@@ -251,10 +252,7 @@ def visuals(modules, config: DiffusionConfig, batch, generator: torch.Generator)
     settings = DiffusionSampler(sampler="ddpm", steps=min(config.timesteps, 250))
     completed = draw(modules, config, len(images), generator, settings, labels, known=images * 2 - 1, mask=mask)
     completed = ((completed + 1) / 2).clamp(0, 1).to(images.device)
-    grid = torch.stack([images, masked, completed], dim=1).flatten(0, 1)
-    if len(grid) < 9:
-        grid = torch.cat([grid, grid.new_ones(9 - len(grid), *grid.shape[1:])])
-    return {"inpainting": grid}
+    return {"inpainting": inpainting_grid(images, masked, completed)}
 
 
 JOB = JobType(

@@ -28,6 +28,7 @@ import torch
 from gentrain.launch.console import worker_print
 from gentrain.registry import DataInfo, JobType, SampleRequest, Supports
 from gentrain.schema import bounds
+from gentrain.visual import inpainting_grid
 from gentrain_jobs.pixelcnn import sampling
 from gentrain_jobs.pixelcnn.likelihoods import (bits_per_dim, log_prob, network_groups, network_input,
                                                 num_levels, output_channels, to_levels)
@@ -192,10 +193,7 @@ def visuals(modules, config: PixelCNNConfig, batch, generator: torch.Generator) 
     if generator is None:  # called outside an evaluation: a fixed seed, never the global RNG
         generator = torch.Generator().manual_seed(INPAINT_SEED)
     completed = inpaint(modules, config, images, labels, generator)
-    grid = torch.stack([originals, masked, completed.to(originals.device)], dim=1).flatten(0, 1)
-    if len(grid) < 9:
-        grid = torch.cat([grid, grid.new_ones(9 - len(grid), *grid.shape[1:])])
-    return {"inpainting": grid}
+    return {"inpainting": inpainting_grid(originals, masked, completed)}
 
 
 JOB = JobType(
