@@ -370,6 +370,9 @@ def _eval_parser(commands) -> None:
     evaluate.add_argument("--kid-subsets", type=int, default=100, help="KID subsets, at least 2 (default 100)")
     evaluate.add_argument("--kid-subset-size", type=int, default=None,
                           help="samples per KID subset, below the number of samples (default min(1000, n // 2))")
+    evaluate.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                          help="change an evaluation setting of the run's job.config (e.g. diffusion's "
+                          "ode_likelihood_steps=100); settings that shape the network are refused")
     evaluate.add_argument("--out", default=None, help="also write the JSON report here")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -392,7 +395,8 @@ def cmd_eval(args) -> int:
                           eval_split=args.eval_split, extractor=args.extractor,
                           inception_weights=args.inception_weights, workers=args.workers,
                           batch_size=args.batch_size, seed=args.seed, max_batches=args.max_batches,
-                          use_ema=not args.no_ema, out=args.out, settings=settings)
+                          use_ema=not args.no_ema, out=args.out, settings=settings,
+                          config_changes=list(args.config))
     report = evaluate_checkpoint(request)
     print(json.dumps(report, indent=2, default=str))
     return 0

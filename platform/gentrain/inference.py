@@ -83,8 +83,9 @@ def _run_dir_from_mlflow(run_id: str) -> str:
 
 
 def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = True,
-                 sampling: list[str] | None = None) -> Trained:
-    """`sampling`: "key=value" changes to the spec's job.sampling (`gentrain sample --set`)."""
+                 sampling: list[str] | None = None, config_changes: list[str] | None = None) -> Trained:
+    """`sampling`: "key=value" changes to the spec's job.sampling (`gentrain sample --set`);
+    `config_changes`: to its job.config's evaluation settings (`gentrain eval --config`)."""
     checkpoint = resolve_checkpoint(ref)
     meta = read_meta(str(checkpoint))
     model_path = checkpoint / MODEL_FILE
@@ -94,7 +95,7 @@ def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = T
     # Validated when the run started: read back as it was, not judged by today's rules.
     spec = parse_spec(meta["spec"], source=f"{checkpoint}/gentrain.json")
     job = get_job_type(spec.job.type)
-    config = job_config(spec)
+    config = job_config(spec, config_changes)
     sampler = sampler_settings(spec, sampling)
     data_info = DataInfo.from_dict(meta["data_info"])
     modules = build_modules(job, config, data_info, spec.train.seed)

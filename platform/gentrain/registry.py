@@ -352,11 +352,28 @@ def job_types() -> dict[str, JobType]:
     return default_registry().all()
 
 
-def job_config(spec: "JobSpec") -> Any:
+def job_config(spec: "JobSpec", evaluation_changes: list[str] | None = None) -> Any:
     """The job type's config dataclass of a spec (validated by gentrain.validation, or read
-    from a checkpoint that was); raise SpecError if `job.config` does not fit it."""
+    from a checkpoint that was); raise SpecError if `job.config` does not fit it.
+    `evaluation_changes`: "key=value" changes (`gentrain eval --config`) of the fields marked
+    `evaluation` (they change how a trained model is evaluated, never the network); any other
+    key is refused by name."""
+    import dataclasses
+
+    from gentrain.spec import apply_overrides, parse_overrides
+
+    job = get_job_type(spec.job.type)
+    mapping = spec.job.config
+    if evaluation_changes:
+        allowed = sorted(f.name for f in dataclasses.fields(job.config) if f.metadata.get("evaluation"))
+        for keys, _ in parse_overrides(list(evaluation_changes)):
+            if ".".join(keys) not in allowed:
+                raise SpecError([f"--config {'.'.join(keys)}: job.config.{'.'.join(keys)} is not an evaluation "
+                                 f"setting of job type {job.name!r} (it shapes the trained model); "
+                                 f"evaluation settings: {', '.join(allowed) or 'none'}"])
+        mapping = apply_overrides(dict(mapping or {}), list(evaluation_changes))
     problems: list[str] = []
-    config = get_job_type(spec.job.type).parse_config(spec.job.config, problems)
+    config = job.parse_config(mapping, problems)
     if problems:
         raise SpecError(problems)
     return config

@@ -56,9 +56,11 @@ def _cut(problem: str, limit: int = 2000) -> str:
 
 
 def bounds(ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None, help: str = "") -> dict:
-    """Field metadata for numeric bounds; `help` is appended to the error text."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+           lt: float | None = None, help: str = "", evaluation: bool = False) -> dict:
+    """Field metadata for numeric bounds; `help` is appended to the error text. `evaluation`:
+    a job.config field that changes only how a trained model is evaluated, never the
+    network or its training (`gentrain eval --config KEY=VALUE` may change it)."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help, **({"evaluation": True} if evaluation else {})}
 
 
 def required(help: str) -> dict:

@@ -86,7 +86,26 @@ def test_evaluate_reports_the_bound_in_bits_per_dim_and_nats():
     assert metrics["bpd_bound"] == pytest.approx(metrics["nll_bound"] / (64 * math.log(2)))
     again = evaluate(modules, config, batch, torch.Generator().manual_seed(0))
     assert again == metrics  # the generator fixes the drawn t's and noises
-    assert get_job_type("diffusion").likelihoods == {"nll_bound": "nats", "bpd_bound": "bits/dim"}
+    assert get_job_type("diffusion").likelihoods == {"nll_bound": "nats", "bpd_bound": "bits/dim",
+                                                     "ode_nll": "nats", "ode_bpd": "bits/dim"}
+    ode_config, _ = _tiny(ode_likelihood_steps=4, ode_probes=2)
+    with_ode = evaluate(modules, ode_config, batch, torch.Generator().manual_seed(0))
+    assert set(with_ode) == set(metrics) | {"ode_nll", "ode_bpd"}
+    assert with_ode["ode_bpd"] == pytest.approx(with_ode["ode_nll"] / (64 * math.log(2)))
+    assert math.isfinite(with_ode["ode_nll"])
+
+
+def test_eval_may_change_evaluation_settings_and_nothing_that_shapes_the_network():
+    spec = from_dict({"job": {"type": "diffusion", "config": {"timesteps": 50}}})
+    config = job_config(spec, ["ode_likelihood_steps=25", "ode_divergence=exact", "bound_timesteps=0"])
+    assert (config.ode_likelihood_steps, config.ode_divergence, config.bound_timesteps, config.timesteps) == (
+        25, "exact", 0, 50)
+    with pytest.raises(SpecError, match=r"--config channels: job.config.channels is not an evaluation setting "
+                                        r"of job type 'diffusion' .*evaluation settings: bound_timesteps, "
+                                        r"ode_divergence, ode_likelihood_steps, ode_probes"):
+        job_config(spec, ["channels=8"])
+    with pytest.raises(SpecError, match="job.config.ode_likelihood_steps"):
+        job_config(spec, ["ode_likelihood_steps=-1"])
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "pc", "ode"])
@@ -143,10 +162,14 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 1.0) -> float:
     return float(kernel(a, a) + kernel(b, b) - 2 * kernel(a, b))
 
 
-def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd():
+@pytest.mark.parametrize("process,sampler", [("cosine", "ddpm"), ("ve", "pc")])
+def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd(process, sampler):
+    """cosine: the VP chain, ancestral samples; ve: geometric sigmas 0.01..10 (the largest
+    distance between two data points is about 8), the VE SDE's predictor-corrector."""
     generator = torch.Generator().manual_seed(0)
-    config = DiffusionConfig(timesteps=100, schedule="cosine", mlp_width=128, mlp_depth=3, ema_decay=0.99)
-    spec = from_dict({"job": {"type": "diffusion", "sampling": {"sampler": "ddpm"}}, "train": {
+    config = DiffusionConfig(timesteps=100, schedule=process, sigma_max=10.0, mlp_width=128, mlp_depth=3,
+                             ema_decay=0.99)
+    spec = from_dict({"job": {"type": "diffusion", "sampling": {"sampler": sampler}}, "train": {
         "steps": 1500, "optimizer": {"name": "adamw", "lr": 2e-3}, "schedule": {"name": "constant"}}})
     engine = Engine(spec, config, data_info=DataInfo((2,), 0, "vector"), print_fn=None)
 
@@ -165,6 +188,18 @@ def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd():
     print(f"MMD^2: samples {ours:.5f}, held-out halves {halves:.5f}, a moment-matched Gaussian {gaussian:.5f}")
     assert gaussian > 3 * halves  # the threshold can tell a mixture from its Gaussian fit
     assert ours < 3 * halves
+    # Its likelihood by the probability flow ODE (exact divergence in 2-D) against the mixture's
+    # own: the held-out cross-entropy is at least the entropy (the flow's density integrates
+    # to one) and close to it; the variational bound sits above both.
+    model = engine.strategy.unwrap("denoiser").eval()
+    ode_config = DiffusionConfig(**{**config.__dict__, "ode_likelihood_steps": 100, "ode_divergence": "exact"})
+    batch = {"x": held_out[:500], "label": torch.zeros(500, dtype=torch.long)}
+    metrics = evaluate({"denoiser": model}, ode_config, batch, torch.Generator().manual_seed(3))
+    components = torch.distributions.Normal(CENTRES, 0.3)
+    true_nll = -float(torch.logsumexp(components.log_prob(held_out[:500, None]).sum(-1), 1).mean() - math.log(4))
+    print(f"held-out NLL: ode {metrics['ode_nll']:.3f}, bound {metrics['nll_bound']:.3f}, true {true_nll:.3f} nats")
+    assert true_nll - 0.1 < metrics["ode_nll"] < true_nll + 0.5
+    assert metrics["nll_bound"] > metrics["ode_nll"]
 
 
 @pytest.fixture(scope="module")

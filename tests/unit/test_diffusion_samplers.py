@@ -207,3 +207,101 @@ def test_bound_of_the_exact_predictor_is_above_and_near_the_true_nll():
               for variance in ("small", "large")}
     assert true_nll < bounds["large"] < bounds["small"]
     assert bounds["large"] < true_nll + 0.75  # 0.54 measured (4 dimensions)
+
+
+# -- the VE process and the probability flow ODE's likelihood ------------------------------
+def test_ve_schedule_is_the_scaled_variance_exploding_process():
+    """schedule ve: the chain's alpha_bar is 1/(1 + sigma^2) for geometric sigmas, so x_t scaled
+    by 1/sqrt(ab_t) is x_0 + sigma_t eps exactly."""
+    sigmas = S.ve_sigmas(50, 0.01, 50.0)
+    assert float(sigmas[0]) == pytest.approx(0.01) and float(sigmas[-1]) == pytest.approx(50.0)
+    ratios = sigmas[1:] / sigmas[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-12)
+    schedule = S.Schedule(S.make_betas("ve", 50, 0.01, 50.0))
+    assert torch.allclose(schedule.alpha_bar, 1 / (1 + sigmas ** 2), rtol=1e-12)
+    assert torch.allclose(S.sigmas_of(schedule.alpha_bar), sigmas, rtol=1e-10)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(8, 3, generator=generator, dtype=torch.float64), torch.randn(8, 3, generator=generator,
+                                                                                        dtype=torch.float64)
+    t = torch.arange(8) * 7
+    x_t = S.q_sample(x0, t, noise, schedule.alpha_bar)
+    a = S.gather(schedule.alpha_bar, t, x0)
+    assert torch.allclose(x_t / a.sqrt(), x0 + S.gather(sigmas, t, x0) * noise, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="job.config.sigma_min .* sigma_max"):
+        S.ve_sigmas(10, 5.0, 1.0)
+
+
+@pytest.mark.parametrize("corrector_steps", [0, 1])
+def test_ve_predictor_corrector_draws_the_gaussian_of_its_exact_predictor(corrector_steps):
+    alpha_bar = S.Schedule(S.make_betas("ve", 400, 0.01, 50.0)).alpha_bar
+    x = samplers.sample(gaussian_eps(alpha_bar), alpha_bar, (10_000, 4), torch.Generator().manual_seed(0),
+                        dtype=torch.float64, sampler="pc", sde="ve", steps=200, corrector_steps=corrector_steps)
+    mean, std = x.mean(0), x.std(0)
+    assert torch.all((mean - MU).abs() < 0.04), mean
+    assert torch.all((std / STD - 1).abs() < 0.05), std
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "ve"])
+def test_ode_likelihood_of_the_exact_predictor_is_its_flows_density(schedule):
+    """Gaussian data: the exact predictor's flow is linear, y_T - mu = (y - mu) sqrt(v_T / v_0)
+    per dimension with v = s^2 + sigma^2, so the model's density is the prior at y_T times
+    that Jacobian, in closed form; Heun converges to it at second order. It is close to the
+    data's own density at the first level, N(mu, s^2 + sigma_0^2), but not equal: the prior
+    is centred at 0, not mu (0.1 nats at most here for sigma_T = 50)."""
+    from gentrain_jobs.diffusion.likelihood import ode_log_likelihood
+
+    alpha_bar = S.Schedule(S.make_betas(schedule, 400)).alpha_bar
+    sigmas = S.sigmas_of(alpha_bar)
+    x = MU + STD * torch.randn(64, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    v0, v_top = STD ** 2 + sigmas[0] ** 2, STD ** 2 + sigmas[-1] ** 2
+    y_top = MU + (x - MU) * (v_top / v0).sqrt()
+    flow = (torch.distributions.Normal(0.0, float((1 + sigmas[-1] ** 2).sqrt())).log_prob(y_top).sum(1)
+            + 0.5 * torch.log(v_top / v0).sum())
+    errors = {}
+    for steps, solver in [(100, "heun"), (200, "heun"), (200, "euler")]:
+        got = ode_log_likelihood(gaussian_eps(alpha_bar), x, alpha_bar, steps=steps, divergence="exact",
+                                 solver=solver)["log_p"]
+        errors[steps, solver] = float((got - flow).abs().max())
+    assert errors[200, "heun"] < 0.01, errors  # 0.0065, 0.0021, 0.0024 (linear, cosine, ve) measured
+    assert errors[100, "heun"] > 3 * errors[200, "heun"], errors  # second order: about 4x
+    assert errors[200, "euler"] > 10 * errors[200, "heun"], errors
+    truth = torch.distributions.Normal(MU, v0.sqrt()).log_prob(x).sum(1)
+    assert float((flow - truth).abs().max()) < 0.15
+
+
+def test_hutchinson_divergence_is_unbiased_and_exact_divergence_is_the_jacobians_trace():
+    from gentrain_jobs.diffusion.likelihood import ode_log_likelihood
+
+    alpha_bar = S.Schedule(S.linear_betas(100)).alpha_bar
+    weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def eps_fn(x, t):  # a nonlinear field with a non-diagonal Jacobian
+        return torch.tanh(x @ weights) * S.gather(alpha_bar, t, x)
+
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64).expand(4000, 4)
+    exact = ode_log_likelihood(eps_fn, x[:1], alpha_bar, steps=20, divergence="exact")["integral"]
+    estimates = ode_log_likelihood(eps_fn, x, alpha_bar, steps=20, probes=1,
+                                   generator=torch.Generator().manual_seed(9))["integral"]
+    stderr = float(estimates.std()) / math.sqrt(len(estimates))
+    assert float(estimates.std()) > 0  # one Rademacher probe per sample: the estimates differ
+    assert abs(float(estimates.mean() - exact[0])) < 4 * stderr
+    # the exact divergence is the trace of the autograd Jacobian
+    from gentrain_jobs.diffusion.likelihood import _divergence
+    y, t = torch.randn(3, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64), torch.full((3,), 50)
+    _, div = _divergence(eps_fn, y, t, torch.tensor(1.0, dtype=torch.float64), None)
+    for i in range(3):
+        jacobian = torch.autograd.functional.jacobian(lambda v: eps_fn(v[None], t[:1])[0], y[i])
+        assert float(div[i]) == pytest.approx(float(torch.trace(jacobian)), rel=1e-10)
+
+
+def test_dequantized_bits_per_dim_of_the_uniform_density_is_eight():
+    """Uniform dequantization by hand: k/255 goes into the k-th of 256 bins of [-1, 1], and the
+    uniform density on [-1, 1]^D (log p = -D log 2) is 8 bits/dim, the 256 levels' uniform."""
+    from gentrain_jobs.diffusion.likelihood import dequantization_nats, dequantize
+
+    levels = torch.arange(256, dtype=torch.float64)
+    x = dequantize((levels / 255).reshape(1, 256), torch.Generator().manual_seed(0))[0]
+    assert torch.all(x >= levels / 128 - 1) and torch.all(x < (levels + 1) / 128 - 1)
+    dims = 3 * 32 * 32
+    nll = dims * math.log(2) + dequantization_nats(dims)
+    assert nll / (dims * math.log(2)) == pytest.approx(8.0)

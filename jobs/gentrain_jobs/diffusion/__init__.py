@@ -35,6 +35,7 @@ from gentrain.visual import inpainting_grid
 from gentrain_jobs.diffusion import samplers
 from gentrain_jobs.diffusion import schedules as S
 from gentrain_jobs.diffusion.bound import variational_bound
+from gentrain_jobs.diffusion.likelihood import dequantization_nats, dequantize, ode_log_likelihood
 from gentrain_jobs.diffusion.unet import ResidualMLP, UNet
 
 INPAINT_SEED = 0
@@ -43,7 +44,11 @@ INPAINT_SEED = 0
 @dataclass
 class DiffusionConfig:
     timesteps: int = field(default=1000, metadata=bounds(ge=2, help="T, the steps of the forward process"))
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "cosine", "ve"] = field(default="linear", metadata={
+        "help": "linear or cosine betas (VP), or ve: geometric noise levels sigma_min..sigma_max (VE, Song et al.)"})
+    sigma_min: float = field(default=0.01, metadata=bounds(gt=0, help="schedule ve: the smallest noise level"))
+    sigma_max: float = field(default=50.0, metadata=bounds(
+        gt=0, help="schedule ve: the largest (about the largest distance between two data points)"))
     target: Literal["eps", "x0", "v"] = field(default="eps", metadata={"help": "what the network predicts"})
     variance: Literal["small", "large"] = field(default="small", metadata={
         "help": "the reverse process's fixed variance: the posterior's (small) or beta (large)"})
@@ -65,13 +70,22 @@ class DiffusionConfig:
         ge=0, lt=1, help="EMA of the weights for evaluation and sampling; 0 turns it off"))
     bound_timesteps: int = field(default=32, metadata=bounds(
         ge=0, help="evaluation: steps drawn per sample for the bound's Monte Carlo sum over t (T x their "
-                   "mean, unbiased); 0 sums all T"))
+                   "mean, unbiased); 0 sums all T", evaluation=True))
+    ode_likelihood_steps: int = field(default=0, metadata=bounds(
+        ge=0, help="evaluation: also -log p by the probability flow ODE (ode_nll, ode_bpd) over this many "
+                   "trained levels, 2 network calls and backward passes each; 0 off", evaluation=True))
+    ode_divergence: Literal["hutchinson", "exact"] = field(default="hutchinson", metadata={
+        "help": "the ODE likelihood's divergence: Hutchinson's estimate or exact (one backward pass per "
+                "dimension: small vectors)", "evaluation": True})
+    ode_probes: int = field(default=1, metadata=bounds(ge=1, help="Hutchinson probes per sample", evaluation=True))
 
     def __post_init__(self):
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"job.config.channel_mult: {self.channel_mult} needs one or more positive multipliers")
         if self.schedule == "linear":
             S.linear_betas(self.timesteps)  # raises naming job.config.timesteps when T is too small
+        if self.schedule == "ve":
+            S.ve_sigmas(2, self.sigma_min, self.sigma_max)  # raises naming both when out of order
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,8 @@ class DiffusionSampler:
     """`job.sampling` (or `gentrain sample --set ...`)."""
 
     sampler: Literal["ddpm", "ddim", "pc", "ode"] = "ddpm"
+    sde: Literal["auto", "vp", "ve"] = field(default="auto", metadata={
+        "help": "pc: the reverse SDE, variance preserving or exploding; auto: ve for schedule ve, else vp"})
     steps: int = field(default=0, metadata=bounds(ge=0, help="steps spread over the T trained ones; 0: all T"))
     eta: float = field(default=0.0, metadata=bounds(ge=0, help="ddim: 0 deterministic, 1 DDPM's variance"))
     guidance: float = field(default=1.0, metadata=bounds(
@@ -105,7 +121,7 @@ def build(config: DiffusionConfig, data: DataInfo) -> dict[str, torch.nn.Module]
 
 
 def schedule_of(config: DiffusionConfig) -> S.Schedule:
-    return S.Schedule(S.make_betas(config.schedule, config.timesteps))
+    return S.Schedule(S.make_betas(config.schedule, config.timesteps, config.sigma_min, config.sigma_max))
 
 
 def _data(batch) -> tuple[torch.Tensor, bool]:
@@ -181,6 +197,27 @@ def evaluate(modules, config: DiffusionConfig, batch, generator: torch.Generator
                "prior_kl": float(bound["prior"].mean())}
     if discrete:
         metrics["bpd_bound"] = metrics["nll_bound"] / (x0[0].numel() * math.log(2))
+    if config.ode_likelihood_steps > 0:
+        metrics.update(ode_likelihood(model, config, batch, labels, generator))
+    return metrics
+
+
+def ode_likelihood(model, config: DiffusionConfig, batch, labels, generator) -> dict[str, float]:
+    """-log p of held-out data by the probability flow ODE (likelihood.py): nats per sample;
+    images dequantized uniformly, so ode_nll bounds the 256 levels' NLL and ode_bpd is in
+    bits/dim like bpd_bound."""
+    if "image" in batch:
+        x = dequantize(batch["image"], generator)
+        offset = dequantization_nats(x[0].numel())
+    else:
+        x, offset = batch["x"].double(), 0.0
+    result = ode_log_likelihood(eps_predictor(model, config, labels), x, schedule_of(config).alpha_bar,
+                                steps=config.ode_likelihood_steps, divergence=config.ode_divergence,
+                                probes=config.ode_probes, generator=generator)
+    nll = -result["log_p"] + offset
+    metrics = {"ode_nll": float(nll.mean())}
+    if "image" in batch:
+        metrics["ode_bpd"] = metrics["ode_nll"] / (x[0].numel() * math.log(2))
     return metrics
 
 
@@ -198,12 +235,18 @@ def draw(modules, config: DiffusionConfig, n: int, generator, settings: Diffusio
         eps_fn = eps_predictor(model, config, None if labels is None else labels[part].to(parameter.device),
                                settings.guidance)
         chunks.append(samplers.sample(
-            eps_fn, alpha_bar, (size, *model.shape), generator, sampler=settings.sampler,
+            eps_fn, alpha_bar, (size, *model.shape), generator, sampler=settings.sampler, sde=sde_of(config, settings),
             steps=settings.steps or None, eta=settings.eta, variance=config.variance, snr=settings.snr,
             corrector_steps=settings.corrector_steps, solver=settings.solver, temperature=settings.temperature,
             clip=1.0 if image and settings.clip_denoised else None, device=parameter.device,
             known=None if known is None else known[part], mask=None if mask is None else mask[part]))
     return torch.cat(chunks)
+
+
+def sde_of(config: DiffusionConfig, settings: DiffusionSampler) -> str:
+    if settings.sde == "auto":
+        return "ve" if config.schedule == "ve" else "vp"
+    return settings.sde
 
 
 def _request_labels(model, request: SampleRequest):
@@ -265,12 +308,14 @@ JOB = JobType(
     visuals=visuals,
     sampler=DiffusionSampler,
     # Upper bounds on the negative log-likelihood (the ELBO), not exact likelihoods.
-    likelihoods={"nll_bound": "nats", "bpd_bound": "bits/dim"},
+    # ode_nll/ode_bpd (with job.config.ode_likelihood_steps > 0): the probability flow ODE's
+    # -log p, exact up to the solver and (images) the dequantization bound.
+    likelihoods={"nll_bound": "nats", "bpd_bound": "bits/dim", "ode_nll": "nats", "ode_bpd": "bits/dim"},
     class_conditional=True,  # when trained with job.config.class_conditional: true
     data_kinds=("image", "vector"),
     supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16")),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Gaussian diffusion (DDPM): UNet, linear/cosine schedules, eps/x0/v targets, EMA, classifier-free "
-                "guidance; variational bound in bits/dim; DDPM, DDIM, predictor-corrector and probability-flow "
-                "ODE samplers; inpainting",
+                "guidance; VP (linear/cosine) and VE schedules; variational bound and probability-flow ODE "
+                "likelihood in bits/dim; DDPM, DDIM, VP/VE predictor-corrector and ODE samplers; inpainting",
 )

@@ -39,12 +39,38 @@ def cosine_betas(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> 
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-def make_betas(name: str, steps: int) -> torch.Tensor:
+def ve_sigmas(steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> torch.Tensor:
+    """The variance-exploding process's noise levels (Song & Ermon 2019; Song et al. 2021):
+    geometric from sigma_min (index 0) to sigma_max (index T-1)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"job.config.sigma_min ({sigma_min}) and sigma_max ({sigma_max}) must satisfy "
+                         "0 < sigma_min < sigma_max")
+    return torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), steps, dtype=torch.float64))
+
+
+def ve_betas(steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> torch.Tensor:
+    """The VE process x0 + sigma_t z as betas of the variance-preserving chain it is a scaling
+    of: x_t = x_ve / sqrt(1 + sigma_t^2) has alpha_bar_t = 1 / (1 + sigma_t^2), so one network,
+    loss, bound and set of samplers serve both (the network sees x_ve scaled to unit variance,
+    Karras et al.'s c_in). beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, alpha_bar_{-1} = 1."""
+    alpha_bar = 1 / (1 + ve_sigmas(steps, sigma_min, sigma_max) ** 2)
+    previous = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return 1 - alpha_bar / previous
+
+
+def sigmas_of(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The VE noise level of each step of a VP chain: sigma_t = sqrt((1 - ab_t) / ab_t)."""
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def make_betas(name: str, steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> torch.Tensor:
     if name == "linear":
         return linear_betas(steps)
     if name == "cosine":
         return cosine_betas(steps)
-    raise ValueError(f"job.config.schedule: {name!r} is not one of linear, cosine")
+    if name == "ve":
+        return ve_betas(steps, sigma_min, sigma_max)
+    raise ValueError(f"job.config.schedule: {name!r} is not one of linear, cosine, ve")
 
 
 def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ class EvalRequest:
     use_ema: bool = True
     out: str | None = None
     settings: MetricSettings = field(default_factory=MetricSettings)  # IS splits, KID subsets
+    config_changes: list[str] = field(default_factory=list)  # job.config evaluation settings, "key=value"
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -77,7 +78,7 @@ def evaluate_checkpoint(request: EvalRequest) -> dict:
     from gentrain.data.index import load_index
     from gentrain.inference import load_trained
 
-    trained = load_trained(request.ref, use_ema=request.use_ema)
+    trained = load_trained(request.ref, use_ema=request.use_ema, config_changes=request.config_changes)
     spec = trained.spec
     index = load_index(request.data or spec.data.source, allow_pipe=spec.data.allow_pipe)
     sample_metrics = [m for m in request.metrics if m in SAMPLE_METRICS]
@@ -87,6 +88,8 @@ def evaluate_checkpoint(request: EvalRequest) -> dict:
     report = {"run": spec.name, "job_type": spec.job.type, "checkpoint": str(trained.checkpoint),
               "step": trained.step, "mlflow_run_id": trained.mlflow_run_id, "data": index.location,
               "data_content_hash": index.content_hash, "time": time.time()}
+    if request.config_changes:
+        report["config_changes"] = list(request.config_changes)
     reference = None
     if likelihood_metrics:
         report["likelihood"] = {"split": eval_split, **heldout_metrics(
