@@ -105,6 +105,8 @@ class DiffusionSampler:
     solver: Literal["heun", "euler"] = field(default="heun", metadata={"help": "ode: Heun (2nd order) or Euler"})
     clip_denoised: bool = field(default=True, metadata={"help": "ddpm/ddim on images: clip x0_hat to [-1, 1]"})
     chunk: int = field(default=256, metadata=bounds(ge=1, help="samples drawn at once"))
+    resample: int = field(default=5, metadata=bounds(
+        ge=1, help="inpainting: RePaint's resampling, each step done U times (1: plain replacement)"))
 
 
 def build(config: DiffusionConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
@@ -239,7 +241,8 @@ def draw(modules, config: DiffusionConfig, n: int, generator, settings: Diffusio
             steps=settings.steps or None, eta=settings.eta, variance=config.variance, snr=settings.snr,
             corrector_steps=settings.corrector_steps, solver=settings.solver, temperature=settings.temperature,
             clip=1.0 if image and settings.clip_denoised else None, device=parameter.device,
-            known=None if known is None else known[part], mask=None if mask is None else mask[part]))
+            known=None if known is None else known[part], mask=None if mask is None else mask[part],
+            resample=settings.resample))
     return torch.cat(chunks)
 
 
@@ -280,7 +283,8 @@ def sample(modules, config: DiffusionConfig, request: SampleRequest) -> torch.Te
 
 @torch.no_grad()
 def visuals(modules, config: DiffusionConfig, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """inpainting: (original, lower half masked grey, completion) triples of held-out images."""
+    """inpainting: (original, lower half masked grey, completion) triples of held-out images
+    (DDPM, 100 steps, RePaint's resampling U = 5)."""
     if "image" not in batch or len(batch["image"]) == 0:
         return {}
     images = batch["image"][:12 if len(batch["image"]) >= 12 else 3]
@@ -292,7 +296,7 @@ def visuals(modules, config: DiffusionConfig, batch, generator: torch.Generator)
     masked = images * mask + 0.5 * (1 - mask)
     if generator is None:
         generator = torch.Generator().manual_seed(INPAINT_SEED)
-    settings = DiffusionSampler(sampler="ddpm", steps=min(config.timesteps, 250))
+    settings = DiffusionSampler(sampler="ddpm", steps=min(config.timesteps, 100), resample=5)
     completed = draw(modules, config, len(images), generator, settings, labels, known=images * 2 - 1, mask=mask)
     completed = ((completed + 1) / 2).clamp(0, 1).to(images.device)
     return {"inpainting": inpainting_grid(images, masked, completed)}

@@ -14,7 +14,10 @@
 A shorter run uses `steps` evenly spaced indices of the T trained ones; a step from index t
 to s < t uses the pair's own beta, 1 - ab_t/ab_s (the respacing of improved DDPM).
 `known`/`mask` inpaint: after every step the known pixels are replaced by a fresh draw of
-q(x_s | known) (RePaint's replacement, without its resampling), the data itself at the end.
+q(x_s | known) (RePaint's replacement), the data itself at the end; with `resample` U > 1
+each step is repeated U - 1 more times after going back up to t by q(x_t | x_s) (RePaint's
+resampling, jump length 1: it lets the free pixels agree with the known ones, which plain
+replacement only approximates).
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def sample(eps_fn: EpsFn, alpha_bar: torch.Tensor, shape, generator: torch.Gener
            sde: str = "vp", steps: int | None = None, eta: float = 0.0, variance: str = "small", snr: float = 0.16,
            corrector_steps: int = 1, solver: str = "heun", temperature: float = 1.0, clip: float | None = None,
            device=None, dtype=torch.float32, known: torch.Tensor | None = None,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, resample: int = 1) -> torch.Tensor:
     """Draw [shape] from noise with `sampler`; alpha_bar: the trained schedule's [T] (float64)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"job.sampling.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
@@ -119,35 +122,39 @@ def sample(eps_fn: EpsFn, alpha_bar: torch.Tensor, shape, generator: torch.Gener
         noisy = a.sqrt() * known + (1 - a).sqrt() * _noise(x, generator) if index >= 0 else known
         return mask * noisy + (1 - mask) * x
 
-    x = replace_known(x, indices[0])
-    for position, t in enumerate(indices):
-        s = indices[position + 1] if position + 1 < len(indices) else -1
-        ab_t, ab_s = _alpha_bar(alpha_bar, t, x), _alpha_bar(alpha_bar, s, x)
-        t_batch = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+    def _step(x, t_batch, s, position, ab_t, ab_s):
         if sampler == "pc" and sde == "ve":
-            x = _ve_pc_step(eps_fn, x, t_batch, ab_t, ab_s, s < 0, snr, corrector_steps, generator, temperature)
-        elif sampler == "pc":
+            return _ve_pc_step(eps_fn, x, t_batch, ab_t, ab_s, s < 0, snr, corrector_steps, generator, temperature)
+        if sampler == "pc":
             alpha_t = ab_t / ab_s
             for _ in range(corrector_steps):
                 x = _langevin(eps_fn, x, t_batch, ab_t, alpha_t, snr, generator, temperature)
             beta = 1 - alpha_t
             score = -eps_fn(x, t_batch) / (1 - ab_t).sqrt()
             mean = (2 - alpha_t.sqrt()) * x + beta * score
-            x = mean + beta.sqrt() * _noise(x, generator, temperature) if s >= 0 else mean
-        elif sampler == "ode":
+            return mean + beta.sqrt() * _noise(x, generator, temperature) if s >= 0 else mean
+        if sampler == "ode":
             # Euler on the first step (out of sigma_max, where y - mu grows like sigma and
             # Euler is exact in the limit, while Heun's correction is multiplied by
             # sigma_t/sigma_s: the cosine schedule's clipped last step has sigma ~ 8000) and on
             # the last (into sigma = 0), Heun between.
-            x = _ode_step(eps_fn, x, t_batch, s, ab_t, ab_s, "euler" if position == 0 else solver)
+            return _ode_step(eps_fn, x, t_batch, s, ab_t, ab_s, "euler" if position == 0 else solver)
+        eps = eps_fn(x, t_batch)
+        if sampler == "ddpm":
+            mean, var = ddpm_step(x, eps, ab_t, ab_s, variance, clip)
         else:
-            eps = eps_fn(x, t_batch)
-            if sampler == "ddpm":
-                mean, var = ddpm_step(x, eps, ab_t, ab_s, variance, clip)
-            else:
-                mean, var = ddim_step(x, eps, ab_t, ab_s, eta, clip)
-            x = mean + var.sqrt() * _noise(x, generator, temperature) if s >= 0 else mean
-        x = replace_known(x, s)
+            mean, var = ddim_step(x, eps, ab_t, ab_s, eta, clip)
+        return mean + var.sqrt() * _noise(x, generator, temperature) if s >= 0 else mean
+
+    x = replace_known(x, indices[0])
+    for position, t in enumerate(indices):
+        s = indices[position + 1] if position + 1 < len(indices) else -1
+        ab_t, ab_s = _alpha_bar(alpha_bar, t, x), _alpha_bar(alpha_bar, s, x)
+        t_batch = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+        for again in range(resample if known is not None and s >= 0 else 1):
+            if again:  # RePaint: back up to t by the forward process, then the step once more
+                x = (ab_t / ab_s).sqrt() * x + (1 - ab_t / ab_s).sqrt() * _noise(x, generator)
+            x = replace_known(_step(x, t_batch, s, position, ab_t, ab_s), s)
     return x
 
 
