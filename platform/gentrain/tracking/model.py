@@ -1,0 +1,214 @@
+"""The trained model as an MLflow model: a pyfunc that draws samples.
+
+    # the driver, at the end of a run (spec `tracking.log_model: true`)
+    log_trained_model(uri, run_id, spec, result)
+
+    # anyone, later, in any process where gentrain is importable (no Ray, no DeepSpeed):
+    model = mlflow.pyfunc.load_model("models:/vae-digits/1")      # or runs:/<id>/model
+    images = model.predict({"n": 16, "seed": 0})                  # numpy [16, 1, 8, 8]
+    images = model.predict(pd.DataFrame({"n": [4], "seed": [3], "labels": [[0, 1, 2, 3]]}))
+
+The model's artifacts are the final checkpoint's `gentrain.json` (the resolved spec, the
+job type, the data's shape) and `model.pt` (fp32 weights, EMA where the job kept them):
+what gentrain.inference.load_trained reads, so `predict` draws exactly what
+`gentrain sample <run> --n N --seed S` draws. Its requirements pin gentrain and the
+libraries inference imports at the versions gentrain pins; the job type's own package
+must be importable too (built-in families ship with gentrain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+
+_log = logging.getLogger("gentrain.tracking")
+MODEL_NAME = "model"  # runs:/<run id>/model
+CHECKPOINT_ARTIFACT = "checkpoint"
+# What loading and sampling import: gentrain's pins for these (not Ray, DeepSpeed, ...).
+_INFERENCE_PACKAGES = ("torch", "numpy", "mlflow", "pyyaml", "pillow")
+
+
+class GentrainModel(mlflow.pyfunc.PythonModel):
+    """predict({"n": N, "seed": S, "labels": [...]}) -> samples [N, ...] as numpy, the
+    same as `gentrain sample` for the same seed; one request per input row."""
+
+    def load_context(self, context):
+        from gentrain.inference import load_trained
+
+        self.trained = load_trained(context.artifacts[CHECKPOINT_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        import numpy as np
+        import torch
+
+        requests = _requests(model_input)
+        drawn = []
+        for n, seed, labels in requests:
+            if labels is not None and not self.trained.job.class_conditional:
+                raise ValueError(f"job type {self.trained.job.name!r} draws no class-conditional "
+                                 "samples: leave `labels` out")
+            label_tensor = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+            drawn.append(self.trained.sample(n, seed=seed, labels=label_tensor).cpu().numpy())
+        return drawn[0] if len(drawn) == 1 else np.concatenate(drawn)
+
+
+def _requests(model_input) -> list[tuple[int, int, list | None]]:
+    """(n, seed, labels) per row of a DataFrame, or of a dict of values / one-item lists."""
+    if hasattr(model_input, "to_dict"):
+        rows = model_input.to_dict(orient="records")
+    elif isinstance(model_input, dict):
+        rows = [model_input]
+    else:
+        raise TypeError("predict takes a DataFrame or a dict with n, seed and optional labels")
+    requests = []
+    for row in rows:
+        n = row.get("n")
+        if n is None or _missing(n):
+            raise ValueError("predict: `n` (the number of samples) is required")
+        seed = row.get("seed")
+        labels = row.get("labels")
+        labels = None if labels is None or _missing(labels) else [int(label) for label in labels]
+        if labels is not None and len(labels) != int(n):
+            raise ValueError(f"predict: {len(labels)} labels for n={int(n)} samples")
+        requests.append((int(n), 0 if seed is None or _missing(seed) else int(seed), labels))
+    return requests
+
+
+def _missing(value) -> bool:
+    try:
+        return bool(value != value)  # NaN from a DataFrame's empty cell
+    except (TypeError, ValueError):
+        return False
+
+
+def signature(trained):
+    """Input n, seed (optional), labels (optional, class-conditional families); output the
+    samples' tensor, its dtype and shape from one drawn sample."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
+
+    columns = [ColSpec(DataType.long, "n"), ColSpec(DataType.long, "seed", required=False)]
+    if trained.job.class_conditional:
+        columns.append(ColSpec(Array(DataType.long), "labels", required=False))
+    one = trained.sample(1, seed=0).cpu().numpy()
+    return ModelSignature(inputs=Schema(columns),
+                          outputs=Schema([TensorSpec(np.dtype(one.dtype), (-1, *one.shape[1:]))]))
+
+
+def requirements() -> list[str]:
+    """gentrain itself and the inference libraries, at gentrain's pins (else as installed)."""
+    from gentrain import __version__
+
+    pins = {}
+    try:
+        for requirement in metadata.requires("gentrain") or ():
+            spec = requirement.split(";")[0].strip()
+            name = spec.split("==")[0].split("[")[0].strip().lower()
+            if "==" in spec and name in _INFERENCE_PACKAGES and "extra" not in requirement:
+                pins[name] = f"{name}=={spec.split('==', 1)[1].strip()}"
+    except metadata.PackageNotFoundError:
+        pass
+    for name in _INFERENCE_PACKAGES:
+        if name not in pins:
+            try:
+                pins[name] = f"{name}=={metadata.version(name)}"
+            except metadata.PackageNotFoundError:
+                pass
+    return [f"gentrain=={__version__}", *pins.values()]
+
+
+def model_folder(checkpoint: str | Path, into: Path) -> Path:
+    """The checkpoint's spec and weights only (not optimizer state or data positions)."""
+    from gentrain.checkpoint import META_FILE, MODEL_FILE
+
+    into.mkdir(parents=True, exist_ok=True)
+    for name in (META_FILE, MODEL_FILE):
+        shutil.copy2(Path(checkpoint) / name, into / name)
+    return into
+
+
+# Loaded by MLflow as "models from code" (no pickled object in the model).
+_MODEL_CODE = """import mlflow.models
+
+from gentrain.tracking.model import GentrainModel
+
+mlflow.models.set_model(GentrainModel())
+"""
+
+
+def log_model_from_checkpoint(uri: str, run_id: str, checkpoint: str | Path,
+                              register_as: str | None = None):
+    """Log `checkpoint` as run `run_id`'s MLflow model (and register it); its ModelInfo."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from gentrain.inference import load_trained
+    from gentrain.tracking import no_progress_bars
+
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="gentrain-model-") as scratch:
+        folder = model_folder(checkpoint, Path(scratch) / CHECKPOINT_ARTIFACT)
+        code = Path(scratch) / "gentrain_model.py"
+        code.write_text(_MODEL_CODE, encoding="utf-8")
+        trained = load_trained(str(folder))
+        tags = {"gentrain.job_type": trained.spec.job.type, "gentrain.step": str(trained.step)}
+        # Created here, in the run's experiment: Model.log would put it in the process's
+        # active experiment (the default one) instead.
+        logged = client.create_logged_model(client.get_run(run_id).info.experiment_id,
+                                            name=MODEL_NAME, source_run_id=run_id, tags=tags,
+                                            model_type=trained.spec.job.type)
+        try:
+            with _use_tracking_uri(uri), no_progress_bars():
+                return Model.log(
+                    None, mlflow.pyfunc, name=MODEL_NAME, run_id=run_id, model_id=logged.model_id,
+                    step=trained.step, python_model=str(code),
+                    artifacts={CHECKPOINT_ARTIFACT: str(folder)},
+                    signature=signature(trained), input_example={"n": 2, "seed": 0},
+                    pip_requirements=requirements(), registered_model_name=register_as,
+                    metadata={"gentrain_job_type": trained.spec.job.type, "gentrain_step": trained.step},
+                )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+
+
+def log_trained_model(uri: str, run_id: str, spec, result=None) -> object | None:
+    """The driver's call at the end of a run: never raises (a model that could not be logged
+    is a warning; the checkpoint stays where it is)."""
+    from gentrain.checkpoint import newest_good_checkpoint
+    from gentrain.paths import is_remote
+
+    started = time.monotonic()
+    try:
+        if is_remote(spec.run_dir):
+            if result is None or result.checkpoint is None:
+                return None
+            with result.checkpoint.as_directory() as directory:
+                info = log_model_from_checkpoint(uri, run_id, directory, spec.tracking.register_model)
+        else:
+            choice = newest_good_checkpoint(spec.run_dir)
+            if choice.folder is None:
+                return None
+            info = log_model_from_checkpoint(uri, run_id, choice.folder, spec.tracking.register_model)
+    except Exception as error:  # noqa: BLE001 - the training succeeded; say what is missing
+        print(f"warning: could not log the trained model to MLflow run {run_id} "
+              f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+              f"its checkpoint is in {spec.run_dir}", flush=True)
+        return None
+    registered = (f", registered as {spec.tracking.register_model} version "
+                  f"{info.registered_model_version}") if spec.tracking.register_model else ""
+    print(f"[gentrain] mlflow model: {info.model_uri} (runs:/{run_id}/{MODEL_NAME}){registered} "
+          f"in {time.monotonic() - started:.1f}s", flush=True)
+    return info
