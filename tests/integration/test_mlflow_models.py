@@ -138,6 +138,9 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
         "for uri, out in ((sys.argv[1], sys.argv[3]), (sys.argv[2], sys.argv[4])):\n"
         "    model = mlflow.pyfunc.load_model(uri)\n"
         "    np.save(out, model.predict({'n': 6, 'seed': 3}))\n"
+        "import pandas as pd\n"
+        "data = np.linspace(0, 1, 3 * 64).reshape(3, 64)\n"  # three 8x8 digits, flattened
+        "model.predict(pd.DataFrame({'data': list(data)})).to_csv(sys.argv[4] + '.csv', index=False)\n"
         "assert not {'ray', 'deepspeed', 'accelerate'} & set(sys.modules), 'training stack imported'\n"
         "print(model.metadata.signature.inputs.input_names())\n")
     loaded = subprocess.run([sys.executable, "-c", script, "models:/vae-e2e/1",
@@ -145,7 +148,7 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
                              str(tmp_path / "from-run.npy")],
                             env=env, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert "['n', 'seed']" in loaded.stdout
+    assert "['n', 'seed', 'data']" in loaded.stdout
     # `gentrain sample` takes the model's URI too, and draws the same grid.
     from_uri = subprocess.run([GENTRAIN, "sample", "models:/vae-e2e/1", "--n", "6", "--seed", "3",
                                "--out", str(tmp_path / "cli-uri.png")],
@@ -165,3 +168,13 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
         drawn = np.load(tmp_path / f"{name}.npy")
         assert drawn.shape == (6, 1, 8, 8) and np.array_equal(drawn, expected.numpy())
     assert (tmp_path / "cli-uri.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
+    # The VAE has `score`: rows of data give its per-sample scores (what `gentrain score` writes).
+    import pandas as pd
+    import torch
+
+    scored = pd.read_csv(tmp_path / "from-run.npy.csv")
+    data = torch.linspace(0, 1, 3 * 64, dtype=torch.float64).reshape(3, 1, 8, 8).float()
+    direct = run_folder.job.score(run_folder.modules, run_folder.config, {"image": data})
+    assert sorted(scored.columns) == sorted(direct)
+    for name, values in direct.items():
+        assert np.allclose(scored[name].to_numpy(), values.numpy(), rtol=1e-5, atol=1e-6)

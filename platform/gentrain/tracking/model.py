@@ -7,6 +7,7 @@
     model = mlflow.pyfunc.load_model("models:/vae-digits/1")      # or runs:/<id>/model
     images = model.predict({"n": 16, "seed": 0})                  # numpy [16, 1, 8, 8]
     images = model.predict(pd.DataFrame({"n": [4], "seed": [3], "labels": [[0, 1, 2, 3]]}))
+    scores = model.predict(pd.DataFrame({"data": list(x.reshape(len(x), -1))}))  # families with score
 
 The model's artifacts are the final checkpoint's `gentrain.json` (the resolved spec, the
 job type, the data's shape) and `model.pt` (fp32 weights, EMA where the job kept them):
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -38,7 +40,10 @@ _INFERENCE_PACKAGES = ("torch", "numpy", "mlflow", "pyyaml", "pillow")
 
 class GentrainModel(mlflow.pyfunc.PythonModel):
     """predict({"n": N, "seed": S, "labels": [...]}) -> samples [N, ...] as numpy, the
-    same as `gentrain sample` for the same seed; one request per input row."""
+    same as `gentrain sample` for the same seed (rows are concatenated). Families with
+    `score` also take rows of data, one flattened sample per row in column `data`
+    (data space: [0, 1] pixels, token ids), and return a DataFrame of their per-sample
+    scores (what `gentrain score` writes)."""
 
     def load_context(self, context):
         from gentrain.inference import load_trained
@@ -46,10 +51,15 @@ class GentrainModel(mlflow.pyfunc.PythonModel):
         self.trained = load_trained(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
+        rows = _rows(model_input)
+        if rows and all(not _missing(row.get("data")) for row in rows):
+            return self._score(rows)
+        return self._sample(_requests(rows))
+
+    def _sample(self, requests):
         import numpy as np
         import torch
 
-        requests = _requests(model_input)
         drawn = []
         for n, seed, labels in requests:
             if labels is not None and not self.trained.job.class_conditional:
@@ -59,15 +69,40 @@ class GentrainModel(mlflow.pyfunc.PythonModel):
             drawn.append(self.trained.sample(n, seed=seed, labels=label_tensor).cpu().numpy())
         return drawn[0] if len(drawn) == 1 else np.concatenate(drawn)
 
+    def _score(self, rows):
+        import numpy as np
+        import torch
+
+        trained = self.trained
+        if trained.job.score is None:
+            raise ValueError(f"job type {trained.job.name!r} defines no score: give `n` (and "
+                             "`seed`) to draw samples instead of `data`")
+        info = trained.data_info
+        flat = np.stack([np.asarray(row["data"]) for row in rows])
+        size = int(np.prod(info.shape))
+        if flat.shape[1] != size:
+            raise ValueError(f"predict: each `data` row holds {flat.shape[1]} values; a sample "
+                             f"of this model is {list(info.shape)} = {size} values")
+        dtype = torch.int64 if info.kind == "tokens" else torch.float32
+        device = next(next(iter(trained.modules.values())).parameters()).device
+        batch = {info.input_key: torch.as_tensor(flat.reshape(len(rows), *info.shape)).to(dtype).to(device)}
+        with torch.no_grad():
+            scores = trained.job.score(trained.modules, trained.config, batch)
+        return pd.DataFrame({name: value.detach().float().cpu().numpy() for name, value in sorted(scores.items())})
+
+
+def _rows(model_input) -> list[dict]:
+    if hasattr(model_input, "to_dict"):
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, dict):
+        return [model_input]
+    raise TypeError("predict takes a DataFrame or a dict: n, seed and optional labels to "
+                    "draw samples; or data (one flattened sample per row) to score them")
+
 
 def _requests(model_input) -> list[tuple[int, int, list | None]]:
-    """(n, seed, labels) per row of a DataFrame, or of a dict of values / one-item lists."""
-    if hasattr(model_input, "to_dict"):
-        rows = model_input.to_dict(orient="records")
-    elif isinstance(model_input, dict):
-        rows = [model_input]
-    else:
-        raise TypeError("predict takes a DataFrame or a dict with n, seed and optional labels")
+    """(n, seed, labels) per row of a DataFrame, or of a dict of values."""
+    rows = model_input if isinstance(model_input, list) else _rows(model_input)
     requests = []
     for row in rows:
         n = row.get("n")
@@ -83,10 +118,12 @@ def _requests(model_input) -> list[tuple[int, int, list | None]]:
 
 
 def _missing(value) -> bool:
+    if value is None:
+        return True
     try:
         return bool(value != value)  # NaN from a DataFrame's empty cell
     except (TypeError, ValueError):
-        return False
+        return False  # an array: present
 
 
 def signature(trained):
@@ -96,9 +133,14 @@ def signature(trained):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
 
-    columns = [ColSpec(DataType.long, "n"), ColSpec(DataType.long, "seed", required=False)]
+    scores = trained.job.score is not None
+    columns = [ColSpec(DataType.long, "n", required=not scores),
+               ColSpec(DataType.long, "seed", required=False)]
     if trained.job.class_conditional:
         columns.append(ColSpec(Array(DataType.long), "labels", required=False))
+    if scores:  # one flattened sample per row, to score
+        kind = DataType.long if trained.data_info.kind == "tokens" else DataType.double
+        columns.append(ColSpec(Array(kind), "data", required=False))
     one = trained.sample(1, seed=0).cpu().numpy()
     return ModelSignature(inputs=Schema(columns),
                           outputs=Schema([TensorSpec(np.dtype(one.dtype), (-1, *one.shape[1:]))]))
@@ -203,9 +245,10 @@ def log_trained_model(uri: str, run_id: str, spec, result=None) -> object | None
                 return None
             info = log_model_from_checkpoint(uri, run_id, choice.folder, spec.tracking.register_model)
     except Exception as error:  # noqa: BLE001 - the training succeeded; say what is missing
-        print(f"warning: could not log the trained model to MLflow run {run_id} "
-              f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-              f"its checkpoint is in {spec.run_dir}", flush=True)
+        from gentrain.tracking.ending import _reason
+
+        print(f"warning: could not log the trained model to MLflow run {run_id} ({_reason(error)}); "
+              f"its checkpoint is in {spec.run_dir}", file=sys.stderr, flush=True)
         return None
     registered = (f", registered as {spec.tracking.register_model} version "
                   f"{info.registered_model_version}") if spec.tracking.register_model else ""
