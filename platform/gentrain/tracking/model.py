@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def _missing(value) -> bool:
 
 
 def signature(trained):
-    """Input n, seed (optional), labels (optional, class-conditional families); output the
-    samples' tensor, its dtype and shape from one drawn sample."""
+    """Input n, seed (optional), labels (class-conditional families), data (families with
+    `score`); output samples [-1, *data shape]: float32 in data space, int64 token ids
+    (read from the data's description, not drawn: drawing costs seconds for some families)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
@@ -138,12 +140,11 @@ def signature(trained):
                ColSpec(DataType.long, "seed", required=False)]
     if trained.job.class_conditional:
         columns.append(ColSpec(Array(DataType.long), "labels", required=False))
+    tokens = trained.data_info.kind == "tokens"
     if scores:  # one flattened sample per row, to score
-        kind = DataType.long if trained.data_info.kind == "tokens" else DataType.double
-        columns.append(ColSpec(Array(kind), "data", required=False))
-    one = trained.sample(1, seed=0).cpu().numpy()
-    return ModelSignature(inputs=Schema(columns),
-                          outputs=Schema([TensorSpec(np.dtype(one.dtype), (-1, *one.shape[1:]))]))
+        columns.append(ColSpec(Array(DataType.long if tokens else DataType.double), "data", required=False))
+    output = TensorSpec(np.dtype(np.int64 if tokens else np.float32), (-1, *trained.data_info.shape))
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([output]))
 
 
 def requirements() -> list[str]:
@@ -211,12 +212,15 @@ def log_model_from_checkpoint(uri: str, run_id: str, checkpoint: str | Path,
                                             name=MODEL_NAME, source_run_id=run_id, tags=tags,
                                             model_type=trained.spec.job.type)
         try:
-            with _use_tracking_uri(uri), no_progress_bars():
+            with _use_tracking_uri(uri), no_progress_bars(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
                 return Model.log(
                     None, mlflow.pyfunc, name=MODEL_NAME, run_id=run_id, model_id=logged.model_id,
                     step=trained.step, python_model=str(code),
                     artifacts={CHECKPOINT_ARTIFACT: str(folder)},
-                    signature=signature(trained), input_example={"n": 2, "seed": 0},
+                    # No input_example: MLflow would load the model and draw samples to
+                    # check it (seconds for some families); the signature says the same.
+                    signature=signature(trained),
                     pip_requirements=requirements(), registered_model_name=register_as,
                     metadata={"gentrain_job_type": trained.spec.job.type, "gentrain_step": trained.step},
                 )
