@@ -44,7 +44,8 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
     if logger and spec.tracking.system_metrics:
         from gentrain.tracking.system import SystemMetrics
 
-        monitor = SystemMetrics(logger, spec.tracking.system_metrics_interval, run_started_ms).start()
+        monitor = SystemMetrics(logger, spec.tracking.system_metrics_interval, run_started_ms,
+                                torch_gpu=spec.scaling.use_gpu).start()
     try:
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)

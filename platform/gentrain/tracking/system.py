@@ -11,8 +11,8 @@ GPU monitors; GPU ones need `nvidia-ml-py` or `pyrsmi`), under MLflow's names
 run's "System metrics" tab shows them. They go through the RunLogger, not MLflow's own
 SystemMetricsMonitor: that one sends from its thread and stops for good at the first
 failed call, while the RunLogger queues, spools while the server is away and never
-blocks or raises; training keeps its guarantee. Where NVML is missing but CUDA is there,
-this rank's own GPU memory is read through torch (no utilisation).
+blocks or raises; training keeps its guarantee. Where NVML is missing and the run trains
+on GPUs (`torch_gpu`), this rank's own GPU memory is read through torch (no utilisation).
 
 The step of a point is the seconds since the MLflow run started: it keeps growing across
 reruns of the same run (the logger drops a point whose step is not above the last one).
@@ -54,14 +54,15 @@ class _TorchGPUMemory:
         self.samples = {}
 
 
-def _monitors() -> list:
+def _monitors(torch_gpu: bool) -> list:
     from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
     from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
     from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
     gpu = None
-    for loader in (_nvidia, _amd, _TorchGPUMemory):
+    # torch's reading opens a CUDA context: only where this rank trains on the GPU anyway.
+    for loader in (_nvidia, _amd, *((_TorchGPUMemory,) if torch_gpu else ())):
         try:
             gpu = loader()
             break
@@ -87,8 +88,9 @@ def _amd():
 class SystemMetrics:
     """A daemon thread that samples every `interval_s` and logs through `run_logger`."""
 
-    def __init__(self, run_logger, interval_s: float, origin_ms: int | None = None):
-        self.run_logger, self.interval_s = run_logger, float(interval_s)
+    def __init__(self, run_logger, interval_s: float, origin_ms: int | None = None,
+                 torch_gpu: bool = False):
+        self.run_logger, self.interval_s, self.torch_gpu = run_logger, float(interval_s), torch_gpu
         self.origin = (origin_ms / 1000.0) if origin_ms else time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,7 +99,7 @@ class SystemMetrics:
 
     def start(self) -> "SystemMetrics":
         try:
-            self._monitors = _monitors()
+            self._monitors = _monitors(self.torch_gpu)
             for monitor in self._monitors:  # psutil's first CPU reading is always 0: prime it
                 monitor.collect_metrics()
                 monitor.clear_metrics()
