@@ -115,7 +115,7 @@ def dataset_entities(spec, index) -> list:
         if split not in index.splits:
             continue
         info = index.splits[split]
-        name = f"{_data_name(spec.data.source, index)}/{split}"
+        name = f"{_data_name(index)}/{split}"
         profile = {"samples": info.total, "shards": len(info.shards), "split": split,
                    "content_hash": index.content_hash, "kind": index.kind,
                    "num_classes": index.num_classes}
@@ -156,7 +156,7 @@ def _context(tags: Any) -> str | None:
     return None
 
 
-def _data_name(source: str, index) -> str:
+def _data_name(index) -> str:
     """The packed set's own name (`digits`), else its folder's."""
     return index.source or os.path.basename(index.location.rstrip("/")) or index.location
 
