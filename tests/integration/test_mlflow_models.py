@@ -178,3 +178,36 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
     assert sorted(scored.columns) == sorted(direct)
     for name, values in direct.items():
         assert np.allclose(scored[name].to_numpy(), values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_uri, tmp_path, capsys):
+    import numpy as np
+
+    import gentrain
+    from gentrain.inference import load_trained
+    from gentrain.launch.local import prepare_data
+    from gentrain.tracking import spool_dir_for, spooled_runs, sync_run
+    from gentrain.tracking.model import log_trained_model
+
+    spec = prepare_data(gentrain.load("vae/debug", [
+        "train.steps=2", "train.schedule.warmup_steps=0", "checkpoint.every=2", "eval.every=0",
+        "eval.max_batches=1", "eval.num_samples=2", "scaling.num_workers=1",
+        f"storage_path={tmp_path / 'runs'}", "tracking.register_model=vae-synced"]))
+    gentrain.Engine(spec).fit()
+    run_id = open_run(mlflow_server, "model-sync", "a")
+    assert log_trained_model(dead_mlflow_uri, run_id, spec) is None
+    assert f"gentrain sync {spec.run_dir}" in capsys.readouterr().err
+    spool = spool_dir_for(spec.run_dir)
+    assert spooled_runs(spool) == [run_id]
+
+    ending = sync_run(mlflow_server, run_id, spool)
+    assert ending.marked and ending.sent == 1
+    assert spooled_runs(spool) == []
+    client = MlflowClient(mlflow_server)
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    assert output.step == 2
+    (version,) = client.search_model_versions("name='vae-synced'")
+    with mlflow.tracking._tracking_service.utils._use_tracking_uri(mlflow_server):
+        model = mlflow.pyfunc.load_model(f"models:/vae-synced/{version.version}")
+    expected = load_trained(spec.run_dir).sample(2, seed=1).numpy()
+    assert np.array_equal(model.predict({"n": 2, "seed": 1}), expected)

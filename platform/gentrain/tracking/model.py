@@ -231,31 +231,43 @@ def log_model_from_checkpoint(uri: str, run_id: str, checkpoint: str | Path,
 
 
 def log_trained_model(uri: str, run_id: str, spec, result=None) -> object | None:
-    """The driver's call at the end of a run: never raises (a model that could not be logged
-    is a warning; the checkpoint stays where it is)."""
+    """The driver's call at the end of a run: never raises. A model that could not be logged
+    is a warning; with a local run folder it is recorded in the run's spool folder and
+    logged by the `gentrain sync` (or the end_run right after this) that reaches MLflow."""
     from gentrain.checkpoint import newest_good_checkpoint
     from gentrain.paths import is_remote
+    from gentrain.tracking.spool import record_model, spool_dir_for
 
     started = time.monotonic()
+    register_as = spec.tracking.register_model
+    checkpoint = None
     try:
         if is_remote(spec.run_dir):
             if result is None or result.checkpoint is None:
                 return None
             with result.checkpoint.as_directory() as directory:
-                info = log_model_from_checkpoint(uri, run_id, directory, spec.tracking.register_model)
+                info = log_model_from_checkpoint(uri, run_id, directory, register_as)
         else:
-            choice = newest_good_checkpoint(spec.run_dir)
-            if choice.folder is None:
+            checkpoint = newest_good_checkpoint(spec.run_dir).folder
+            if checkpoint is None:
                 return None
-            info = log_model_from_checkpoint(uri, run_id, choice.folder, spec.tracking.register_model)
+            info = log_model_from_checkpoint(uri, run_id, checkpoint, register_as)
     except Exception as error:  # noqa: BLE001 - the training succeeded; say what is missing
         from gentrain.tracking.ending import _reason
 
+        spool = spool_dir_for(spec.run_dir)
+        later = ""
+        if checkpoint is not None and spool is not None:
+            try:
+                record_model(Path(spool) / run_id, str(checkpoint), register_as)
+                later = f"; `gentrain sync {spec.run_dir}` logs it once MLflow is reachable"
+            except OSError:
+                pass
         print(f"warning: could not log the trained model to MLflow run {run_id} ({_reason(error)}); "
-              f"its checkpoint is in {spec.run_dir}", file=sys.stderr, flush=True)
+              f"its checkpoint is {checkpoint or spec.run_dir}{later}", file=sys.stderr, flush=True)
         return None
-    registered = (f", registered as {spec.tracking.register_model} version "
-                  f"{info.registered_model_version}") if spec.tracking.register_model else ""
+    registered = (f", registered as {register_as} version {info.registered_model_version}"
+                  if register_as else "")
     print(f"[gentrain] mlflow model: {info.model_uri} (runs:/{run_id}/{MODEL_NAME}){registered} "
           f"in {time.monotonic() - started:.1f}s", flush=True)
     return info
