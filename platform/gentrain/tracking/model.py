@@ -13,8 +13,8 @@ The model's artifacts are the final checkpoint's `gentrain.json` (the resolved s
 job type, the data's shape) and `model.pt` (fp32 weights, EMA where the job kept them):
 what gentrain.inference.load_trained reads, so `predict` draws exactly what
 `gentrain sample <run> --n N --seed S` draws. Its requirements pin gentrain and the
-libraries inference imports at the versions gentrain pins; the job type's own package
-must be importable too (built-in families ship with gentrain).
+libraries inference imports at the versions gentrain pins; a plugin job type must be
+installed too (its `gentrain.jobs` entry point; built-in families ship with gentrain).
 """
 
 from __future__ import annotations
