@@ -102,6 +102,7 @@ def trained(tmp_path_factory, mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("models-e2e")
     (run,) = client.search_runs([experiment.experiment_id])
+    print("".join(line for line in result.stdout.splitlines(keepends=True) if "mlflow model:" in line))
     return workdir, run, result.stdout, time.monotonic() - started
 
 
