@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw samples from a trained run into a grid PNG (text: a .txt)")
     sample.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
-                        help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
+                        help="a checkpoint folder, a run folder (<storage_path>/<name>), an MLflow run id "
+                        "or a model URI gentrain logged (models:/NAME/VERSION, runs:/RUN_ID/model)")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", default="samples.png",
                         help="output PNG (default samples.png); token samples are written as text with the suffix .txt")
@@ -344,7 +345,8 @@ def _eval_parser(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="FID, KID, IS, precision/recall and likelihoods of a trained run, logged to its MLflow run")
     evaluate.add_argument("ref", metavar="RUN_OR_CHECKPOINT",
-                          help="a checkpoint folder, a run folder (<storage_path>/<name>) or an MLflow run id")
+                          help="a checkpoint folder, a run folder (<storage_path>/<name>), an MLflow run id "
+                        "or a model URI gentrain logged (models:/NAME/VERSION, runs:/RUN_ID/model)")
     evaluate.add_argument("--metrics", default="fid,kid,is,pr,nll",
                           help="comma-separated: fid, kid, is, pr (from samples), nll (the job type's likelihoods), "
                           "heldout (everything its evaluate returns); default fid,kid,is,pr,nll")

@@ -4,8 +4,10 @@
     gentrain score runs/vae-debug builtin:digits --out scores.csv
 
 A reference is a checkpoint folder (`.../step-00000300`), a run folder
-(`<storage_path>/<name>`: its latest complete checkpoint) or an MLflow run id (the run's
-`gentrain.run_dir` tag leads to the run folder). Networks come from the checkpoint's
+(`<storage_path>/<name>`: its latest complete checkpoint), an MLflow run id (the run's
+`gentrain.run_dir` tag leads to the run folder) or an MLflow model URI that gentrain
+logged (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/m-...`, `runs:/RUN_ID/model`:
+its spec and weights are downloaded from $MLFLOW_TRACKING_URI). Networks come from the checkpoint's
 `model.pt` (plain fp32 state_dicts, EMA weights where the job kept them), so loading
 never needs the strategy, Ray or the number of workers that trained them.
 """
@@ -49,7 +51,12 @@ class Trained:
         return self.job.evaluate(self.modules, self.config, batch, generator)
 
 
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
 def resolve_checkpoint(ref: str) -> Path:
+    if ref.startswith(MODEL_URI_SCHEMES):
+        return _checkpoint_from_mlflow_model(ref)
     path = Path(ref).expanduser()
     if path.is_dir() and read_meta(str(path)) is not None:
         return path
@@ -80,6 +87,36 @@ def _run_dir_from_mlflow(run_id: str) -> str:
         raise FileNotFoundError(f"MLflow run {run_id} has no gentrain.run_dir tag; give its "
                                 "checkpoint folder instead")
     return run_dir
+
+
+def _checkpoint_from_mlflow_model(uri: str) -> Path:
+    """Download a model gentrain logged (gentrain.tracking.model) into a temporary folder that
+    lives as long as this process; its checkpoint folder (gentrain.json and model.pt)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from gentrain.tracking import default_tracking_uri, no_progress_bars
+
+    tracking_uri = default_tracking_uri()
+    folder = tempfile.mkdtemp(prefix="gentrain-mlflow-model-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    try:
+        with _use_tracking_uri(tracking_uri), no_progress_bars():
+            local = Path(download_artifacts(artifact_uri=uri, dst_path=folder,
+                                            tracking_uri=tracking_uri))
+    except MlflowException as error:
+        raise FileNotFoundError(f"{uri}: not found in MLflow at {tracking_uri} (set "
+                                f"MLFLOW_TRACKING_URI): {str(error).splitlines()[0]}") from None
+    checkpoint = local / "artifacts" / "checkpoint"
+    if read_meta(str(checkpoint)) is None:
+        raise FileNotFoundError(f"{uri} is not a model gentrain logged (no artifacts/checkpoint/"
+                                "gentrain.json in it); give a gentrain run or checkpoint instead")
+    return checkpoint
 
 
 def load_trained(ref: str, device: str | torch.device = "cpu", use_ema: bool = True,

@@ -30,15 +30,22 @@ def train_loop_per_worker(config: dict) -> None:
     route_worker_logs()
     job = config["job"]  # a gentrain.validation.ValidatedJob: checked once, on the driver
     run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config,
-               announced=tuple(config.get("announced", ())))
+               announced=tuple(config.get("announced", ())),
+               run_started_ms=config.get("run_started_ms"))
 
 
 def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None,
-               announced: tuple[str, ...] = ()) -> None:
+               announced: tuple[str, ...] = (), run_started_ms: int | None = None) -> None:
     """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     logger = _run_logger(spec, run_id, tracking_uri) if rank == 0 else None
+    monitor = None
+    if logger and spec.tracking.system_metrics:
+        from gentrain.tracking.system import SystemMetrics
+
+        monitor = SystemMetrics(logger, spec.tracking.system_metrics_interval, run_started_ms,
+                                torch_gpu=spec.scaling.use_gpu).start()
     try:
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)
@@ -55,6 +62,8 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
             if rank == 0:
                 write_stop(spec.run_dir, error)
     finally:
+        if monitor:
+            monitor.stop()
         if logger:
             logger.close()
 

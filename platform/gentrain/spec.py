@@ -166,6 +166,13 @@ class TrackingSection:
     uri: str | None = None
     experiment: str = "gentrain"
     enabled: bool = True
+    # CPU, memory (and GPU where NVML is installed) as system/* metrics, rank 0's node.
+    system_metrics: bool = True
+    system_metrics_interval: float = field(default=15.0, metadata=bounds(ge=1, help="seconds between samples"))
+    # The trained model as an MLflow model (pyfunc) at the end of a run.
+    log_model: bool = True
+    # Also register it in the Model Registry under this name (a new version per run).
+    register_model: str | None = None
 
 
 @dataclass

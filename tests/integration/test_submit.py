@@ -73,6 +73,8 @@ def test_submit_follows_to_success_and_the_run_is_in_mlflow(followed, mlflow_ser
     run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["gentrain.ray_job_id"] == job_id
+    assert run.data.tags["gentrain.launcher"] == "ray-job"
+    assert run.data.tags["gentrain.world_size"] == "2"
     assert run.data.params["train.steps"] == "20"
     assert run.data.params["scaling.num_workers"] == "2"
     assert (workdir / "runs" / "vae-debug" / "step-00000020" / "gentrain.json").is_file()

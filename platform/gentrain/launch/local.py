@@ -53,11 +53,12 @@ def prepare_data(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, data=dataclasses.replace(spec.data, source=source))
 
 
-def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) for this job; (None, None) when tracking is off."""
+def open_tracking(spec: JobSpec, previous_run_id: str | None):
+    """(tracking URI, run id, tracking.Attempt) for this job; Nones when tracking is off."""
     if not spec.tracking.enabled:
-        return None, None
+        return None, None, None
     from gentrain import tracking
+    from gentrain.tracking.lineage import run_tags
 
     uri = tracking.resolve_tracking_uri(spec.tracking.uri)
     tracking.fail_fast_http()  # MLflow's default: 4 minutes of retries per call to a dead server
@@ -66,11 +67,12 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
                                    run_id=previous_run_id,
-                                   tags=_run_tags(spec))
+                                   tags=run_tags(spec))
         tracking.log_params_flat(uri, run_id, spec.to_dict())
         import mlflow
 
         mlflow.MlflowClient(uri).log_text(run_id, dump_yaml(spec), "spec/resolved.yaml")
+        attempt = tracking.begin_attempt(uri, run_id)
         spool = tracking.spool_dir_for(spec.run_dir)
         if spool:  # the run goes on: a status an earlier end could not set no longer applies
             tracking.clear_final_status(Path(spool) / run_id)
@@ -79,17 +81,25 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
             f"tracking.uri: cannot reach MLflow at {uri} ({type(exc).__name__}: {exc}). "
             "Start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or run without "
             "tracking: tracking.enabled=false") from None
+    _log_datasets(uri, run_id, spec)
     print(f"[gentrain] mlflow run: {run_id} | experiment: {spec.tracking.experiment} | "
           f"{tracking.run_url(uri, run_id)}", flush=True)  # `gentrain submit` reads this line
-    return uri, run_id
+    return uri, run_id, attempt
 
 
-def _run_tags(spec: JobSpec) -> dict:
-    tags = {"gentrain.job_type": spec.job.type, "gentrain.run_dir": spec.run_dir}
-    ray_job = os.environ.get("GENTRAIN_RAY_JOB_ID")  # set by `gentrain submit`
-    if ray_job:
-        tags["gentrain.ray_job_id"] = ray_job
-    return tags
+def _log_datasets(uri: str, run_id: str, spec: JobSpec) -> None:
+    """The splits as the run's dataset inputs; lineage is worth a warning, not the run."""
+    try:
+        import mlflow
+
+        from gentrain.data.index import load_index
+        from gentrain.tracking.lineage import log_datasets
+
+        index = load_index(spec.data.source, allow_pipe=spec.data.allow_pipe)
+        log_datasets(mlflow.MlflowClient(uri), run_id, spec, index)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not log the data sets of run {run_id} to MLflow: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 def cluster_address() -> str | None:
@@ -173,7 +183,7 @@ def run(job: ValidatedJob) -> RunSummary:
     if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
-    uri, run_id = open_tracking(spec, previous_run_id)
+    uri, run_id, attempt = open_tracking(spec, previous_run_id)
     if not joined:
         init_ray(spec)
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
@@ -181,7 +191,8 @@ def run(job: ValidatedJob) -> RunSummary:
     from gentrain.launch.trainer import build_trainer
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
-    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()))
+    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()),
+                            run_started_ms=attempt.run_started_ms if attempt else None)
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
     try:
@@ -190,10 +201,17 @@ def run(job: ValidatedJob) -> RunSummary:
         raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see
+            tracking.end_attempt(uri, run_id, attempt, spool)
             ending = tracking.end_run(uri, run_id, "KILLED" if _interrupted() else "FAILED", spool)
             if not ending.marked:
                 print(unsent_message(ending, spec.run_dir), file=sys.stderr, flush=True)
         raise
+    if run_id:
+        if spec.tracking.log_model:
+            from gentrain.tracking.model import log_trained_model
+
+            log_trained_model(uri, run_id, spec, result)
+        tracking.end_attempt(uri, run_id, attempt, spool)
     ending = tracking.end_run(uri, run_id, "FINISHED", spool) if run_id else None
     return RunSummary(
         run_dir=spec.run_dir,

@@ -200,6 +200,9 @@ def submit(ref: str, overrides: list[str], address: str | None, working_dir: str
     cluster = Cluster(resolve_address(address))
     job_id = job_id or new_job_id(spec)
     env, credentials = job_env(spec, job_id, forward_credentials)
+    from gentrain.tracking.lineage import git_env
+
+    env.update(git_env(working_dir))  # the cluster's copy of the working folder has no .git
     import yaml
 
     spec_text = yaml.safe_dump(resolved, sort_keys=False)

@@ -22,7 +22,7 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 
 def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None,
-                  announced: tuple[str, ...] = ()) -> TorchTrainer:
+                  announced: tuple[str, ...] = (), run_started_ms: int | None = None) -> TorchTrainer:
     """`announced`: the checkpoint rejections the driver has printed already (the workers
     print the others: a folder cut short during this run)."""
     spec = job.spec
@@ -36,7 +36,7 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
-                           "announced": list(announced)},
+                           "announced": list(announced), "run_started_ms": run_started_ms},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,

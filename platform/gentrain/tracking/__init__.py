@@ -22,16 +22,18 @@ re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gentrain.tracking._limits import _PARAM_VALUE_LIMIT, _PARAMS_PER_BATCH, _TAG_VALUE_LIMIT
@@ -39,6 +41,8 @@ from gentrain.tracking.ending import Ending as Ending, end_run as end_run  # re-
 from gentrain.tracking.ending import sync_run as sync_run
 from gentrain.tracking.logger import RunLogger as RunLogger  # re-exported: the public path
 from gentrain.tracking.logger import fail_fast_http as fail_fast_http
+from gentrain.tracking.lineage import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from gentrain.tracking.spool import PENDING_FILE, _Spool
 from gentrain.tracking.spool import clear_final_status as clear_final_status
 from gentrain.tracking.spool import spool_dir_for as spool_dir_for, spooled_runs as spooled_runs
 
@@ -46,6 +50,21 @@ _log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 CHANGED_PARAM_TAG = "gentrain.changed_param."
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """MLflow's artifact progress bars off (they fill a run's log with carriage returns)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def default_tracking_uri() -> str:
@@ -143,7 +162,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_local_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_local_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException as error:
             # Another driver may have created it between the lookup and the create.
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -153,6 +173,10 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         raise ValueError(
             f"experiment {name!r} in {uri} was deleted: restore it with `mlflow experiments "
             f"restore --experiment-id {experiment.experiment_id}`, or choose another name")
+    if not experiment.tags.get(EXPERIMENT_KIND_TAG):
+        # MLflow 3's UI shows an untagged experiment in its GenAI view; a view chosen
+        # in the UI (the same tag) is kept.
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
 
 
@@ -216,3 +240,51 @@ def run_url(uri: str, run_id: str) -> str:
     if scheme == "sqlite":
         return f"mlflow ui --backend-store-uri {uri}  (run {run_id})"
     return f"{uri} (run {run_id})"
+
+
+ATTEMPTS_TAG = "gentrain.attempts"
+ATTEMPT_METRIC = "run/attempt_seconds"
+TOTAL_METRIC = "run/wall_seconds_total"
+
+
+@dataclass
+class Attempt:
+    """This start of the run: its number (1 for a new run, 2 for its first rerun, ...),
+    its wall-clock start and the seconds the earlier attempts took together."""
+    number: int
+    started: float
+    earlier_seconds: float
+    run_started_ms: int
+
+
+def begin_attempt(uri: str, run_id: str) -> Attempt:
+    """Count this start in the run's `gentrain.attempts` tag (the driver, at open)."""
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    try:
+        number = int(run.data.tags.get(ATTEMPTS_TAG, "0")) + 1
+    except ValueError:
+        number = 1
+    client.set_tag(run_id, ATTEMPTS_TAG, str(number))
+    return Attempt(number, time.time(), float(run.data.metrics.get(TOTAL_METRIC, 0.0)),
+                   int(run.info.start_time or time.time() * 1000))
+
+
+def end_attempt(uri: str, run_id: str, attempt: Attempt, spool_dir: str | None) -> None:
+    """Log this attempt's wall time (`run/attempt_seconds` at step = attempt number) and the
+    sum over attempts (`run/wall_seconds_total`): MLflow's run duration spans every rerun
+    and the time between them. Through the spool folder that end_run sends next, so a
+    server that is away loses nothing; never raises."""
+    seconds = time.time() - attempt.started
+    now_ms = int(time.time() * 1000)
+    items = [[ATTEMPT_METRIC, seconds, now_ms, attempt.number],
+             [TOTAL_METRIC, attempt.earlier_seconds + seconds, now_ms, attempt.number]]
+    try:
+        if spool_dir is not None:
+            _Spool(Path(spool_dir) / run_id / PENDING_FILE, uri).append(
+                [{"op": "metrics", "items": items}])
+            return
+        MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=[Metric(key, value, ts, step) for key, value, ts, step in items])
+    except Exception as error:  # noqa: BLE001 - a duration is not worth failing a run for
+        _log.warning("could not log the attempt's wall time for run %s: %s", run_id, error)

@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 
 from gentrain.tracking.logger import _first_line, _Sender, fail_fast_http
 from gentrain.tracking.spool import (
-    PENDING_FILE, _Spool, clear_final_status, pending_count, read_final_status,
-    record_final_status,
+    MODEL_FILE, PENDING_FILE, _Spool, clear_final_status, pending_count, read_final_status,
+    read_model, record_final_status,
 )
 
 _log = logging.getLogger("gentrain.tracking")
@@ -77,6 +77,8 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = 
         _, error = sender.drain()
     except Exception as unexpected:  # noqa: BLE001 - a torn spool, a full disk: report, keep it
         error = unexpected
+    if error is None:
+        error = _log_recorded_model(uri, run_id, folder)
     if error is None and status:
         try:
             MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
@@ -90,6 +92,27 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = 
     return Ending(run_id, status, marked=marked, sent=before - unsent, unsent=unsent,
                   folder=None if marked else folder,
                   error=None if error is None else _reason(error))
+
+
+def _log_recorded_model(uri: str, run_id: str, folder: Path) -> Exception | None:
+    """The trained model the driver could not log (spool.record_model), logged now."""
+    recorded = read_model(folder)
+    if recorded is None:
+        return None
+    checkpoint = Path(recorded["checkpoint"])
+    if (checkpoint / "model.pt").is_file():
+        from gentrain.tracking.model import log_model_from_checkpoint
+
+        try:
+            log_model_from_checkpoint(uri, run_id, checkpoint, recorded.get("register_as"))
+        except Exception as error:  # noqa: BLE001 - reported as the sync's error
+            return error
+    else:
+        _log.warning("run %s: the checkpoint %s whose model was to be logged is gone; not logged",
+                     run_id, checkpoint)
+    with contextlib.suppress(OSError):
+        (folder / MODEL_FILE).unlink()
+    return None
 
 
 def _reason(error: BaseException) -> str:

@@ -2,6 +2,8 @@
 
     <spool_dir>/<run_id>/pending.jsonl      records RunLogger could not send yet, oldest first
     <spool_dir>/<run_id>/final_status.json  {"status": "FINISHED", "tracking_uri": ...}
+    <spool_dir>/<run_id>/model.json         {"checkpoint": ..., "register_as": ...}: the
+                                            trained model the driver could not log
 
 The driver's spool_dir is `<run dir>/mlflow-spool` (spool_dir_for); `gentrain sync RUN_DIR`
 sends what is there (gentrain.tracking.ending.sync_run).
@@ -20,6 +22,7 @@ from gentrain.tracking._limits import _METRICS_PER_BATCH
 PENDING_FILE = "pending.jsonl"
 FINAL_STATUS_FILE = "final_status.json"
 TARGET_FILE = "tracking_uri"
+MODEL_FILE = "model.json"
 
 
 def spool_dir_for(run_dir: str) -> str | None:
@@ -116,13 +119,28 @@ def recorded_uri(folder: Path) -> str | None:
         return None
 
 
+def record_model(folder: Path, checkpoint: str, register_as: str | None) -> None:
+    """The trained model to log once the server is back (`gentrain sync`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_text(json.dumps({"checkpoint": checkpoint, "register_as": register_as}),
+                                     encoding="utf-8")
+
+
+def read_model(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def pending_count(folder: Path) -> int:
-    """Metric points, tags and artifacts waiting in folder's spool."""
+    """Metric points, tags, artifacts and a model waiting in folder's spool."""
+    model = 1 if (folder / MODEL_FILE).exists() else 0
     path = folder / PENDING_FILE
     if not path.exists():
-        return 0
-    return sum(len(record["items"]) if record.get("op") == "metrics" else 1
-               for record in _Spool(path).read())
+        return model
+    return model + sum(len(record["items"]) if record.get("op") == "metrics" else 1
+                       for record in _Spool(path).read())
 
 
 def spooled_runs(spool_dir: str | Path) -> list[str]:
@@ -131,4 +149,5 @@ def spooled_runs(spool_dir: str | Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and (
-        (folder / PENDING_FILE).exists() or read_final_status(folder) is not None))
+        (folder / PENDING_FILE).exists() or (folder / MODEL_FILE).exists()
+        or read_final_status(folder) is not None))
