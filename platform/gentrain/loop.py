@@ -30,12 +30,18 @@ def train_loop_per_worker(config: dict) -> None:
     route_worker_logs()
     job = config["job"]  # a gentrain.validation.ValidatedJob: checked once, on the driver
     run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config,
-               announced=tuple(config.get("announced", ())))
+               announced=tuple(config.get("announced", ())),
+               report_evaluations=bool(config.get("report_evaluations")))
+
+
+EVALUATION_MARK = "gentrain/evaluation"  # in the reports report_evaluation makes
 
 
 def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None,
-               announced: tuple[str, ...] = ()) -> None:
-    """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end."""
+               announced: tuple[str, ...] = (), report_evaluations: bool = False) -> None:
+    """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end.
+    `report_evaluations`: every evaluation's metrics also go to Ray Train (report_evaluation),
+    for a sweep's trial (gentrain.sweep)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     logger = _run_logger(spec, run_id, tracking_uri) if rank == 0 else None
@@ -43,6 +49,8 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)
         engine.run_id = run_id
+        if report_evaluations:
+            engine.on_evaluation = report_evaluation
         restore(engine, spec, announced)
         try:
             engine.fit(save=report_checkpoint)
@@ -100,6 +108,15 @@ def report_checkpoint(engine: Engine) -> None:
     # (and a worker killed from here on leaves a folder the next start can verify and use,
     # whether or not Ray Train registered it).
     engine.strategy.barrier()
+
+
+def report_evaluation(engine: Engine, metrics: dict) -> None:
+    """An evaluation's metrics, the latest train/* and the step, reported to Ray Train without
+    a checkpoint (every rank reports; Ray Train hands rank 0's to its callbacks)."""
+    values = {"step": engine.step, EVALUATION_MARK: 1}
+    values.update(engine.last_train_metrics)
+    values.update(metrics)
+    ray.train.report(values)
 
 
 def _device(spec: JobSpec) -> torch.device:

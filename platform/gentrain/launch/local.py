@@ -53,8 +53,10 @@ def prepare_data(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, data=dataclasses.replace(spec.data, source=source))
 
 
-def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) for this job; (None, None) when tracking is off."""
+def open_tracking(spec: JobSpec, previous_run_id: str | None,
+                  tags: dict | None = None) -> tuple[str | None, str | None]:
+    """(tracking URI, run id) for this job; (None, None) when tracking is off. `tags`: more
+    run tags (a sweep's trial: its parent run, gentrain.sweep.run)."""
     if not spec.tracking.enabled:
         return None, None
     from gentrain import tracking
@@ -66,7 +68,7 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None) -> tuple[str | Non
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
                                    run_id=previous_run_id,
-                                   tags=_run_tags(spec))
+                                   tags={**_run_tags(spec), **(tags or {})})
         tracking.log_params_flat(uri, run_id, spec.to_dict())
         import mlflow
 
@@ -149,8 +151,11 @@ def ray_log_dir() -> str | None:
         return None
 
 
-def run(job: ValidatedJob) -> RunSummary:
-    """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster."""
+def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
+        report_evaluations: bool = False) -> RunSummary:
+    """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster.
+    A sweep's trial (gentrain.sweep.trial) adds MLflow run `tags`, Ray Train `callbacks` and
+    `report_evaluations` (launch.trainer.build_trainer)."""
     spec = job.spec
     # The same verified choice the workers make (gentrain.loop.restore), so this line and
     # the weights restored agree.
@@ -173,7 +178,7 @@ def run(job: ValidatedJob) -> RunSummary:
     if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
-    uri, run_id = open_tracking(spec, previous_run_id)
+    uri, run_id = open_tracking(spec, previous_run_id, tags)
     if not joined:
         init_ray(spec)
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
@@ -181,7 +186,8 @@ def run(job: ValidatedJob) -> RunSummary:
     from gentrain.launch.trainer import build_trainer
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
-    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()))
+    trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()),
+                            callbacks=callbacks, report_evaluations=report_evaluations)
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
     try:
