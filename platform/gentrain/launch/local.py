@@ -152,10 +152,11 @@ def ray_log_dir() -> str | None:
 
 
 def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
-        report_evaluations: bool = False) -> RunSummary:
+        report_evaluations: bool = False, failure_status=None) -> RunSummary:
     """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster.
-    A sweep's trial (gentrain.sweep.trial) adds MLflow run `tags`, Ray Train `callbacks` and
-    `report_evaluations` (launch.trainer.build_trainer)."""
+    A sweep's trial (gentrain.sweep.trial) adds MLflow run `tags`, Ray Train `callbacks`,
+    `report_evaluations` (launch.trainer.build_trainer) and `failure_status(run_id, status)`,
+    the MLflow status a failed run ends with (a trial stopped early is KILLED, not FAILED)."""
     spec = job.spec
     # The same verified choice the workers make (gentrain.loop.restore), so this line and
     # the weights restored agree.
@@ -196,7 +197,10 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
         raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see
-            ending = tracking.end_run(uri, run_id, "KILLED" if _interrupted() else "FAILED", spool)
+            status = "KILLED" if _interrupted() else "FAILED"
+            if failure_status is not None:
+                status = failure_status(run_id, status)
+            ending = tracking.end_run(uri, run_id, status, spool)
             if not ending.marked:
                 print(unsent_message(ending, spec.run_dir), file=sys.stderr, flush=True)
         raise

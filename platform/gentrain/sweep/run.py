@@ -393,7 +393,9 @@ class ChildRuns(Callback):
                 # Its rank 0 was ended with the trial: what its logger had not sent yet
                 # is still in the trial's spool; the evaluation that decided is logged here.
                 self._log_last(client, run.info.run_id, last, step)
-            if run.info.status == "RUNNING":
+            # A trial stopped early may have ended its own run FAILED as its actors went (it
+            # reads the tag set above when it ends after this: gentrain.sweep.trial.stopped_status).
+            if run.info.status == "RUNNING" or (outcome == "stopped_early" and run.info.status == "FAILED"):
                 client.set_terminated(run.info.run_id, status)
         except Exception as exc:  # noqa: BLE001
             print(f"warning: trial {trial_id}: could not record its outcome ({outcome}) in MLflow: {exc}",

@@ -72,4 +72,20 @@ def run_trial(config: dict, context: TrialContext) -> None:
     tags = {SWEEP_TAG: context.sweep, ROLE_TAG: "trial", TRIAL_TAG: trial_id}
     if context.parent_run_id:
         tags[PARENT_TAG] = context.parent_run_id
-    run(job, tags=tags, callbacks=(EvaluationsToTune(),), report_evaluations=True)
+    run(job, tags=tags, callbacks=(EvaluationsToTune(),), report_evaluations=True,
+        failure_status=lambda run_id, status: stopped_status(job.spec, run_id, status))
+
+
+def stopped_status(spec, run_id: str, status: str) -> str:
+    """KILLED for a trial the scheduler stopped (its training then fails as its actors go):
+    the sweep's driver tags its run stopped_early before it marks it (ChildRuns), so
+    whichever of the two ends the run last, it ends KILLED."""
+    try:
+        import mlflow
+
+        from gentrain.tracking import resolve_tracking_uri
+
+        run = mlflow.MlflowClient(resolve_tracking_uri(spec.tracking.uri)).get_run(run_id)
+        return "KILLED" if run.data.tags.get(OUTCOME_TAG) == "stopped_early" else status
+    except Exception:  # noqa: BLE001 - the status as it would be without the sweep
+        return status
