@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 
@@ -40,13 +41,20 @@ def add_sweep_command(commands) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from gentrain.sweep.run import SweepRequest, run_sweep, table
+    from gentrain.sweep.run import SweepInterrupted, SweepRequest, run_sweep, table
 
     request = SweepRequest(spec=args.spec, overrides=args.overrides, params=args.params,
                            metric=args.metric, mode=args.mode, samples=args.samples,
                            scheduler=args.scheduler, max_concurrent=args.max_concurrent,
                            reduction_factor=args.reduction_factor, name=args.name, resume=args.resume)
-    summary = run_sweep(request)
+    try:
+        summary = run_sweep(request)
+    except SweepInterrupted as stopped:
+        print(table(stopped.rows, list(stopped.rows[0].params) if stopped.rows else [], request.metric))
+        again = " ".join(shlex.quote(arg) for arg in sys.argv[1:] if arg != "--resume")
+        print(f"[gentrain] sweep interrupted with {stopped.unfinished} trial(s) unfinished; its state is "
+              f"in {stopped.sweep_dir}. Continue it with:\n  gentrain {again} --resume", file=sys.stderr)
+        return 130
     counts = {}
     for row in summary.rows:
         counts[row.status] = counts.get(row.status, 0) + 1

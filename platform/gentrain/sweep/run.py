@@ -57,6 +57,14 @@ class SweepRequest:
     resume: bool = False
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Tune stopped at a Ctrl-C or SIGTERM and saved its state: `--resume` continues."""
+
+    def __init__(self, unfinished: int, sweep_dir: str, rows: list):
+        super().__init__(f"{unfinished} trial(s) unfinished")
+        self.unfinished, self.sweep_dir, self.rows = unfinished, sweep_dir, rows
+
+
 @dataclass
 class TrialRow:
     trial: str
@@ -233,8 +241,21 @@ def _tune(request: SweepRequest, space: list[SweepParam], scheduler, base: dict,
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[children],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
+    ChildRuns.active = None
     results = tuner.fit()
+    observer = ChildRuns.active
     rows = _rows(results, [param.key for param in space], request, first.train.steps)
+    unfinished = set(observer.unfinished()) if observer is not None else set()
+    expected = request.samples * math.prod(len(param.values) for param in space if param.kind == "grid")
+    if unfinished or len(rows) < expected:
+        # Ctrl-C / `gentrain stop`: Tune saved its state and returned.
+        if observer is not None:
+            observer.mark_interrupted()
+        for row in rows:
+            if row.trial in unfinished:
+                row.status = "interrupted"
+        raise SweepInterrupted(max(len(unfinished), expected - len(rows)) if not unfinished else
+                               len(unfinished) + expected - len(rows), sweep_dir, rows)
     return _finish(request, name, sweep_dir, base, rows, uri, parent, time.monotonic() - started, at_once)
 
 
@@ -350,11 +371,31 @@ class ChildRuns(Callback):
     trial's run was marked FINISHED and a failed one's FAILED by the trial itself (here only
     if it could not). Never raises: tracking must not stop the sweep."""
 
+    # The instance Tune calls in this process: after Tuner.restore that is the one pickled
+    # with the sweep's state, not one the driver made.
+    active: "ChildRuns | None" = None
+
     def __init__(self, uri: str | None, parent: str | None, steps: int, metric: str):
         self.uri, self.parent, self.steps, self.metric = uri, parent, steps, metric
         self.last: dict[str, dict] = {}  # trial id -> its latest evaluation report
+        self.started: set[str] = set()
+        self.ended: set[str] = set()  # completed, stopped or failed
+
+    def setup(self, **info):
+        ChildRuns.active = self
+
+    def unfinished(self) -> list[str]:
+        """Trials started in this process that never ended: Tune was interrupted (and saved its
+        state); it does not call on_trial_complete for them."""
+        return sorted(self.started - self.ended)
+
+    def mark_interrupted(self) -> None:
+        """The unfinished trials' runs KILLED (a --resume continues them in the same runs)."""
+        for trial_id in self.unfinished():
+            self._mark(trial_id, "KILLED", "interrupted", self.last.get(trial_id, {}))
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.add(trial.trial_id)
         print(f"[gentrain] trial {trial.trial_id} started: {_params_text(trial.config)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -362,6 +403,7 @@ class ChildRuns(Callback):
             self.last[trial.trial_id] = dict(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         last = self.last.get(trial.trial_id, {})
         step = int(last.get("step", 0))
         outcome = "completed" if step >= self.steps else "stopped_early"
@@ -371,6 +413,7 @@ class ChildRuns(Callback):
         self._mark(trial.trial_id, "FINISHED" if outcome == "completed" else "KILLED", outcome, last)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         last = self.last.get(trial.trial_id, {})
         print(f"[gentrain] trial {trial.trial_id} failed at step {last.get('step', 0)}"
               f" (the sweep goes on; its error: {trial.error_file or 'see the log above'})", flush=True)
@@ -395,7 +438,8 @@ class ChildRuns(Callback):
                 self._log_last(client, run.info.run_id, last, step)
             # A trial stopped early may have ended its own run FAILED as its actors went (it
             # reads the tag set above when it ends after this: gentrain.sweep.trial.stopped_status).
-            if run.info.status == "RUNNING" or (outcome == "stopped_early" and run.info.status == "FAILED"):
+            if run.info.status == "RUNNING" or (outcome in ("stopped_early", "interrupted")
+                                                and run.info.status == "FAILED"):
                 client.set_terminated(run.info.run_id, status)
         except Exception as exc:  # noqa: BLE001
             print(f"warning: trial {trial_id}: could not record its outcome ({outcome}) in MLflow: {exc}",
