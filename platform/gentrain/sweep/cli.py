@@ -37,7 +37,73 @@ def add_sweep_command(commands) -> None:
                             "(default: <spec name>-sweep)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the interrupted sweep of this --name (same spec and params)")
+    cluster = sweep.add_argument_group(
+        "on a cluster", "--address submits the sweep as one Ray job (its driver runs `gentrain sweep` on the "
+        "cluster, trials spread over its nodes); options as for `gentrain submit`")
+    cluster.add_argument("--address", default=None,
+                         help="the Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: run here)")
+    mode = cluster.add_mutually_exclusive_group()
+    mode.add_argument("--no-wait", action="store_true", help="return once submitted")
+    mode.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
+    cluster.add_argument("--working-dir", default=".", help="folder uploaded as the job's working folder")
+    cluster.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                         help="leave matching files/folders out of the upload (repeatable)")
+    cluster.add_argument("--no-credentials", action="store_true",
+                         help="do not forward MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN to the job")
+    cluster.add_argument("--job-id", default=None, help="the submission id (default: gentrain-<name>-<random>)")
     sweep.set_defaults(handler=cmd_sweep)
+
+
+def sweep_arguments(args) -> list[str]:
+    """The sweep's options as `gentrain sweep` takes them (the job's entrypoint on a cluster)."""
+    argv = []
+    for param in args.params:
+        argv += ["--param", param]
+    argv += ["--samples", str(args.samples), "--metric", args.metric, "--mode", args.mode,
+             "--scheduler", args.scheduler, "--reduction-factor", f"{args.reduction_factor:g}"]
+    if args.max_concurrent is not None:
+        argv += ["--max-concurrent", str(args.max_concurrent)]
+    if args.name:
+        argv += ["--name", args.name]
+    if args.resume:
+        argv.append("--resume")
+    return argv
+
+
+def cmd_submit_sweep(args, request) -> int:
+    """Check the spec and every param value here, then run `gentrain sweep` as a Ray job."""
+    from gentrain.launch.remote import describe_run, find_run, submit, wait_for_run
+    from gentrain.launch.remote_cli import _address_flag
+    from gentrain.sweep.run import check_space, request_problems
+    from gentrain.sweep.space import parse_params
+    from gentrain.validation import validate
+
+    problems = request_problems(request)
+    if problems:
+        raise ValueError("\n".join(problems))
+    space = parse_params(request.params)
+    # the cluster's machine checks (storage, weights) are the job's own, as for `submit`
+    cluster, job_id, spec = submit(args.spec, args.overrides, args.address, args.working_dir, args.exclude,
+                                   not args.no_credentials, args.job_id,
+                                   command=["sweep", *sweep_arguments(args)],
+                                   check=lambda resolved: check_space(resolved, space, args.spec, validate))
+    print(f"[gentrain] submitted the sweep of {spec.name} to {cluster.address} as job {job_id}", flush=True)
+    if args.follow:
+        status = cluster.follow(job_id)
+        run = find_run(cluster.logs(job_id))
+    elif args.no_wait:
+        status, run = str(cluster.info(job_id).status), None
+    else:
+        status, run = wait_for_run(cluster, job_id, 300.0)
+    print(f"  job         : {job_id} ({status})")
+    if spec.tracking.enabled:
+        print("\n".join(describe_run(run, spec.tracking.experiment)).replace("mlflow run  :", "parent run  :"))
+    print(f"  follow      : gentrain logs {job_id} --follow{_address_flag(args)}")
+    if status == "FAILED" or (args.follow and status != "SUCCEEDED"):
+        message = cluster.info(job_id).message or ""
+        print(f"error: job {job_id} ended {status}: {message.strip()[-2000:]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -47,6 +113,8 @@ def cmd_sweep(args) -> int:
                            metric=args.metric, mode=args.mode, samples=args.samples,
                            scheduler=args.scheduler, max_concurrent=args.max_concurrent,
                            reduction_factor=args.reduction_factor, name=args.name, resume=args.resume)
+    if args.address:
+        return cmd_submit_sweep(args, request)
     try:
         summary = run_sweep(request)
     except SweepInterrupted as stopped:

@@ -111,7 +111,7 @@ def request_problems(request: SweepRequest) -> list[str]:
     return problems
 
 
-def check_space(base: dict, space: list[SweepParam], source: str) -> list[ValidatedJob]:
+def check_space(base: dict, space: list[SweepParam], source: str, check=check_job) -> list[ValidatedJob]:
     """The spec with every param at its first value, then each other value of each param
     (the rest at their first), through gentrain.validation.check_job (what `gentrain run`
     asks) before any trial: SpecError lists every problem, a param's naming the --param and
@@ -120,7 +120,7 @@ def check_space(base: dict, space: list[SweepParam], source: str) -> list[Valida
     firsts = {param.key: param.edge_values()[0] for param in space}
     jobs, problems, seen = [], [], set()
     try:
-        jobs.append(check_job(trial_data(base, firsts), source))
+        jobs.append(check(trial_data(base, firsts), source))
     except SpecError as exc:
         for problem in exc.problems:
             seen.add(problem)
@@ -132,7 +132,7 @@ def check_space(base: dict, space: list[SweepParam], source: str) -> list[Valida
     for param in space:
         for value in param.edge_values()[1:]:
             try:
-                jobs.append(check_job(trial_data(base, {**firsts, param.key: value}), source))
+                jobs.append(check(trial_data(base, {**firsts, param.key: value}), source))
             except SpecError as exc:  # the base's own problems were listed once, above
                 problems += [f"--param {param.key}={param.text}: at {value!r}: {problem}"
                              for problem in exc.problems if problem not in seen]
@@ -326,8 +326,10 @@ def _open_parent(spec: JobSpec, name: str, sweep_dir: str, request: SweepRequest
             f"tracking.uri: cannot reach MLflow at {uri} ({type(exc).__name__}: {exc}). Start the "
             "server, fix tracking.uri / MLFLOW_TRACKING_URI, or sweep without tracking: "
             "tracking.enabled=false") from None
-    print(f"[gentrain] mlflow parent run: {run_id} | experiment: {spec.tracking.experiment} | "
+    # The line `gentrain run` prints (`gentrain sweep --address` reads it), then what it is.
+    print(f"[gentrain] mlflow run: {run_id} | experiment: {spec.tracking.experiment} | "
           f"{tracking.run_url(uri, run_id)}", flush=True)
+    print(f"[gentrain] (the sweep's parent run: each trial's run is its child)", flush=True)
     return uri, run_id
 
 
