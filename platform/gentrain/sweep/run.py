@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,14 @@ def _tune(request: SweepRequest, space: list[SweepParam], scheduler, base: dict,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
     ChildRuns.active = None
+    from gentrain.launch.local import cluster_address
+
+    if cluster_address() is not None:
+        # A job's working folder (Ray's unpacked working_dir) can be removed under its driver
+        # while trials come and go on the cluster, and Tune resolves its result paths
+        # against the working folder at the end (os.path.relpath): FileNotFoundError from
+        # os.getcwd. Every path the sweep uses is absolute by now.
+        os.chdir(tempfile.gettempdir())
     results = tuner.fit()
     observer = ChildRuns.active
     rows = _rows(results, [param.key for param in space], request, first.train.steps)
