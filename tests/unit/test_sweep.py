@@ -11,8 +11,8 @@ import pytest
 from gentrain.cli import main
 from gentrain.schema import SpecError
 from gentrain.spec import apply_overrides, read_yaml
-from gentrain.sweep.run import (SweepRequest, TrialRow, _short_error, best_spec_text, check_space,
-                                concurrency, request_problems, table, trial_resources)
+from gentrain.sweep.results import TrialRow, best_spec_text, short_error, table
+from gentrain.sweep.run import SweepRequest, check_space, concurrency, request_problems, trial_resources
 from gentrain.sweep.space import ParamError, parse_param, parse_params
 from gentrain.sweep.trial import trial_data
 from gentrain.validation import find_spec_file
@@ -187,7 +187,7 @@ def test_a_failed_trial_shows_its_own_exception_line():
                            "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                            "gentrain.nonfinite.NonFiniteError: non-finite values at step 2\n"
                            "(not retried: the same steps would fail the same way)")
-    assert _short_error(wrapped) == "gentrain.nonfinite.NonFiniteError: non-finite values at step 2"
+    assert short_error(wrapped) == "gentrain.nonfinite.NonFiniteError: non-finite values at step 2"
 
 
 def test_the_best_spec_is_the_base_with_the_params_and_runs_through_validation(tmp_path):

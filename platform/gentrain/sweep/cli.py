@@ -107,7 +107,8 @@ def cmd_submit_sweep(args, request) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from gentrain.sweep.run import SweepInterrupted, SweepRequest, run_sweep, table
+    from gentrain.sweep.results import table
+    from gentrain.sweep.run import SweepInterrupted, SweepRequest, run_sweep
 
     request = SweepRequest(spec=args.spec, overrides=args.overrides, params=args.params,
                            metric=args.metric, mode=args.mode, samples=args.samples,

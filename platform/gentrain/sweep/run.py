@@ -17,27 +17,22 @@ runnable with `gentrain run`.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray.tune import Callback
-
-from gentrain.loop import EVALUATION_MARK
 from gentrain.schema import SpecError
-from gentrain.spec import JobSpec, apply_overrides, dump_yaml, read_yaml
+from gentrain.spec import JobSpec, apply_overrides, read_yaml
 from gentrain.spec_checks import name_problems
+from gentrain.sweep.results import TrialRow, best_spec_text, csv_text, markdown_text, trial_rows
+from gentrain.sweep.runs import ChildRuns, end_parent, log_results, open_parent
 from gentrain.sweep.space import SweepParam, parse_params
-from gentrain.sweep.trial import (OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG,
-                                  TrialContext, run_trial, trial_data)
-from gentrain.validation import ValidatedJob, check_job, find_spec_file, validate
+from gentrain.sweep.trial import TrialContext, run_trial, trial_data
+from gentrain.validation import ValidatedJob, check_job, find_spec_file
 
 SCHEDULERS = ("asha", "fifo")
 TRIAL_DRIVER_MEMORY = 2**20  # bytes of Ray's `memory` resource each trial's driver function holds
@@ -64,16 +59,6 @@ class SweepInterrupted(KeyboardInterrupt):
     def __init__(self, unfinished: int, sweep_dir: str, rows: list):
         super().__init__(f"{unfinished} trial(s) unfinished")
         self.unfinished, self.sweep_dir, self.rows = unfinished, sweep_dir, rows
-
-
-@dataclass
-class TrialRow:
-    trial: str
-    params: dict
-    metric: float | None
-    steps: int | None
-    status: str  # completed | stopped early | failed | not run
-    error: str | None = None
 
 
 @dataclass
@@ -200,13 +185,13 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
 
     need = trial_resources(jobs)
     at_once = concurrency(need, ray.cluster_resources(), request.max_concurrent)
-    uri, parent = _open_parent(first, name, sweep_dir, request, space, base)
+    uri, parent = open_parent(first, name, sweep_dir, request, space, base)
     try:
         return _tune(request, space, scheduler, base, str(path), name, storage, sweep_dir,
                      first, need, at_once, uri, parent)
     except BaseException:
         if parent:
-            _end_parent(uri, parent, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+            end_parent(uri, parent, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
 
 
@@ -253,7 +238,7 @@ def _tune(request: SweepRequest, space: list[SweepParam], scheduler, base: dict,
         os.chdir(tempfile.gettempdir())
     results = tuner.fit()
     observer = ChildRuns.active
-    rows = _rows(results, [param.key for param in space], request, first.train.steps)
+    rows = trial_rows(results, [param.key for param in space], request.metric, request.mode, first.train.steps)
     unfinished = set(observer.unfinished()) if observer is not None else set()
     expected = request.samples * math.prod(len(param.values) for param in space if param.kind == "grid")
     if unfinished or len(rows) < expected:
@@ -302,273 +287,13 @@ def _pinned(base: dict, uri: str | None) -> dict:
     return data
 
 
-# -- MLflow: the parent run and the children's statuses -------------------------------------
-def _open_parent(spec: JobSpec, name: str, sweep_dir: str, request: SweepRequest,
-                 space: list[SweepParam], base: dict) -> tuple[str | None, str | None]:
-    if not spec.tracking.enabled:
-        return None, None
-    import mlflow
-
-    from gentrain import tracking
-    from gentrain.launch.local import TrackingUnavailable
-
-    uri = tracking.resolve_tracking_uri(spec.tracking.uri)
-    tracking.fail_fast_http()
-    try:
-        client = mlflow.MlflowClient(uri)
-        previous = _previous_parent(client, uri, spec.tracking.experiment, name, sweep_dir) if request.resume else None
-        run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=name, run_id=previous,
-                                   tags={SWEEP_TAG: name, ROLE_TAG: "parent", "gentrain.sweep.dir": sweep_dir,
-                                         "gentrain.job_type": spec.job.type})
-        if previous is None:
-            params = {f"space.{param.key}": param.text for param in space}
-            params.update({"sweep.spec": request.spec, "sweep.metric": request.metric,
-                           "sweep.mode": request.mode, "sweep.samples": request.samples,
-                           "sweep.scheduler": request.scheduler,
-                           "sweep.max_concurrent": request.max_concurrent or "cluster",
-                           "sweep.overrides": " ".join(request.overrides)})
-            tracking.log_params_flat(uri, run_id, params)
-            client.log_text(run_id, _space_yaml(space), "sweep/space.yaml")
-            client.log_text(run_id, dump_yaml(spec), "sweep/base-spec.yaml")
-    except Exception as exc:  # noqa: BLE001 - any client failure means the same to the user
-        raise TrackingUnavailable(
-            f"tracking.uri: cannot reach MLflow at {uri} ({type(exc).__name__}: {exc}). Start the "
-            "server, fix tracking.uri / MLFLOW_TRACKING_URI, or sweep without tracking: "
-            "tracking.enabled=false") from None
-    # The line `gentrain run` prints (`gentrain sweep --address` reads it), then what it is.
-    print(f"[gentrain] mlflow run: {run_id} | experiment: {spec.tracking.experiment} | "
-          f"{tracking.run_url(uri, run_id)}", flush=True)
-    print(f"[gentrain] (the sweep's parent run: each trial's run is its child)", flush=True)
-    return uri, run_id
-
-
-def _previous_parent(client, uri: str, experiment: str, name: str, sweep_dir: str) -> str | None:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id],
-                              filter_string=f"tags.`{SWEEP_TAG}` = '{_quoted(name)}' and "
-                                            f"tags.`{ROLE_TAG}` = 'parent'",
-                              order_by=["attributes.start_time DESC"])
-    runs = [run for run in runs if run.data.tags.get("gentrain.sweep.dir") == sweep_dir]
-    return runs[0].info.run_id if runs else None
-
-
-def _quoted(text: str) -> str:
-    return text.replace("'", "\\'")
-
-
-def _space_yaml(space: list[SweepParam]) -> str:
-    import yaml
-
-    return yaml.safe_dump({param.key: {"kind": param.kind, "values": list(param.values),
-                                       "as_written": param.text} for param in space}, sort_keys=False)
-
-
-def _end_parent(uri: str, run_id: str, status: str) -> None:
-    from gentrain import tracking
-
-    ending = tracking.end_run(uri, run_id, status, None)
-    if not ending.marked:
-        print(f"warning: could not mark the sweep's MLflow run {run_id} {status}: {ending.error}",
-              file=sys.stderr, flush=True)
-
-
-class ChildRuns(Callback):
-    """A Ray Tune callback on the driver: the outcome of each trial on its MLflow child run.
-
-    A trial ASHA stops ends with its actor, before its own `gentrain run` code can mark the
-    run: it is marked KILLED here (tag gentrain.sweep.outcome=stopped_early); a completed
-    trial's run was marked FINISHED and a failed one's FAILED by the trial itself (here only
-    if it could not). Never raises: tracking must not stop the sweep."""
-
-    # The instance Tune calls in this process: after Tuner.restore that is the one pickled
-    # with the sweep's state, not one the driver made.
-    active: "ChildRuns | None" = None
-
-    def __init__(self, uri: str | None, parent: str | None, steps: int, metric: str):
-        self.uri, self.parent, self.steps, self.metric = uri, parent, steps, metric
-        self.last: dict[str, dict] = {}  # trial id -> its latest evaluation report
-        self.started: set[str] = set()
-        self.ended: set[str] = set()  # completed, stopped or failed
-
-    def setup(self, **info):
-        ChildRuns.active = self
-
-    def unfinished(self) -> list[str]:
-        """Trials started in this process that never ended: Tune was interrupted (and saved its
-        state); it does not call on_trial_complete for them."""
-        return sorted(self.started - self.ended)
-
-    def mark_interrupted(self) -> None:
-        """The unfinished trials' runs KILLED (a --resume continues them in the same runs)."""
-        for trial_id in self.unfinished():
-            self._mark(trial_id, "KILLED", "interrupted", self.last.get(trial_id, {}))
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.started.add(trial.trial_id)
-        print(f"[gentrain] trial {trial.trial_id} started: {_params_text(trial.config)}", flush=True)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "step" in result:
-            self.last[trial.trial_id] = dict(result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended.add(trial.trial_id)
-        last = self.last.get(trial.trial_id, {})
-        step = int(last.get("step", 0))
-        outcome = "completed" if step >= self.steps else "stopped_early"
-        value = last.get(self.metric)
-        print(f"[gentrain] trial {trial.trial_id} {outcome.replace('_', ' ')} at step {step}/{self.steps}"
-              f" ({self.metric} {_value(value)})", flush=True)
-        self._mark(trial.trial_id, "FINISHED" if outcome == "completed" else "KILLED", outcome, last)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended.add(trial.trial_id)
-        last = self.last.get(trial.trial_id, {})
-        print(f"[gentrain] trial {trial.trial_id} failed at step {last.get('step', 0)}"
-              f" (the sweep goes on; its error: {trial.error_file or 'see the log above'})", flush=True)
-        self._mark(trial.trial_id, "FAILED", "failed", last)
-
-    def _mark(self, trial_id: str, status: str, outcome: str, last: dict) -> None:
-        if not (self.uri and self.parent):
-            return
-        try:
-            import mlflow
-
-            client = mlflow.MlflowClient(self.uri)
-            run = self._child(client, trial_id)
-            if run is None:
-                return  # the trial failed before its run was opened (e.g. its spec was refused)
-            step = int(last.get("step", 0))
-            client.set_tag(run.info.run_id, OUTCOME_TAG, outcome)
-            client.set_tag(run.info.run_id, "gentrain.sweep.last_step", str(step))
-            if outcome == "stopped_early":
-                # Its rank 0 was ended with the trial: what its logger had not sent yet
-                # is still in the trial's spool; the evaluation that decided is logged here.
-                self._log_last(client, run.info.run_id, last, step)
-            # A trial stopped early may have ended its own run FAILED as its actors went (it
-            # reads the tag set above when it ends after this: gentrain.sweep.trial.stopped_status).
-            if run.info.status == "RUNNING" or (outcome in ("stopped_early", "interrupted")
-                                                and run.info.status == "FAILED"):
-                client.set_terminated(run.info.run_id, status)
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: trial {trial_id}: could not record its outcome ({outcome}) in MLflow: {exc}",
-                  file=sys.stderr, flush=True)
-
-    @staticmethod
-    def _log_last(client, run_id: str, last: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), stamp, step) for key, value in last.items()
-                   if "/" in key and key != EVALUATION_MARK and isinstance(value, (int, float))
-                   and not isinstance(value, bool) and math.isfinite(value)]
-        for start in range(0, len(metrics), 500):
-            client.log_batch(run_id, metrics=metrics[start:start + 500])
-
-    def _child(self, client, trial_id: str):
-        parent = client.get_run(self.parent)
-        runs = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{TRIAL_TAG}` = '{_quoted(trial_id)}' and "
-                                                f"tags.`{PARENT_TAG}` = '{self.parent}'")
-        return runs[0] if runs else None
-
-
-# -- the results ----------------------------------------------------------------------------
-def _rows(results, keys: list[str], request: SweepRequest, steps: int) -> list[TrialRow]:
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        trial = metrics.get("trial_id") or Path(result.path).name
-        params = {key: (result.config or {}).get(key) for key in keys}
-        value = metrics.get(request.metric)
-        step = metrics.get("step")
-        if result.error is not None:
-            status, error = "failed", _short_error(result.error)
-        elif step is None:
-            status, error = "not run", None
-        else:
-            status, error = ("completed" if step >= steps else "stopped early"), None
-        value = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-        rows.append(TrialRow(trial, params, value, int(step) if step is not None else None, status, error))
-    sign = 1.0 if request.mode == "min" else -1.0
-    rows.sort(key=lambda row: (row.status == "failed", row.metric is None,
-                               sign * row.metric if row.metric is not None else 0.0, row.trial))
-    return rows
-
-
-_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)):\s")
-
-
-def _short_error(error: BaseException) -> str:
-    """The line of the trial's own exception (Tune wraps it with its traceback)."""
-    lines = str(error).strip().splitlines()
-    found = [line for line in lines if _ERROR_LINE.match(line)]
-    text = found[-1] if found else (lines[-1] if lines else type(error).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _params_text(config: dict) -> str:
-    return ", ".join(f"{key}={_value(value)}" for key, value in config.items())
-
-
-def table(rows: list[TrialRow], keys: list[str], metric: str, limit: int | None = None) -> str:
-    """The trials as a fixed-width text table, best first."""
-    header = ["trial", *keys, metric, "steps", "status"]
-    body = [[row.trial, *(_value(row.params.get(key)) for key in keys),
-             _value(row.metric), _value(row.steps), row.status + (f": {row.error}" if row.error else "")]
-            for row in rows[:limit]]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths)) + "  " + line[-1]
-             for line in [header, *body]]
-    return "\n".join(lines)
-
-
-def _value(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _csv(rows: list[TrialRow], keys: list[str], metric: str) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["trial", *keys, metric, "steps", "status", "error"])
-    for row in rows:
-        writer.writerow([row.trial, *(row.params.get(key) for key in keys),
-                         "" if row.metric is None else row.metric, "" if row.steps is None else row.steps,
-                         row.status, row.error or ""])
-    return out.getvalue()
-
-
-def _markdown(rows: list[TrialRow], keys: list[str], metric: str) -> str:
-    header = ["trial", *keys, metric, "steps", "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        status = row.status + (f": {row.error}" if row.error else "")
-        cells = [row.trial, *(_value(row.params.get(key)) for key in keys), _value(row.metric),
-                 _value(row.steps), status.replace("|", "\\|")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def best_spec_text(base: dict, params: dict, name: str, source: str) -> str:
-    """The best trial's spec as a runnable YAML: the base with its params, named <sweep>-best,
-    storing where the base spec stores; validated as a run's spec is."""
-    data = trial_data(base, params, name=name)
-    return dump_yaml(validate(data, source).spec)
-
-
 def _finish(request: SweepRequest, name: str, sweep_dir: str, base: dict, rows: list[TrialRow],
             uri: str | None, parent: str | None, seconds: float, at_once: int) -> SweepSummary:
     keys = [key for key in (rows[0].params if rows else {})]
     ranked = [row for row in rows if row.status in ("completed", "stopped early") and row.metric is not None]
     best = ranked[0] if ranked else None
     files: dict[str, str] = {}
-    texts = {"results.csv": _csv(rows, keys, request.metric), "results.md": _markdown(rows, keys, request.metric)}
+    texts = {"results.csv": csv_text(rows, keys, request.metric), "results.md": markdown_text(rows, keys, request.metric)}
     if best is not None:
         texts["best.yaml"] = best_spec_text(base, best.params, f"{name}-best", request.spec)
     from gentrain.paths import is_remote
@@ -580,27 +305,8 @@ def _finish(request: SweepRequest, name: str, sweep_dir: str, base: dict, rows: 
             files[filename] = str(target)
     pointer = None
     if parent:
-        pointer = _log_results(uri, parent, texts, best, request.metric)
+        pointer = log_results(uri, parent, texts, best, request.metric)
     return SweepSummary(name, sweep_dir, rows, best, files.get("best.yaml"), parent, pointer, seconds,
                         at_once, files)
 
 
-def _log_results(uri: str, parent: str, texts: dict, best: TrialRow | None, metric: str) -> str | None:
-    from gentrain import tracking
-
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(uri)
-        for filename, text in texts.items():
-            client.log_text(parent, text, f"sweep/{filename}")
-        if best is not None:
-            client.set_tag(parent, "gentrain.sweep.best_trial", best.trial)
-            client.log_metric(parent, f"best/{metric}", best.metric)
-        pointer = tracking.run_url(uri, parent)
-    except Exception as exc:  # noqa: BLE001 - the files are on disk either way
-        print(f"warning: could not log the sweep's results to MLflow run {parent}: {exc}",
-              file=sys.stderr, flush=True)
-        pointer = None
-    _end_parent(uri, parent, "FINISHED")
-    return pointer
