@@ -166,7 +166,7 @@ def test_a_sweep_runs_on_the_cluster_as_one_job_with_a_trial_on_each_node(ray_cl
                       env=client_env(ray_cluster, mlflow_server), cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
-    assert "2 trial(s) at once (each: 1 CPU, 1 gentrain_test_slot)" in out
+    assert "2 trial(s) of 1 param(s), 2 at once (each: 1 CPU, 1 gentrain_test_slot)" in out
     assert "sweep on-cluster done" in out and out.count("completed at step 10/10") == 2
     parent_id = re.search(r"parent run  : (\w+) \(experiment sweep-cluster\)", out).group(1)
     client = mlflow.MlflowClient(mlflow_server)

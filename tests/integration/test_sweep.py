@@ -70,6 +70,7 @@ def test_asha_stops_a_worse_trial_the_best_completes_and_a_failure_is_only_its_o
         assert (workdir / "runs" / "lr" / row["trial"]).is_dir()
     assert (workdir / "runs" / "lr" / table[GOOD]["trial"] / f"step-{STEPS:08d}").is_dir()
     out = result.stdout
+    assert "4 trial(s) of 1 param(s), 2 at once (each: 1 CPU)" in out
     assert f"best trial  : {table[GOOD]['trial']}" in out and "stopped early" in out and "failed" in out
 
 

@@ -208,8 +208,9 @@ def _tune(request: SweepRequest, space: list[SweepParam], scheduler, base: dict,
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     children = ChildRuns(uri, parent, first.train.steps, request.metric)
-    print(f"[gentrain] sweep {name}: {request.samples} sample(s) of {len(space)} param(s), "
-          f"{at_once} trial(s) at once (each: {_resources_text(need)}), "
+    expected = request.samples * math.prod(len(param.values) for param in space if param.kind == "grid")
+    print(f"[gentrain] sweep {name}: {expected} trial(s) of {len(space)} param(s), "
+          f"{min(at_once, expected)} at once (each: {_resources_text(need)}), "
           f"{request.scheduler} on {request.metric} ({request.mode}) | {sweep_dir}", flush=True)
     started = time.monotonic()
     if request.resume:
@@ -240,7 +241,6 @@ def _tune(request: SweepRequest, space: list[SweepParam], scheduler, base: dict,
     observer = ChildRuns.active
     rows = trial_rows(results, [param.key for param in space], request.metric, request.mode, first.train.steps)
     unfinished = set(observer.unfinished()) if observer is not None else set()
-    expected = request.samples * math.prod(len(param.values) for param in space if param.kind == "grid")
     if unfinished or len(rows) < expected:
         # Ctrl-C / `gentrain stop`: Tune saved its state and returned.
         if observer is not None:
