@@ -1,6 +1,7 @@
 """The `gentrain` command.
 
     gentrain run vae/debug train.steps=200 scaling.num_workers=1
+    gentrain sweep vae/debug --param train.optimizer.lr=loguniform(1e-4,1e-2) --samples 8 --metric eval/elbo --mode max
     gentrain sync runs/vae-debug        # MLflow records left unsent by an outage, and the final status
     gentrain validate path/to/spec.yaml
     gentrain list
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gentrain.launch.remote_cli import add_cluster_commands
 
     add_cluster_commands(commands)  # submit, status, logs, stop, jobs
+
+    from gentrain.sweep.cli import add_sweep_command
+
+    add_sweep_command(commands)  # sweep: Ray Tune trials of a spec
 
     validate = commands.add_parser("validate", help="check a spec and report every problem")
     _spec_args(validate)

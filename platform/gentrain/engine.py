@@ -83,6 +83,11 @@ class Engine:
         self.lr_scale = 1.0
         self._evaluator = None
         self.stopped_at_time_budget = False  # fit ended at train.max_time, before train.steps
+        # Called by fit on every rank after each evaluation with (engine, metrics): a sweep's
+        # trial hands the metrics to Ray Tune (gentrain.sweep.trial). train/* of the latest
+        # progress window are in `last_train_metrics` (all-reduced: the same on every rank).
+        self.on_evaluation: Callable[["Engine", dict], None] | None = None
+        self.last_train_metrics: dict[str, float] = {}
 
     @property
     def index(self):
@@ -116,7 +121,7 @@ class Engine:
             self.print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
             return
         if not self.resumed:
-            self.evaluate()
+            self._evaluate_in_fit()
             if spec.train.nonfinite == "rollback" and self.step == 0:
                 save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()
@@ -141,7 +146,7 @@ class Engine:
                     self.print(f"stopped at the time budget (train.max_time={spec.train.max_time}) "
                                f"after {self.step} steps")
             if spec.eval.every and self.step % spec.eval.every == 0 and not last:
-                self.evaluate()
+                self._evaluate_in_fit()
             if self.step % spec.checkpoint.every == 0 or last:
                 save(self)
                 if self.logger:
@@ -150,7 +155,12 @@ class Engine:
                 break
         if self.logger and self.stopped_at_time_budget:
             self.logger.set_tag("gentrain.stopped_at_time_budget", str(self.step))
-        self.evaluate()
+        self._evaluate_in_fit()
+
+    def _evaluate_in_fit(self) -> None:
+        metrics = self.evaluate()
+        if self.on_evaluation is not None:
+            self.on_evaluation(self, metrics)
 
     def _out_of_time(self, started: float) -> bool:
         """train.max_time spent, by rank 0's clock: the same answer on every rank (a collective
@@ -257,6 +267,7 @@ class Engine:
 
     def _report(self, window: Window) -> None:
         metrics = self.train_metrics(window)
+        self.last_train_metrics = metrics
         eta = (self.spec.train.steps - self.step) * max(window.elapsed(), 1e-9) / window.count
         skipped = ""
         if "data/skipped_samples" in metrics:

@@ -31,12 +31,19 @@ def train_loop_per_worker(config: dict) -> None:
     job = config["job"]  # a gentrain.validation.ValidatedJob: checked once, on the driver
     run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config,
                announced=tuple(config.get("announced", ())),
-               run_started_ms=config.get("run_started_ms"))
+               run_started_ms=config.get("run_started_ms"),
+               report_evaluations=bool(config.get("report_evaluations")))
+
+
+EVALUATION_MARK = "gentrain/evaluation"  # in the reports report_evaluation makes
 
 
 def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None,
-               announced: tuple[str, ...] = (), run_started_ms: int | None = None) -> None:
-    """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end."""
+               announced: tuple[str, ...] = (), run_started_ms: int | None = None,
+               report_evaluations: bool = False) -> None:
+    """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end.
+    `report_evaluations`: every evaluation's metrics also go to Ray Train (report_evaluation),
+    for a sweep's trial (gentrain.sweep)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     logger = _run_logger(spec, run_id, tracking_uri) if rank == 0 else None
@@ -50,6 +57,8 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
         engine = Engine(spec, job_config, rank=rank, world_size=context.get_world_size(),
                         device=_device(spec), logger=logger, print_fn=worker_print)
         engine.run_id = run_id
+        if report_evaluations:
+            engine.on_evaluation = report_evaluation
         restore(engine, spec, announced)
         try:
             engine.fit(save=report_checkpoint)
@@ -109,6 +118,15 @@ def report_checkpoint(engine: Engine) -> None:
     # (and a worker killed from here on leaves a folder the next start can verify and use,
     # whether or not Ray Train registered it).
     engine.strategy.barrier()
+
+
+def report_evaluation(engine: Engine, metrics: dict) -> None:
+    """An evaluation's metrics, the latest train/* and the step, reported to Ray Train without
+    a checkpoint (every rank reports; Ray Train hands rank 0's to its callbacks)."""
+    values = {"step": engine.step, EVALUATION_MARK: 1}
+    values.update(engine.last_train_metrics)
+    values.update(metrics)
+    ray.train.report(values)
 
 
 def _device(spec: JobSpec) -> torch.device:

@@ -284,13 +284,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for keys, value in parse_overrides(overrides):
-        node = data
-        for part in keys[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[keys[-1]] = value
+        set_path(data, keys, value)
     return data
+
+
+def set_path(data: dict, keys: list[str], value: Any) -> None:
+    """data[k0][k1]... = value, making the mappings on the way (as an override does)."""
+    node = data
+    for part in keys[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[keys[-1]] = value
 
 
 def read_yaml(path: Path) -> dict:

@@ -65,10 +65,16 @@ def load_job(ref: str, overrides: list[str] | None = None) -> ValidatedJob:
     storage folder is writable (before Ray or MLflow start) and eval weights exist."""
     path = find_spec_file(ref)
     data = apply_overrides(read_yaml(path), overrides or [])
-    job = validate(data, source=str(path))
+    return check_job(data, source=str(path))
+
+
+def check_job(data: Any, source: str = "spec") -> ValidatedJob:
+    """`validate` and this machine's checks (storage, eval weights): what `gentrain run`
+    asks of a spec mapping before it runs, and `gentrain sweep` of every trial's."""
+    job = validate(data, source=source)
     problems = environment_problems(job.spec)
     if problems:
-        raise SpecError(problems, str(path))
+        raise SpecError(problems, source)
     return job
 
 

@@ -153,3 +153,27 @@ def test_no_address_or_no_head_is_a_clear_error(tmp_path):
     refused = gentrain(*spec, "--address", address, env=env, cwd=tmp_path)
     assert refused.returncode == 2
     assert f"cannot reach the Ray Jobs API at {address}" in refused.stderr and "ray start --head" in refused.stderr
+
+
+@pytest.mark.full_matrix  # about 75 s on a loaded 2-core machine: run with --full-matrix
+def test_a_sweep_runs_on_the_cluster_as_one_job_with_a_trial_on_each_node(ray_cluster, mlflow_server, tmp_path):
+    """`gentrain sweep --address`: the sweep's driver is the job; each trial's one worker
+    needs a node's only gentrain_test_slot, so the two trials run at once, one per node."""
+    result = gentrain("sweep", "vae/debug", "train.steps=10", "train.schedule.warmup_steps=0",
+                      "train.log_every=10", "eval.every=5", "eval.max_batches=2", "eval.num_samples=8",
+                      "checkpoint.every=10", "scaling.num_workers=1", ONE_WORKER_PER_NODE,
+                      f"storage_path={tmp_path / 'runs'}", "tracking.experiment=sweep-cluster",
+                      "--param", "train.optimizer.lr=grid(3e-3,1e-3)", "--metric", "eval/elbo", "--mode", "max",
+                      "--scheduler", "fifo", "--name", "on-cluster", "--follow", "--address", ray_cluster.dashboard_url,
+                      env=client_env(ray_cluster, mlflow_server), cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    assert "2 trial(s) of 1 param(s), 2 at once (each: 1 CPU, 1 gentrain_test_slot)" in out
+    assert "sweep on-cluster done" in out and out.count("completed at step 10/10") == 2
+    parent_id = re.search(r"parent run  : (\w+) \(experiment sweep-cluster\)", out).group(1)
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(run.info.status for run in children) == ["FINISHED", "FINISHED"]
+    assert (tmp_path / "runs" / "on-cluster" / "best.yaml").is_file()

@@ -53,8 +53,9 @@ def prepare_data(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, data=dataclasses.replace(spec.data, source=source))
 
 
-def open_tracking(spec: JobSpec, previous_run_id: str | None):
-    """(tracking URI, run id, tracking.Attempt) for this job; Nones when tracking is off."""
+def open_tracking(spec: JobSpec, previous_run_id: str | None, tags: dict | None = None):
+    """(tracking URI, run id, tracking.Attempt) for this job; Nones when tracking is off.
+    `tags`: more run tags (a sweep's trial: its parent run, gentrain.sweep.run)."""
     if not spec.tracking.enabled:
         return None, None, None
     from gentrain import tracking
@@ -67,7 +68,7 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None):
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
                                    run_id=previous_run_id,
-                                   tags=run_tags(spec))
+                                   tags={**run_tags(spec), **(tags or {})})
         tracking.log_params_flat(uri, run_id, spec.to_dict())
         import mlflow
 
@@ -159,8 +160,12 @@ def ray_log_dir() -> str | None:
         return None
 
 
-def run(job: ValidatedJob) -> RunSummary:
-    """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster."""
+def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
+        report_evaluations: bool = False, failure_status=None) -> RunSummary:
+    """Train a validated job (`gentrain.validation.load_job`) on the embedded Ray or the cluster.
+    A sweep's trial (gentrain.sweep.trial) adds MLflow run `tags`, Ray Train `callbacks`,
+    `report_evaluations` (launch.trainer.build_trainer) and `failure_status(run_id, status)`,
+    the MLflow status a failed run ends with (a trial stopped early is KILLED, not FAILED)."""
     spec = job.spec
     # The same verified choice the workers make (gentrain.loop.restore), so this line and
     # the weights restored agree.
@@ -183,7 +188,7 @@ def run(job: ValidatedJob) -> RunSummary:
     if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
-    uri, run_id, attempt = open_tracking(spec, previous_run_id)
+    uri, run_id, attempt = open_tracking(spec, previous_run_id, tags)
     if not joined:
         init_ray(spec)
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
@@ -192,7 +197,8 @@ def run(job: ValidatedJob) -> RunSummary:
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
     trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()),
-                            run_started_ms=attempt.run_started_ms if attempt else None)
+                            run_started_ms=attempt.run_started_ms if attempt else None,
+                            callbacks=callbacks, report_evaluations=report_evaluations)
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
     try:
@@ -202,7 +208,10 @@ def run(job: ValidatedJob) -> RunSummary:
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see
             tracking.end_attempt(uri, run_id, attempt, spool)
-            ending = tracking.end_run(uri, run_id, "KILLED" if _interrupted() else "FAILED", spool)
+            status = "KILLED" if _interrupted() else "FAILED"
+            if failure_status is not None:
+                status = failure_status(run_id, status)
+            ending = tracking.end_run(uri, run_id, status, spool)
             if not ending.marked:
                 print(unsent_message(ending, spec.run_dir), file=sys.stderr, flush=True)
         raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -195,8 +196,14 @@ def new_job_id(spec: JobSpec) -> str:
 
 def submit(ref: str, overrides: list[str], address: str | None, working_dir: str = ".",
            excludes: list[str] | None = None, forward_credentials: bool = True,
-           job_id: str | None = None) -> tuple[Cluster, str, JobSpec]:
+           job_id: str | None = None, command: list[str] | None = None,
+           check=None) -> tuple[Cluster, str, JobSpec]:
+    """Validate here, upload the working folder with the resolved spec, run `gentrain run
+    SPEC` there; `command`: other gentrain arguments after the spec (a sweep's: `gentrain
+    sweep --address`), `check(resolved)`: more checks of the resolved spec before submitting."""
     spec, resolved = resolve_for_cluster(ref, overrides)
+    if check is not None:
+        check(resolved)
     cluster = Cluster(resolve_address(address))
     job_id = job_id or new_job_id(spec)
     env, credentials = job_env(spec, job_id, forward_credentials)
@@ -209,7 +216,9 @@ def submit(ref: str, overrides: list[str], address: str | None, working_dir: str
     with stage_working_dir(Path(working_dir), {SPEC_FILE: spec_text}, excludes or [],
                            skip=[spec.storage_path]) as staged:
         runtime_env = {"working_dir": str(staged), "env_vars": env}
-        cluster.call(cluster.client.submit_job, entrypoint=f"gentrain run {SPEC_FILE}",
+        verb = command[0] if command else "run"
+        entrypoint = shlex.join(["gentrain", verb, SPEC_FILE, *(command[1:] if command else [])])
+        cluster.call(cluster.client.submit_job, entrypoint=entrypoint,
                       submission_id=job_id, runtime_env=runtime_env,
                       metadata={"gentrain.spec": spec.name, "gentrain.job_type": spec.job.type,
                                 "gentrain.experiment": spec.tracking.experiment})

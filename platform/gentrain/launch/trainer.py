@@ -22,21 +22,25 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 
 def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None,
-                  announced: tuple[str, ...] = (), run_started_ms: int | None = None) -> TorchTrainer:
+                  announced: tuple[str, ...] = (), run_started_ms: int | None = None,
+                  callbacks: tuple = (), report_evaluations: bool = False) -> TorchTrainer:
     """`announced`: the checkpoint rejections the driver has printed already (the workers
-    print the others: a folder cut short during this run)."""
+    print the others: a folder cut short during this run). `callbacks`: more Ray Train
+    callbacks; `report_evaluations`: every evaluation's metrics are reported to Ray Train
+    too (a sweep's trial: gentrain.sweep.trial)."""
     spec = job.spec
     run_config = RunConfig(
         name=spec.name,
         storage_path=spec.storage_path,
         failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-        callbacks=[FailureReporter(spec.checkpoint.max_failures)],  # one line per failure
+        callbacks=[FailureReporter(spec.checkpoint.max_failures), *callbacks],  # one line per failure
     )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
-                           "announced": list(announced), "run_started_ms": run_started_ms},
+                           "announced": list(announced), "run_started_ms": run_started_ms,
+                           "report_evaluations": report_evaluations},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,
