@@ -17,6 +17,7 @@ a step; the engine owns when things happen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -68,9 +69,12 @@ class Engine:
         self._index = None
         self.data_info = data_info or DataInfo.of_index(self.index)
         self.job.check_data(self.data_info)
-        modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
-                                grad_checkpointing=spec.strategy.grad_checkpointing)
         self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
+        # ZeRO-3 and a family that allows it: every parameter partitioned as it is made.
+        sharded = self.strategy.construction() if self.job.supports.sharded_build else contextlib.nullcontext()
+        with sharded:
+            modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
+                                    grad_checkpointing=spec.strategy.grad_checkpointing)
         self.strategy.setup(modules, self._optimizers(modules))
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done

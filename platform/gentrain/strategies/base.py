@@ -101,6 +101,11 @@ class Strategy(ABC):
     def setup(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
         """Move, wrap and own the modules and their optimizers."""
 
+    def construction(self) -> contextlib.AbstractContextManager:
+        """Entered while the job type builds its networks (before `setup`): sharded strategies
+        partition parameters as they are created, so no rank holds the whole model."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def module(self, name: str) -> nn.Module:
         """The module to call forward on (possibly wrapped)."""

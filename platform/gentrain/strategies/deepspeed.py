@@ -122,6 +122,20 @@ class DeepSpeedStrategy(Strategy):
         # EMA copies without what ZeRO hangs on the network (hooks, partitions): _detached_copy.
         self.ema = EMA(self.full_weights, copy=lambda module: _detached_copy(module).eval())
 
+    def construction(self):
+        """ZeRO-3: networks are built inside `deepspeed.zero.Init`, each module's parameters
+        partitioned over the ranks as soon as the module is made (same values as a whole build:
+        every rank draws the same seeded initialisation, then keeps its share)."""
+        if self.section.zero_stage != 3 or not torch.distributed.is_initialized():
+            return contextlib.nullcontext()
+        deepspeed = _import_deepspeed(self.device)
+        config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
+        # DeepSpeed's communication layer may not know the world yet (deepspeed.initialize sets
+        # it up later): its config check would count one rank. The global batch follows anyway.
+        config.pop("train_batch_size")
+        return deepspeed.zero.Init(config_dict_or_path=config,
+                                   remote_device="cpu" if self.section.offload_param else None)
+
     def setup(self, modules, optimizers):
         if not torch.distributed.is_initialized():
             raise RuntimeError("strategy.name=deepspeed needs a torch.distributed process group "
@@ -142,7 +156,8 @@ class DeepSpeedStrategy(Strategy):
             for engine in self._engines.values():
                 _check_can_drop(engine.optimizer, self.settings.nonfinite)
         for name, module in modules.items():
-            if name not in self._engines:  # untrained (frozen) networks stay plain
+            if name not in self._engines:  # untrained (frozen) networks stay plain (and whole)
+                _unpartitioned(module)
                 module.to(self.device)
 
     def _engine(self, name: str, module: nn.Module, optimizer, config: dict):
@@ -414,6 +429,20 @@ class DeepSpeedStrategy(Strategy):
             for name, state in extra["untrained"].items():
                 self._plain[name].load_state_dict(state)
             self.ema.load_state_dict(extra["ema"])
+
+
+@torch.no_grad()
+def _unpartitioned(module: nn.Module) -> None:
+    """A network built under `deepspeed.zero.Init` that gets no engine (no optimizer): its
+    parameters gathered back into plain, whole ones (no ZeRO hooks would fetch them)."""
+    import deepspeed
+
+    for child in module.modules():
+        for key, param in list(child._parameters.items()):
+            if param is not None and hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param]):
+                    whole = param.data.detach().clone()
+                child._parameters[key] = nn.Parameter(whole, requires_grad=param.requires_grad)
 
 
 def _inner_optimizer(engine):
