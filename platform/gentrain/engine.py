@@ -426,19 +426,22 @@ def resume_change(meta: dict, spec: JobSpec, world_size: int) -> str | None:
     """The line said when a checkpoint is continued on another world size or strategy (its
     state then comes from the strategy-neutral files, re-sharded); None: the same setup."""
     saved_world = int(meta.get("world_size", world_size))
-    saved = (meta.get("spec") or {}).get("strategy") or {}
-    before, now = strategy_label(saved, spec.strategy.name), strategy_label(
-        dataclasses.asdict(spec.strategy), spec.strategy.name)
+    now = strategy_label(dataclasses.asdict(spec.strategy))
+    saved = (meta.get("spec") or {}).get("strategy")
+    before = strategy_label(saved) if saved else now  # a checkpoint without its spec: as before
     if saved_world == world_size and before == now:
         return None
-    workers = lambda n: f"{n} worker" + ("s" if n != 1 else "")  # noqa: E731
-    return (f"resuming {workers(saved_world)} {before} checkpoint on {workers(world_size)} {now}: "
+    return (f"resuming {_workers(saved_world)} {before} checkpoint on {_workers(world_size)} {now}: "
             "optimizer state re-sharded from the strategy-neutral files")
 
 
-def strategy_label(section: dict, default: str) -> str:
-    """ddp, accelerate, deepspeed-zero3: what decides how the training state is laid out."""
-    name = section.get("name", default)
+def _workers(count: int) -> str:
+    return f"{count} worker" + ("s" if count != 1 else "")
+
+
+def strategy_label(section: dict) -> str:
+    """ddp, accelerate, fsdp, deepspeed-zero3: what decides how the training state is laid out."""
+    name = section.get("name", "ddp")
     return f"deepspeed-zero{section.get('zero_stage', 0)}" if name == "deepspeed" else name
 
 

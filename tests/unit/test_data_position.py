@@ -80,3 +80,18 @@ def test_advance_counts_a_handover_then_whole_epochs_of_the_new_world():
     assert one_at_a_time == advance(start, 27, 1, per)
     # The same world: the per-rank count, as before data positions existed.
     assert advance(DataPosition(0, 2, 0), 12, 2, per) == DataPosition.of_rank_count(12, 2, 5) == DataPosition(2, 2, 4)
+
+
+def test_the_resume_line_names_a_change_of_world_or_strategy_and_only_then():
+    import gentrain
+    from gentrain.engine import resume_change
+
+    spec = gentrain.load("vae/debug", [])  # ddp
+    zero3 = {"name": "deepspeed", "zero_stage": 3}
+    assert resume_change({"world_size": 2, "spec": {"strategy": zero3}}, spec, 1) == (
+        "resuming 2 workers deepspeed-zero3 checkpoint on 1 worker ddp: optimizer state re-sharded from the "
+        "strategy-neutral files")
+    assert resume_change({"world_size": 1, "spec": spec.to_dict()}, spec, 2).startswith(
+        "resuming 1 worker ddp checkpoint on 2 workers ddp:")
+    assert resume_change({"world_size": 2, "spec": spec.to_dict()}, spec, 2) is None
+    assert resume_change({"world_size": 2}, spec, 2) is None  # a checkpoint without its spec: as before
