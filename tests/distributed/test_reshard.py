@@ -21,9 +21,9 @@ SECTIONS = {"ddp": {"name": "ddp"}, "accelerate": {"name": "accelerate"},
             "zero3": {"name": "deepspeed", "zero_stage": 3},
             "zero3-bf16": {"name": "deepspeed", "zero_stage": 3, "precision": "bf16"}, "fsdp": {"name": "fsdp"}}
 # (saved, continued) strategies; CI's share, and the rest with --full-matrix.
-TO_1 = [("zero3", "ddp"), ("zero2", "accelerate"), ("ddp", "zero3"), ("zero3-bf16", "ddp"), ("fsdp", "ddp")]
+TO_1 = [("zero3", "ddp"), ("ddp", "zero3"), ("fsdp", "ddp")]
 TO_2 = [("ddp", "zero1"), ("zero3", "zero2"), ("ddp", "fsdp")]
-FULL_TO_1 = [("zero1", "ddp"), ("zero2", "ddp"), ("ddp", "ddp")]
+FULL_TO_1 = [("zero3-bf16", "ddp"), ("zero2", "accelerate"), ("zero1", "ddp"), ("zero2", "ddp"), ("ddp", "ddp")]
 FULL_TO_2 = [("ddp", "zero2"), ("ddp", "zero3"), ("zero3", "ddp")]
 STEPS = 3
 
