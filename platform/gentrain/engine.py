@@ -17,6 +17,7 @@ a step; the engine owns when things happen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -30,6 +31,7 @@ from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import batches_per_epoch, train_batches
+from gentrain.data.position import DataPosition, advance, continue_batches
 from gentrain.progress import Window, clock
 from gentrain.nonfinite import NonFiniteError, NonFiniteRollback, check_weights, rollback_line, stop_message
 from gentrain.optim import make_optimizer
@@ -37,6 +39,7 @@ from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, jo
 from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.limits import nonfinite_problem
+from gentrain.strategies.portable import PORTABLE_FILE
 
 
 class Engine:
@@ -66,13 +69,19 @@ class Engine:
         self._index = None
         self.data_info = data_info or DataInfo.of_index(self.index)
         self.job.check_data(self.data_info)
-        modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
-                                grad_checkpointing=spec.strategy.grad_checkpointing)
         self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
+        # ZeRO-3 and a family that allows it: every parameter partitioned as it is made.
+        sharded = self.strategy.construction() if self.job.supports.sharded_build else contextlib.nullcontext()
+        with sharded:
+            modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
+                                    grad_checkpointing=spec.strategy.grad_checkpointing)
         self.strategy.setup(modules, self._optimizers(modules))
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done
-        self.batches_consumed = 0  # per rank, micro-batches included: where the data continues
+        self.batches_consumed = 0  # per rank, micro-batches included (each world counts its own)
+        # Where the data continues (gentrain.data.position): the position this engine started
+        # from and its batches_consumed then; data_position() adds what was drawn since.
+        self.position_base, self.consumed_at_base = DataPosition(0, world_size, 0), 0
         self.resumed = False
         self.train_data = None  # the train_batches iterator: its skipped_samples feed data/skipped_samples
         self.skipped_before = 0  # data/skipped_samples at the checkpoint this engine resumed from
@@ -171,20 +180,37 @@ class Engine:
         spent = float(self.rank == 0 and time.monotonic() - started >= budget)
         return bool(self.strategy.all_reduce(torch.tensor([spent], dtype=torch.float64), op="sum")[0] > 0)
 
-    def train_batches(self) -> Iterator[dict]:
-        """This rank's training batches from the engine's data position (mid-epoch after a restore)."""
+    def per_epoch(self, world_size: int) -> int:
+        """Batches per rank per epoch in a world of `world_size` ranks."""
         data = self.spec.data
         epoch_samples = data.epoch_samples if data.resampled else None
-        per_epoch = batches_per_epoch(self.index, data.train_split, self.spec.train.batch_size,
-                                      self.world_size, epoch_samples=epoch_samples)
-        epoch, skip = divmod(self.batches_consumed, per_epoch)
-        self.train_data = train_batches(
-            self.index, data.train_split, self.spec.train.batch_size, self.rank, self.world_size,
-            self.spec.train.seed, loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
-            start_epoch=epoch, start_batch=skip,
-            augment=Augmentation(flip=data.augment.flip, crop_padding=data.augment.crop_padding),
-            resampled=data.resampled, epoch_samples=data.epoch_samples, on_error=data.on_error,
-            allow_pipe=data.allow_pipe)
+        return batches_per_epoch(self.index, data.train_split, self.spec.train.batch_size,
+                                 world_size, epoch_samples=epoch_samples)
+
+    def data_position(self) -> DataPosition:
+        """Where the data continues, in world-independent terms (gentrain.data.position)."""
+        drawn = self.batches_consumed - self.consumed_at_base
+        if drawn == 0:
+            return self.position_base
+        return advance(self.position_base, drawn, self.world_size, self.per_epoch)
+
+    def train_batches(self) -> Iterator[dict]:
+        """This rank's training batches from the engine's data position (mid-epoch after a
+        restore; an epoch dealt by another world size is finished as gentrain.data.position says)."""
+        data = self.spec.data
+        position = self.data_position()
+        self.position_base, self.consumed_at_base = position, self.batches_consumed
+
+        def stream(rank, world_size, start_epoch, start_batch):
+            return train_batches(
+                self.index, data.train_split, self.spec.train.batch_size, rank, world_size,
+                self.spec.train.seed, loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
+                start_epoch=start_epoch, start_batch=start_batch,
+                augment=Augmentation(flip=data.augment.flip, crop_padding=data.augment.crop_padding),
+                resampled=data.resampled, epoch_samples=data.epoch_samples, on_error=data.on_error,
+                allow_pipe=data.allow_pipe)
+
+        self.train_data = continue_batches(position, self.rank, self.world_size, self.per_epoch, stream)
         return self.train_data
 
     def optimizer_step(self, batches: Iterator[dict]) -> dict[str, float]:
@@ -314,7 +340,11 @@ class Engine:
         exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
         check_weights(exported, self.step, lambda flag: self.strategy.all_reduce(flag, op="sum"))
         self.strategy.save(directory, self.rank)
+        # The strategy-neutral optimizer state (a collective under ZeRO): what a resume on
+        # another world size or strategy reads (gentrain.strategies.portable).
+        portable = self.strategy.portable_state()
         if self.rank == 0:
+            torch.save(portable, os.path.join(directory, PORTABLE_FILE))
             # Plain fp32 weights of every network: sampling, eval and scoring load these
             # without knowing the strategy that trained them.
             torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()},
@@ -329,6 +359,8 @@ class Engine:
             "files": manifest,
             "step": self.step,
             "batches_consumed": self.batches_consumed,
+            # None: batches fed by the caller, not drawn from the data pipeline
+            "data_position": self.data_position().to_dict() if self.train_data is not None else None,
             "skipped_samples": skipped,
             "world_size": self.world_size,
             "data_info": self.data_info.to_dict(),
@@ -351,14 +383,37 @@ class Engine:
             if problem:
                 raise ValueError(f"{directory}: not a usable checkpoint: {problem}")
         meta = read_meta(str(directory))
-        self.strategy.load(str(directory))
+        change = resume_change(meta, self.spec, self.world_size)
+        if change is None:
+            self.strategy.load(str(directory))
+        else:
+            self.print(change)
+            self.strategy.load_portable(str(directory))
         self.step = int(meta["step"])
         self.batches_consumed = int(meta["batches_consumed"])
+        self.position_base, self.consumed_at_base = self._saved_position(meta)
         self.skipped_before = int(meta.get("skipped_samples", 0))
         self.rollbacks = int(meta.get("nonfinite_rollbacks", 0))
         self.lr_scale = float(meta.get("lr_scale", 1.0))
         self.resumed = True
         return meta
+
+    def _saved_position(self, meta: dict) -> tuple[DataPosition, int]:
+        """The data position a checkpoint continues from, and the batches_consumed it counts from."""
+        saved_world = int(meta.get("world_size", self.world_size))
+        if meta.get("data_position"):
+            position = DataPosition.from_dict(meta["data_position"])
+        elif saved_world == self.world_size:  # older checkpoints, caller-fed batches: the per-rank count
+            return DataPosition(0, self.world_size, 0), 0
+        else:
+            position = DataPosition.of_rank_count(self.batches_consumed, saved_world, self.per_epoch(saved_world))
+        saved_batch = (meta.get("spec") or {}).get("train", {}).get("batch_size", self.spec.train.batch_size)
+        if position.deal_world != self.world_size and saved_batch != self.spec.train.batch_size:
+            raise ValueError(
+                f"train.batch_size: {self.spec.train.batch_size} differs from the checkpoint's {saved_batch}, "
+                f"and the epoch in progress was dealt to {position.deal_world} worker(s): a run continued on "
+                f"another number of workers keeps its per-worker batch size; set train.batch_size={saved_batch}")
+        return position, self.batches_consumed
 
     def print(self, message: str) -> None:
         if self.rank == 0 and self._print_fn is not None:
@@ -376,6 +431,29 @@ def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
             if hasattr(module, "enable_grad_checkpointing"):  # an optional method of a network
                 module.enable_grad_checkpointing(True)
     return modules
+
+
+def resume_change(meta: dict, spec: JobSpec, world_size: int) -> str | None:
+    """The line said when a checkpoint is continued on another world size or strategy (its
+    state then comes from the strategy-neutral files, re-sharded); None: the same setup."""
+    saved_world = int(meta.get("world_size", world_size))
+    now = strategy_label(dataclasses.asdict(spec.strategy))
+    saved = (meta.get("spec") or {}).get("strategy")
+    before = strategy_label(saved) if saved else now  # a checkpoint without its spec: as before
+    if saved_world == world_size and before == now:
+        return None
+    return (f"resuming {_workers(saved_world)} {before} checkpoint on {_workers(world_size)} {now}: "
+            "optimizer state re-sharded from the strategy-neutral files")
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker" + ("s" if count != 1 else "")
+
+
+def strategy_label(section: dict) -> str:
+    """ddp, accelerate, fsdp, deepspeed-zero3: what decides how the training state is laid out."""
+    name = section.get("name", "ddp")
+    return f"deepspeed-zero{section.get('zero_stage', 0)}" if name == "deepspeed" else name
 
 
 def from_rank_zero(value, world_size: int):

@@ -157,12 +157,20 @@ class Supports:
 
     `excluded` lists (strategy, precision, reason) pairs that the lists above would
     include but the family does not run; `gentrain validate` refuses them with the reason.
+
+    `sharded_build`: under ZeRO-3 the networks are built inside `deepspeed.zero.Init`, each
+    module partitioned as soon as it is made, so no rank holds the whole model. Only for a
+    family whose `build` changes no parameter after the module holding it was made (a parent
+    that zero-initialises a child's output layer, or re-initialises weights with `apply`,
+    would write into an already partitioned, empty tensor: silently lost) and uses no
+    parametrizations (spectral norm). Others are built whole on every rank, then partitioned.
     """
 
     strategies: tuple[str, ...] = ("ddp",)
     precisions: tuple[str, ...] = ("fp32", "bf16")
     zero_stages: tuple[int, ...] = ZERO_STAGES  # with strategy.name=deepspeed
     excluded: tuple[tuple[str, str, str], ...] = ()
+    sharded_build: bool = False
 
     def exclusion(self, strategy: str, precision: str) -> str | None:
         return next((reason for s, p, reason in self.excluded if (s, p) == (strategy, precision)), None)

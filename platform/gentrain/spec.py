@@ -28,7 +28,7 @@ from gentrain.schema import SpecError, bounds, build, required, to_dict
 from gentrain.specfile import MAX_DEPTH, YAMLProblem, load_yaml, read_spec_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
-StrategyName = Literal["ddp", "deepspeed", "accelerate"]
+StrategyName = Literal["ddp", "deepspeed", "accelerate", "fsdp"]
 
 
 @dataclass

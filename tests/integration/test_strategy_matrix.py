@@ -33,7 +33,7 @@ STEPS = 6
 CI_CASES = {
     ("vae", "ddp-fp32"), ("vae", "deepspeed-zero0-bf16"), ("vae", "deepspeed-zero1-fp32"),
     ("vae", "deepspeed-zero2-bf16"), ("vae", "deepspeed-zero3-fp32"), ("vae", "deepspeed-zero3-bf16"),
-    ("vae", "accelerate-bf16"), ("gan", "ddp-bf16"), ("gan", "deepspeed-zero3-fp32"),
+    ("vae", "accelerate-bf16"), ("vae", "fsdp-fp32"), ("gan", "ddp-bf16"), ("gan", "deepspeed-zero3-fp32"),
     ("gan", "accelerate-fp32"), ("classifier", "ddp-fp32"), ("transformer", "deepspeed-zero3-bf16"),
     ("pixelcnn", "ddp-bf16"),
     ("flow", "deepspeed-zero3-bf16"),  # ActNorm's first-step init through ZeRO-3's hooks, bf16 weights

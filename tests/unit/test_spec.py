@@ -100,7 +100,7 @@ def test_strategy_not_supported_by_the_job_type_is_a_validate_error():
     spec = from_dict(VAE)
     spec.strategy.name = "megatron"  # bypasses the Literal check to reach the job's own
     assert get_job_type("vae").check(spec) == [
-        "strategy.name: 'megatron' is not supported by job type 'vae'; use one of ddp, deepspeed, accelerate"]
+        "strategy.name: 'megatron' is not supported by job type 'vae'; use one of ddp, deepspeed, accelerate, fsdp"]
 
 
 def test_strategy_options_for_another_strategy_are_errors():

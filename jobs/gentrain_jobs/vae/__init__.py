@@ -131,7 +131,9 @@ JOB = JobType(
     # elbo and iwae are bounds on log p(x) per sample; the bits/dim are their negatives per dimension
     likelihoods={"elbo": "nats", "iwae": "nats", "nelbo_bits_per_dim": "bits/dim",
                  "nll_bits_per_dim": "bits/dim"},
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16")),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16", "fp16"),
+                      excluded=(("fsdp", "fp16", "strategy.name=fsdp has no fp16 loss scaling; use bf16"),),
+                      sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Variational autoencoder (conv encoder/decoder; Bernoulli, Gaussian or "
                 "discretized-logistic likelihood; beta, KL annealing, free bits; ELBO and "

@@ -30,4 +30,8 @@ def make_strategy(section: StrategySection, settings: StepSettings, device: torc
         from gentrain.strategies.accelerate import AccelerateStrategy
 
         return AccelerateStrategy(section, settings, device)
-    raise ValueError(f"strategy.name: {name!r} is not one of ddp, deepspeed, accelerate")
+    if name == "fsdp":
+        from gentrain.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(section, settings, device)
+    raise ValueError(f"strategy.name: {name!r} is not one of ddp, deepspeed, accelerate, fsdp")

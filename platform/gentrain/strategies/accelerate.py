@@ -185,6 +185,12 @@ class AccelerateStrategy(Strategy):
             self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
                                self._schedulers, scaler.state_dict() if scaler is not None else None)
 
+    def portable_state(self):
+        return self._portable_replica(self._optimizers, self._schedulers)
+
+    def load_portable(self, directory):
+        self._load_portable_replica(directory, self._optimizers, self._schedulers)
+
     def load(self, directory):
         state = self._load_replica(os.path.join(directory, STATE_FILE), self._optimizers,
                                    self._schedulers)

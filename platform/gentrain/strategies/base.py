@@ -36,6 +36,23 @@ from gentrain.spec import StrategySection, TrainSection
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def read_portable(directory: str, device: torch.device) -> tuple[dict, dict]:
+    """model.pt and the portable file of a checkpoint folder; a clear error without the latter."""
+    import os
+
+    from gentrain.checkpoint import MODEL_FILE
+    from gentrain.strategies.portable import PORTABLE_FILE
+
+    path = os.path.join(directory, PORTABLE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: this checkpoint has no strategy-neutral optimizer state (written by a gentrain "
+            "before it saved one), so it can only continue with the scaling.num_workers and strategy.* "
+            "that wrote it (see gentrain.json: world_size, spec.strategy)")
+    weights = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
+    return weights, torch.load(path, map_location="cpu", weights_only=True)
+
+
 def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -83,6 +100,11 @@ class Strategy(ABC):
     @abstractmethod
     def setup(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
         """Move, wrap and own the modules and their optimizers."""
+
+    def construction(self) -> contextlib.AbstractContextManager:
+        """Entered while the job type builds its networks (before `setup`): sharded strategies
+        partition parameters as they are created, so no rank holds the whole model."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def module(self, name: str) -> nn.Module:
@@ -260,6 +282,34 @@ class Strategy(ABC):
     @abstractmethod
     def load(self, directory: str) -> None:
         """Restore what `save` wrote (all ranks read)."""
+
+    @abstractmethod
+    def portable_state(self) -> dict:
+        """The strategy-neutral optimizer and schedule state (gentrain.strategies.portable),
+        full on rank 0 (a collective under ZeRO; other ranks may return anything)."""
+
+    @abstractmethod
+    def load_portable(self, directory: str) -> None:
+        """Restore from model.pt and the portable file a run of any world size and strategy
+        wrote (every rank reads both; sharded strategies keep their own share)."""
+
+    def _portable_replica(self, optimizers: dict, schedulers: dict) -> dict:
+        from gentrain.strategies.portable import named_optimizer_state
+
+        return {"optimizers": {name: named_optimizer_state(o, self.unwrap(name)) for name, o in optimizers.items()},
+                "schedulers": {name: s.state_dict() for name, s in schedulers.items()}}
+
+    def _load_portable_replica(self, directory: str, optimizers: dict, schedulers: dict) -> None:
+        from gentrain.strategies.portable import load_named_optimizer_state
+
+        weights, portable = read_portable(directory, self.device)
+        for name in self.names:
+            self.unwrap(name).load_state_dict(weights["networks"][name])
+        for name, optimizer in optimizers.items():
+            load_named_optimizer_state(optimizer, self.unwrap(name), portable["optimizers"][name], name)
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(portable["schedulers"][name])
+        self.ema.load_state_dict(weights.get("ema", {}))
 
     def _save_replica(self, path: str, optimizers: dict, schedulers: dict, scaler_state) -> None:
         """One file with everything of a replicated (DDP-style) run; rank 0 writes it."""

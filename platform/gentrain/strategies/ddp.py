@@ -98,6 +98,12 @@ class DDPStrategy(Strategy):
             self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
                                self._schedulers, self._scaler.state_dict())
 
+    def portable_state(self):
+        return self._portable_replica(self._optimizers, self._schedulers)
+
+    def load_portable(self, directory):
+        self._load_portable_replica(directory, self._optimizers, self._schedulers)
+
     def load(self, directory):
         state = self._load_replica(os.path.join(directory, STATE_FILE), self._optimizers,
                                    self._schedulers)

@@ -122,12 +122,33 @@ class DeepSpeedStrategy(Strategy):
         # EMA copies without what ZeRO hangs on the network (hooks, partitions): _detached_copy.
         self.ema = EMA(self.full_weights, copy=lambda module: _detached_copy(module).eval())
 
+    def construction(self):
+        """ZeRO-3: networks are built inside `deepspeed.zero.Init`, each module's parameters
+        partitioned over the ranks as soon as the module is made (same values as a whole build:
+        every rank draws the same seeded initialisation, then keeps its share)."""
+        if self.section.zero_stage != 3 or not torch.distributed.is_initialized():
+            return contextlib.nullcontext()
+        deepspeed = _import_deepspeed(self.device)
+        config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
+        # DeepSpeed's communication layer may not know the world yet (deepspeed.initialize sets
+        # it up later): its config check would count one rank. The global batch follows anyway.
+        config.pop("train_batch_size")
+        return deepspeed.zero.Init(config_dict_or_path=config,
+                                   remote_device="cpu" if self.section.offload_param else None)
+
     def setup(self, modules, optimizers):
         if not torch.distributed.is_initialized():
             raise RuntimeError("strategy.name=deepspeed needs a torch.distributed process group "
                                "(Ray Train creates one in every worker); run through "
                                "`gentrain run`, or call init_process_group first")
         self._plain = dict(modules)
+        from gentrain.strategies.portable import parameter_names
+
+        # Each optimizer's parameter groups by name, before ZeRO flattens them (portable_state).
+        self._group_names = {}
+        for name, optimizer in optimizers.items():
+            names = parameter_names(modules[name])
+            self._group_names[name] = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
         self._engines = {name: self._engine(name, module, optimizers[name], config)
                          for name, module in modules.items() if name in optimizers}
@@ -135,7 +156,8 @@ class DeepSpeedStrategy(Strategy):
             for engine in self._engines.values():
                 _check_can_drop(engine.optimizer, self.settings.nonfinite)
         for name, module in modules.items():
-            if name not in self._engines:  # untrained (frozen) networks stay plain
+            if name not in self._engines:  # untrained (frozen) networks stay plain (and whole)
+                _unpartitioned(module)
                 module.to(self.device)
 
     def _engine(self, name: str, module: nn.Module, optimizer, config: dict):
@@ -310,6 +332,89 @@ class DeepSpeedStrategy(Strategy):
             untrained = {name: m.state_dict() for name, m in self._plain.items() if name not in self._engines}
             torch.save({"ema": self.ema.state_dict(), "untrained": untrained}, os.path.join(directory, EXTRA_FILE))
 
+    @torch.no_grad()
+    def portable_state(self):
+        """Each engine's optimizer state per parameter name, gathered from the ZeRO partitions
+        (a collective: every rank gathers; rank 0's result is written)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        from gentrain.strategies.portable import hyperparameters, named_optimizer_state
+
+        optimizers, schedulers = {}, {}
+        for name, engine in self._engines.items():
+            schedulers[name] = engine.lr_scheduler.state_dict()
+            inner = _inner_optimizer(engine)
+            if inner is None:
+                optimizers[name] = named_optimizer_state(engine.optimizer, engine.module)
+                continue
+            keys = _elementwise_keys(engine)
+            scalars = _scalar_state(engine, keys)  # per-group values such as Adam's step count
+            state = {}
+            for key_name, param in engine.module.named_parameters():
+                if not param.requires_grad or not keys:
+                    continue
+                state[key_name] = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                                   .reshape(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+                                   for key in keys}
+                state[key_name].update({key: value.clone() if torch.is_tensor(value) else value
+                                        for key, value in scalars.items()})
+            optimizers[name] = {"state": state, "param_groups": [
+                {**hyperparameters(group), "params": names}
+                for group, names in zip(inner.param_groups, self._group_names[name])]}
+        return {"optimizers": optimizers, "schedulers": schedulers}
+
+    @torch.no_grad()
+    def load_portable(self, directory):
+        """Full weights and per-name optimizer state sharded into this world's ZeRO partitions."""
+        import deepspeed
+        from gentrain.strategies.base import read_portable
+        from gentrain.strategies.portable import check_groups, load_named_optimizer_state
+
+        weights, portable = read_portable(directory, torch.device("cpu"))
+        for name, module in self._plain.items():
+            if name not in self._engines:
+                module.load_state_dict(weights["networks"][name])
+        self.ema.load_state_dict(weights.get("ema", {}))
+        for name, engine in self._engines.items():
+            full = weights["networks"][name]
+            module, saved = engine.module, portable["optimizers"][name]
+            params = dict(module.named_parameters())
+            if engine.zero_optimization_partition_weights():
+                with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        for key, param in params.items():
+                            param.data.copy_(full[key].reshape(param.shape))
+                for key, buffer in module.named_buffers():
+                    buffer.copy_(full[key])
+            else:
+                module.load_state_dict(full)  # cast to the engine's dtype
+            inner = _inner_optimizer(engine)
+            if inner is None:
+                load_named_optimizer_state(engine.optimizer, module, saved, name)
+            else:
+                engine.optimizer.refresh_fp32_params()  # the fp32 partitions from the weights above
+                for key, param in params.items():
+                    if param.requires_grad:  # exact fp32 masters (bf16 engines hold rounded weights)
+                        _set_full(param, full[key], None)
+                check_groups(self._group_names[name], saved, name)
+                if saved["state"]:
+                    _ensure_inner_state(engine, next(iter(saved["state"].values())))
+                    lazy_link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+                    if lazy_link is not None:  # ZeRO 1-2, bf16: map each parameter's state fragment
+                        lazy_link()
+                    keys = _elementwise_keys(engine)
+                    for key_name, state in saved["state"].items():
+                        for key in keys:
+                            _set_full(params[key_name], state[key], key)
+                    scalars = {key: value for key, value in next(iter(saved["state"].values())).items()
+                               if key not in keys}
+                    for flat in _flat_partitions(engine):
+                        for key, value in scalars.items():
+                            inner.state[flat][key] = value.clone() if torch.is_tensor(value) else value
+                for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
+                    group.update({key: value for key, value in saved_group.items() if key != "params"})
+            engine.lr_scheduler.load_state_dict(portable["schedulers"][name])
+
     def load(self, directory):
         for name, engine in self._engines.items():
             path, _ = engine.load_checkpoint(directory, tag=name, load_optimizer_states=True,
@@ -324,6 +429,99 @@ class DeepSpeedStrategy(Strategy):
             for name, state in extra["untrained"].items():
                 self._plain[name].load_state_dict(state)
             self.ema.load_state_dict(extra["ema"])
+
+
+@torch.no_grad()
+def _unpartitioned(module: nn.Module) -> None:
+    """A network built under `deepspeed.zero.Init` that gets no engine (no optimizer): its
+    parameters gathered back into plain, whole ones (no ZeRO hooks would fetch them)."""
+    import deepspeed
+
+    for child in module.modules():
+        for key, param in list(child._parameters.items()):
+            if param is not None and hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param]):
+                    whole = param.data.detach().clone()
+                child._parameters[key] = nn.Parameter(whole, requires_grad=param.requires_grad)
+
+
+def _inner_optimizer(engine):
+    """The torch optimizer over ZeRO's (or the bf16 optimizer's) flat fp32 partitions; None when
+    the engine steps the job type's torch optimizer directly (ZeRO 0 in fp32)."""
+    optimizer = engine.optimizer
+    return None if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+
+
+def _flat_partitions(engine) -> list[torch.Tensor]:
+    """The fp32 flat partitions the inner optimizer keeps its state for (DeepSpeed 0.19.8:
+    ZeRO-3 empties the inner optimizer's param_groups between steps, so they are read here)."""
+    optimizer = engine.optimizer
+    for attribute in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                      "fp32_groups_flat_partition"):  # ZeRO-3, ZeRO 1-2, bf16 without ZeRO
+        if hasattr(optimizer, attribute):
+            return list(getattr(optimizer, attribute))
+    raise ValueError(f"strategy.name=deepspeed: {type(optimizer).__name__} is not an optimizer wrapper "
+                     "gentrain knows how to save per parameter; remove optimizer-related keys from "
+                     "strategy.deepspeed_config")
+
+
+def _elementwise_keys(engine) -> list[str]:
+    """Optimizer state keys held per element (Adam's moments, SGD's momentum)."""
+    inner = _inner_optimizer(engine)
+    for flat in _flat_partitions(engine):
+        state = inner.state.get(flat)
+        if state:
+            return [key for key, value in state.items() if torch.is_tensor(value) and value.shape == flat.shape]
+    return []
+
+
+def _scalar_state(engine, keys: list[str]) -> dict:
+    """The per-step values of the inner optimizer's state (Adam's step count)."""
+    inner = _inner_optimizer(engine)
+    for flat in _flat_partitions(engine):
+        state = inner.state.get(flat)
+        if state:
+            return {key: value.detach().cpu().clone() if torch.is_tensor(value) else value
+                    for key, value in state.items() if key not in keys}
+    return {}
+
+
+def _ensure_inner_state(engine, example: dict) -> None:
+    """Create the inner optimizer's state as its first step would (DeepSpeed creates it
+    lazily), shaped like `example` (one parameter's portable state)."""
+    inner = _inner_optimizer(engine)
+    for flat in _flat_partitions(engine):
+        if inner.state.get(flat):
+            continue
+        inner.state[flat] = {key: torch.zeros_like(flat) if torch.is_tensor(value) and value.dim() > 0
+                             else (value.clone() if torch.is_tensor(value) else value)
+                             for key, value in example.items()}
+
+
+def _set_full(param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's share of a full fp32 master (key None) or optimizer state of `param`.
+
+    ZeRO-3: written here, not by `safe_set_full_fp32_param`/`safe_set_full_optimizer_state`,
+    whose stage-3 path (DeepSpeed 0.19.8, stage3.py `set_full_hp_param`) slices past the end
+    of the value on the last rank when the partitions are padded (a 1-element parameter on
+    2 ranks: "start (1) + length (1) exceeds dimension size (1)")."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    value = value.detach().to(torch.float32).flatten()
+    if hasattr(param, "ds_id"):
+        if not param.requires_grad:
+            return
+        optimizer = param._z3_optimizer
+        partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                              optim_state_key=key)
+        start = partition.numel() * optimizer._get_param_partition_rank(param)
+        piece = value[start:start + partition.numel()]
+        partition.zero_()
+        partition[:piece.numel()].copy_(piece.to(partition.device))
+    elif key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
 
 
 def _import_deepspeed(device: torch.device):

@@ -28,8 +28,8 @@ def fsdp_problem(accelerate_mode: str, on_gpu: bool) -> str | None:
     where = ("gentrain's FSDP path (sharded EMA, gathering for samples, sharded checkpoints) is "
              "not built" if on_gpu else "on a CPU Accelerate 1.15 never enters FSDP: it quietly keeps DDP")
     return (f"strategy.accelerate_mode: 'fsdp' is not supported yet ({where}); use "
-            "strategy.accelerate_mode=ddp, or strategy.name=deepspeed with strategy.zero_stage=3 "
-            "to shard parameters")
+            "strategy.accelerate_mode=ddp, or strategy.name=fsdp (torch's FSDP2) or strategy.name=deepspeed "
+            "with strategy.zero_stage=3 to shard parameters")
 
 
 def nonfinite_problem(policy: str, run_dir: str) -> str | None:
