@@ -37,6 +37,7 @@ from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, jo
 from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.limits import nonfinite_problem
+from gentrain.timeline import mark
 
 
 class Engine:
@@ -64,12 +65,16 @@ class Engine:
         self.logger = logger if rank == 0 else None
         self._print_fn = print_fn
         self._index = None
+        self._mark("engine_start")
         self.data_info = data_info or DataInfo.of_index(self.index)
         self.job.check_data(self.data_info)
+        self._mark("dataset_open")
         modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
                                 grad_checkpointing=spec.strategy.grad_checkpointing)
+        self._mark("model_built")
         self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
         self.strategy.setup(modules, self._optimizers(modules))
+        self._mark("strategy_ready")
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done
         self.batches_consumed = 0  # per rank, micro-batches included: where the data continues
@@ -83,6 +88,8 @@ class Engine:
         self.lr_scale = 1.0
         self._evaluator = None
         self.stopped_at_time_budget = False  # fit ended at train.max_time, before train.steps
+        # (seconds waiting for the batches, seconds of the whole step) of the last optimizer_step
+        self.step_timing = (0.0, 0.0)
 
     @property
     def index(self):
@@ -117,23 +124,31 @@ class Engine:
             return
         if not self.resumed:
             self.evaluate()
+            self._mark("initial_evaluation_done")
             if spec.train.nonfinite == "rollback" and self.step == 0:
                 save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()
+        self._mark("data_stream_open")
         window = Window()
         started = None  # train.max_time counts from the first step (rank 0's clock)
+        first = True
         while self.step < spec.train.steps:
             if started is None:
                 started = time.monotonic()
             try:
-                window.add(self.optimizer_step(batches))
+                metrics = self.optimizer_step(batches)
             except NonFiniteRollback as error:
                 self.roll_back(error)  # or NonFiniteError: rollbacks exhausted
                 batches = self.train_batches()  # from the restored data position
                 window = Window()
                 continue
+            window.add(metrics, *self.step_timing)
+            if first:
+                first = False
+                self._mark("first_step", step=self.step, data_wait=self.step_timing[0])
             last = self.step == spec.train.steps
             if self.step % spec.train.log_every == 0 or last:
+                self._mark("step", step=self.step)
                 self._report(window)
                 window = Window()
                 if not last and self._out_of_time(started):
@@ -183,7 +198,9 @@ class Engine:
         grad_norm/<name> once)."""
         accum = self.spec.train.grad_accum
         totals: dict[str, float] = {}
+        began = time.perf_counter()
         micro_batches = [to_device(next(batches), self.device) for _ in range(accum)]
+        waited = time.perf_counter() - began
         self.batches_consumed += accum
         # Seeded per (seed, rank, step), after the data is drawn: noise is the same with
         # or without a restart.
@@ -199,15 +216,24 @@ class Engine:
                 weight = 1.0 if "/" in key else 1.0 / accum  # step outputs come once
                 totals[key] = totals.get(key, 0.0) + value * weight
         self.step += 1
+        self.step_timing = (waited, time.perf_counter() - began)
         return totals
 
     def train_metrics(self, window: Window) -> dict[str, float]:
         """train/* (means over all ranks), samples/s, learning rates and
-        data/skipped_samples for the steps in `window` (a collective)."""
+        data/skipped_samples for the steps in `window` (a collective).
+
+        train/data_wait_fraction: the share of the window's step time spent waiting for
+        batches (the ranks' mean), when the window timed its steps (Engine.fit does)."""
         spec = self.spec
         means = window.means()
         keys = sorted(means)
-        reduced = self.strategy.all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+        values = [means[k] for k in keys]
+        timed = window.step_seconds > 0
+        if timed:  # the same on every rank: fit times every step it adds
+            keys.append("data_wait_fraction")
+            values.append(window.data_wait_seconds / window.step_seconds)
+        reduced = self.strategy.all_reduce(torch.tensor(values, dtype=torch.float64))
         metrics = {f"train/{k}": float(v) for k, v in zip(keys, reduced)}
         samples = window.count * spec.train.batch_size * spec.train.grad_accum * self.world_size
         metrics["train/samples_per_second"] = samples / max(window.elapsed(), 1e-9)
@@ -352,6 +378,10 @@ class Engine:
     def print(self, message: str) -> None:
         if self.rank == 0 and self._print_fn is not None:
             self._print_fn(message)
+
+    def _mark(self, event: str, **fields) -> None:
+        if self.rank == 0:  # gentrain.timeline: a no-op unless GENTRAIN_TIMELINE is set
+            mark(event, **fields)
 
 
 def build_modules(job: JobType, config, data_info: DataInfo, seed: int,

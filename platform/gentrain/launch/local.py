@@ -25,6 +25,7 @@ from gentrain.data.index import default_cache_dir, resolve_builtin
 from gentrain.launch.storage import check_writable
 from gentrain.nonfinite import clear_stop, raise_if_stopped
 from gentrain.spec import JobSpec, dump_yaml
+from gentrain.timeline import mark
 from gentrain.validation import ValidatedJob
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
@@ -173,9 +174,12 @@ def run(job: ValidatedJob) -> RunSummary:
     if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
+    mark("data_prepared")
     uri, run_id = open_tracking(spec, previous_run_id)
+    mark("tracking_open")
     if not joined:
         init_ray(spec)
+        mark("ray_started")
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
@@ -184,9 +188,11 @@ def run(job: ValidatedJob) -> RunSummary:
     trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()))
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
+    mark("trainer_built")
     try:
         with _sigterm_as_interrupt():
             result = trainer.fit()
+        mark("trainer_done")
         raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see
