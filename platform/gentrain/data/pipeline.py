@@ -227,12 +227,16 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
 
 def _epochs(reading: _Reading, first_epoch: int) -> Iterator[dict]:
     for epoch in itertools.count(first_epoch):
-        # Its own generator: creating the loader must not draw from torch's global RNG,
-        # or a resumed run's noise would differ from an uninterrupted one.
-        generator = torch.Generator().manual_seed(reading.seed * 1_000_003 + epoch * 1_009 + reading.rank)
-        loader = DataLoader(_train_pipeline(reading, epoch), batch_size=None, num_workers=reading.loader_workers,
-                            generator=generator)
-        batches = iter(loader)
+        pipeline = _train_pipeline(reading, epoch)
+        if reading.loader_workers == 0:
+            # Read in this process: a DataLoader would only pass each finished batch through.
+            batches = iter(pipeline)
+        else:
+            # Its own generator: creating the loader must not draw from torch's global RNG,
+            # or a resumed run's noise would differ from an uninterrupted one.
+            generator = torch.Generator().manual_seed(reading.seed * 1_000_003 + epoch * 1_009 + reading.rank)
+            batches = iter(DataLoader(pipeline, batch_size=None, num_workers=reading.loader_workers,
+                                      generator=generator))
         try:
             for _ in range(reading.per_epoch):
                 yield next(batches)
