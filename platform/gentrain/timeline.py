@@ -3,7 +3,7 @@
     GENTRAIN_TIMELINE=/tmp/run.jsonl gentrain run vae/debug
 
 With the variable set, the driver and rank 0 append one JSON line per mark
-({"event", "time" (time.time()), "pid", ...}) to that file: where the seconds before
+({"event", "time" (time.time()), "cpu" (time.process_time()), "pid", ...}) to that file: where the seconds before
 the first step go (Ray start, imports, dataset open, model build, strategy setup,
 first batch) and when each progress step ended. Unset (the default) a mark costs one
 environment lookup; marks are only made at start-up and at train.log_every steps.
@@ -24,7 +24,9 @@ def mark(event: str, **fields) -> None:
     path = os.environ.get(TIMELINE_ENV)
     if not path:
         return
-    record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
+    # cpu: the process's CPU seconds (all its threads): a measure of cost that the
+    # machine's load moves far less than wall time.
+    record = {"event": event, "time": time.time(), "cpu": time.process_time(), "pid": os.getpid(), **fields}
     # One short line in append mode: lines from several processes do not interleave.
     with open(path, "a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")

@@ -23,14 +23,16 @@ def test_marks_append_only_when_asked(tmp_path, monkeypatch):
 def _marks(started):
     return [{"event": "cli_start", "time": started + 2.0}, {"event": "ray_started", "time": started + 12.0},
             {"event": "worker_start", "time": started + 20.0}, {"event": "first_step", "time": started + 21.5},
-            {"event": "step", "step": 25, "time": started + 22.0}, {"event": "step", "step": 50, "time": started + 22.5},
-            {"event": "step", "step": 75, "time": started + 24.0}]
+            {"event": "step", "step": 25, "time": started + 22.0, "cpu": 10.0},
+            {"event": "step", "step": 50, "time": started + 22.5, "cpu": 10.5},
+            {"event": "step", "step": 75, "time": started + 24.0, "cpu": 11.0}]
 
 
 def test_steady_rate_phases_and_first_step_from_marks():
     started = 1000.0
     marks = _marks(started)
     assert e2e._steady(marks) == pytest.approx(50 / 2.0)  # steps 25 -> 75 in 2 s
+    assert e2e._steady(marks, "cpu") == pytest.approx(50 / 1.0)  # and 1 CPU second
     assert e2e._first(marks, "first_step", started) == pytest.approx(21.5)
     phases = e2e._phases(marks, started)
     assert phases == pytest.approx({"cli_start": 2.0, "ray_started": 10.0, "worker_start": 8.0, "first_step": 1.5})

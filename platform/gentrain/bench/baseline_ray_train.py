@@ -28,7 +28,8 @@ def _mark(event: str, **fields) -> None:
     path = os.environ.get("GENTRAIN_TIMELINE")
     if path:
         with open(path, "a", encoding="utf-8") as out:
-            out.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
+            out.write(json.dumps({"event": event, "time": time.time(), "cpu": time.process_time(),
+                                  "pid": os.getpid(), **fields}) + "\n")
 
 
 def train_loop(config: dict) -> None:
