@@ -133,6 +133,28 @@ def init_ray(spec: JobSpec) -> None:
     console.install()
 
 
+def alongside(task, main):
+    """`task()` in a thread while `main()` runs in this one; returns task's result, or
+    raises its error once main is done (main's own error first)."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = task()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="gentrain-alongside", daemon=True)
+    thread.start()
+    try:
+        main()
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -170,15 +192,15 @@ def run(job: ValidatedJob) -> RunSummary:
         print(continuing_message(spec, *previous), flush=True)
     from gentrain.launch.cluster_check import check_shared_paths
 
-    joined = cluster_address() is not None
-    if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
+    mark("data_prepared")
+    if cluster_address() is not None:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
-    mark("data_prepared")
-    uri, run_id = open_tracking(spec, previous_run_id)
-    mark("tracking_open")
-    if not joined:
-        init_ray(spec)
+        uri, run_id = open_tracking(spec, previous_run_id)
+    else:
+        # The embedded Ray starts while the MLflow run opens (both mostly wait: on Ray's
+        # processes, on the tracking store); an unreachable MLflow still ends the run here.
+        uri, run_id = alongside(lambda: open_tracking(spec, previous_run_id), lambda: init_ray(spec))
         mark("ray_started")
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
     from gentrain import tracking
