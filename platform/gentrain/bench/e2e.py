@@ -49,7 +49,7 @@ PHASES = [
     ("cli_start", "python start, imports"),
     ("job_validated", "spec load and validation"),
     ("data_prepared", "dataset packing check"),
-    ("ray_started", "ray.init (gentrain: with the MLflow run opening alongside)"),
+    ("ray_started", "ray.init (gentrain: + MLflow run, alongside)"),
     ("trainer_built", "trainer built"),
     ("worker_start", "workers started (placement, process group)"),
     ("engine_start", "worker: tracking logger, restore check"),
