@@ -13,6 +13,7 @@
     gentrain bench strategies
     gentrain bench memory
     gentrain bench likelihoods --budget 60s
+    gentrain bench e2e --rounds 3
     gentrain submit vae/debug storage_path=/shared/runs --address http://HEAD:8265
     gentrain status JOB | gentrain logs JOB --follow | gentrain stop JOB | gentrain jobs
 """
@@ -173,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_nll.add_argument("--eval-batches", type=int, default=None, help="cap on held-out batches (default: all)")
     bench_nll.add_argument("--json", default="bench-likelihoods.json", help="where to write results")
     bench_nll.set_defaults(handler=cmd_bench_likelihoods)
+    bench_e2e = bench_kinds.add_parser(
+        "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
+    bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    bench_e2e.add_argument("--steps", type=int, default=300, help="train.steps of every run (default 300)")
+    bench_e2e.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    bench_e2e.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    bench_e2e.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
+    bench_e2e.add_argument("--json", default="bench-e2e.json", help="where to write results")
+    bench_e2e.set_defaults(handler=cmd_bench_e2e)
     return parser
 
 
@@ -203,11 +213,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from gentrain.timeline import mark
+
+    mark("cli_start")
     from gentrain.launch.local import run
     from gentrain.nonfinite import NonFiniteError
     from gentrain.validation import load_job
 
     job = load_job(args.spec, args.overrides)
+    mark("job_validated")
     spec = job.spec
     try:
         summary = run(job)
@@ -420,6 +434,14 @@ def cmd_bench_memory(args) -> int:
     from gentrain.bench.memory import run_memory_bench
 
     run_memory_bench(width=args.width, layers=args.layers, json_path=args.json)
+    return 0
+
+
+def cmd_bench_e2e(args) -> int:
+    from gentrain.bench.e2e import run_e2e_bench
+
+    run_e2e_bench(rounds=args.rounds, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
+                  json_path=args.json, keep=args.keep)
     return 0
 
 

@@ -40,6 +40,7 @@ from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.limits import nonfinite_problem
 from gentrain.strategies.portable import PORTABLE_FILE
+from gentrain.timeline import mark
 
 
 class Engine:
@@ -67,15 +68,19 @@ class Engine:
         self.logger = logger if rank == 0 else None
         self._print_fn = print_fn
         self._index = None
+        self._mark("engine_start")
         self.data_info = data_info or DataInfo.of_index(self.index)
         self.job.check_data(self.data_info)
+        self._mark("dataset_open")
         self.strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), self.device)
         # ZeRO-3 and a family that allows it: every parameter partitioned as it is made.
         sharded = self.strategy.construction() if self.job.supports.sharded_build else contextlib.nullcontext()
         with sharded:
             modules = build_modules(self.job, self.config, self.data_info, spec.train.seed,
                                     grad_checkpointing=spec.strategy.grad_checkpointing)
+        self._mark("model_built")
         self.strategy.setup(modules, self._optimizers(modules))
+        self._mark("strategy_ready")
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done
         self.batches_consumed = 0  # per rank, micro-batches included (each world counts its own)
@@ -97,6 +102,8 @@ class Engine:
         # progress window are in `last_train_metrics` (all-reduced: the same on every rank).
         self.on_evaluation: Callable[["Engine", dict], None] | None = None
         self.last_train_metrics: dict[str, float] = {}
+        # (seconds waiting for the batches, seconds of the whole step) of the last optimizer_step
+        self.step_timing = (0.0, 0.0)
 
     @property
     def index(self):
@@ -131,23 +138,31 @@ class Engine:
             return
         if not self.resumed:
             self._evaluate_in_fit()
+            self._mark("initial_evaluation_done")
             if spec.train.nonfinite == "rollback" and self.step == 0:
                 save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()
+        self._mark("data_stream_open")
         window = Window()
         started = None  # train.max_time counts from the first step (rank 0's clock)
+        first = True
         while self.step < spec.train.steps:
             if started is None:
                 started = time.monotonic()
             try:
-                window.add(self.optimizer_step(batches))
+                metrics = self.optimizer_step(batches)
             except NonFiniteRollback as error:
                 self.roll_back(error)  # or NonFiniteError: rollbacks exhausted
                 batches = self.train_batches()  # from the restored data position
                 window = Window()
                 continue
+            window.add(metrics, *self.step_timing)
+            if first:
+                first = False
+                self._mark("first_step", step=self.step, data_wait=self.step_timing[0])
             last = self.step == spec.train.steps
             if self.step % spec.train.log_every == 0 or last:
+                self._mark("step", step=self.step)
                 self._report(window)
                 window = Window()
                 if not last and self._out_of_time(started):
@@ -208,7 +223,7 @@ class Engine:
                 start_epoch=start_epoch, start_batch=start_batch,
                 augment=Augmentation(flip=data.augment.flip, crop_padding=data.augment.crop_padding),
                 resampled=data.resampled, epoch_samples=data.epoch_samples, on_error=data.on_error,
-                allow_pipe=data.allow_pipe)
+                allow_pipe=data.allow_pipe, cache_bytes=data.cache_mb * 2**20)
 
         self.train_data = continue_batches(position, self.rank, self.world_size, self.per_epoch, stream)
         return self.train_data
@@ -219,11 +234,13 @@ class Engine:
         grad_norm/<name> once)."""
         accum = self.spec.train.grad_accum
         totals: dict[str, float] = {}
+        began = time.perf_counter()
         micro_batches = [to_device(next(batches), self.device) for _ in range(accum)]
+        waited = time.perf_counter() - began
         self.batches_consumed += accum
         # Seeded per (seed, rank, step), after the data is drawn: noise is the same with
         # or without a restart.
-        torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank * 10_007 + self.step)
+        seed_step(self.spec.train.seed * 1_000_003 + self.rank * 10_007 + self.step, self.device)
         for micro, batch in enumerate(micro_batches):
             self.ctx.global_step = self.step
             with self.strategy.micro_step(is_last=micro == accum - 1):
@@ -235,15 +252,24 @@ class Engine:
                 weight = 1.0 if "/" in key else 1.0 / accum  # step outputs come once
                 totals[key] = totals.get(key, 0.0) + value * weight
         self.step += 1
+        self.step_timing = (waited, time.perf_counter() - began)
         return totals
 
     def train_metrics(self, window: Window) -> dict[str, float]:
         """train/* (means over all ranks), samples/s, learning rates and
-        data/skipped_samples for the steps in `window` (a collective)."""
+        data/skipped_samples for the steps in `window` (a collective).
+
+        train/data_wait_fraction: the share of the window's step time spent waiting for
+        batches (the ranks' mean), when the window timed its steps (Engine.fit does)."""
         spec = self.spec
         means = window.means()
         keys = sorted(means)
-        reduced = self.strategy.all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+        values = [means[k] for k in keys]
+        timed = window.step_seconds > 0
+        if timed:  # the same on every rank: fit times every step it adds
+            keys.append("data_wait_fraction")
+            values.append(window.data_wait_seconds / window.step_seconds)
+        reduced = self.strategy.all_reduce(torch.tensor(values, dtype=torch.float64))
         metrics = {f"train/{k}": float(v) for k, v in zip(keys, reduced)}
         samples = window.count * spec.train.batch_size * spec.train.grad_accum * self.world_size
         metrics["train/samples_per_second"] = samples / max(window.elapsed(), 1e-9)
@@ -419,6 +445,10 @@ class Engine:
         if self.rank == 0 and self._print_fn is not None:
             self._print_fn(message)
 
+    def _mark(self, event: str, **fields) -> None:
+        if self.rank == 0:  # gentrain.timeline: a no-op unless GENTRAIN_TIMELINE is set
+            mark(event, **fields)
+
 
 def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
                   grad_checkpointing: bool = False) -> dict[str, torch.nn.Module]:
@@ -454,6 +484,16 @@ def strategy_label(section: dict) -> str:
     """ddp, accelerate, fsdp, deepspeed-zero3: what decides how the training state is laid out."""
     name = section.get("name", "ddp")
     return f"deepspeed-zero{section.get('zero_stage', 0)}" if name == "deepspeed" else name
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """torch.manual_seed(seed) for what a step draws from: the CPU generator and, training on
+    a GPU, CUDA's. The same generator states as torch.manual_seed, without its per-call cost
+    (it queues a lazy seeding, with a captured traceback, for every accelerator type torch
+    knows but this process has not started: about a millisecond a step on a CPU)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def from_rank_zero(value, world_size: int):

@@ -23,6 +23,7 @@ from gentrain.nonfinite import NonFiniteError, can_hand_over, write_stop
 from gentrain.launch.console import route_worker_logs, worker_print
 from gentrain.paths import is_remote
 from gentrain.spec import JobSpec
+from gentrain.timeline import mark
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -46,6 +47,8 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
     for a sweep's trial (gentrain.sweep)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    if rank == 0:
+        mark("worker_start")
     logger = _run_logger(spec, run_id, tracking_uri) if rank == 0 else None
     monitor = None
     if logger and spec.tracking.system_metrics:

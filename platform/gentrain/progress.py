@@ -14,11 +14,16 @@ class Window:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.count = 0
+        self.data_wait_seconds = 0.0  # of the steps added: waiting for their batches
+        self.step_seconds = 0.0  # of the steps added: the whole steps, the wait included
 
-    def add(self, metrics: dict[str, float]) -> None:
-        """One step's metrics; non-finite values (a step that train.nonfinite=skip dropped)
-        are left out of the means, not averaged in."""
+    def add(self, metrics: dict[str, float], data_wait: float = 0.0, seconds: float = 0.0) -> None:
+        """One step's metrics (and, when timed, the seconds it waited for data and took in
+        all); non-finite values (a step that train.nonfinite=skip dropped) are left out of
+        the means, not averaged in."""
         self.count += 1
+        self.data_wait_seconds += data_wait
+        self.step_seconds += seconds
         for key, value in metrics.items():
             finite = math.isfinite(value)
             self.sums[key] = self.sums.get(key, 0.0) + (value if finite else 0.0)

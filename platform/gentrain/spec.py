@@ -56,6 +56,9 @@ class DataSection:
     eval_split: str = "test"
     shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
     loader_workers: int = field(default=0, metadata=bounds(ge=0))
+    # A train split whose decoded samples fit in this many MiB is decoded once and kept in
+    # memory (with loader_workers 0 and on_error fail); 0 always streams from the shards.
+    cache_mb: int = field(default=256, metadata=bounds(ge=0, help="0 turns the decoded cache off"))
     augment: AugmentSection = field(default_factory=AugmentSection)
     # Infinite resampled shard streams with a fixed epoch length (very large sets).
     resampled: bool = False

@@ -42,6 +42,13 @@ reader draws shards from the whole split with replacement, and an epoch is
 Resume: the stream is a pure function of (seed, epoch, rank, batches read), so
 `start_epoch`/`start_batch` re-read and discard the batches a run consumed
 before its checkpoint and continue with the next unseen ones.
+
+Small sets are decoded once (`cache_bytes`, data.cache_mb): when a split's decoded
+samples fit, each shard is read and decoded the first time the stream reaches it and
+kept, as decoded samples, for the rest of the run. The stream is the same sample for
+sample (the shuffle buffer's order does not depend on what it holds); only reading in
+the training process (data.loader_workers: 0) and data.on_error: fail use it, where a
+bad shard raises either way.
 """
 
 from __future__ import annotations
@@ -122,6 +129,7 @@ class _Reading:
     on_error: str
     allow_pipe: bool
     with_keys: bool
+    cache: dict | None  # shard URL -> its decoded samples, when the split is decoded once
 
 
 def train_batches(
@@ -142,6 +150,7 @@ def train_batches(
     on_error: str = "fail",
     allow_pipe: bool = False,
     with_keys: bool = False,
+    cache_bytes: int = 0,
 ) -> Batches:
     """An endless iterator of {"image": float32 [B, C, H, W] in [0, 1], "label": int64 [B]}.
 
@@ -150,8 +159,10 @@ def train_batches(
     next epoch with a new deal and shuffle seeded by `seed` and the epoch.
     `start_batch` skips that many batches (it may span epochs) so that a resumed
     run continues where it stopped. `augment` applies to these batches only;
-    `with_keys` adds "key", the samples' `__key__`s. The data.* settings map to
-    the keyword arguments of the same names.
+    `with_keys` adds "key", the samples' `__key__`s. `cache_bytes`: decode the split
+    once and keep it when its decoded samples fit in that many bytes (0: never; see the
+    module docstring). The data.* settings map to the keyword arguments of the same names
+    (data.cache_mb to cache_bytes).
 
     Raises DataConfigError, UnsafeURLError or MissingExtraError at once (not on
     the first `next`) for settings or URLs this split cannot serve, and
@@ -168,10 +179,25 @@ def train_batches(
     check_readable(index.shard_urls(split), allow_pipe)
     per_epoch = batches_per_epoch(index, split, batch_size, world_size, epoch_samples if resampled else None)
     _check_enough_data(index, split, batch_size, world_size, loader_workers, per_epoch, resampled, epoch_samples)
+    cache = {} if _cacheable(index, split, loader_workers, on_error, cache_bytes) else None
     reading = _Reading(index, split, batch_size, rank, world_size, seed, loader_workers, shuffle_buffer, per_epoch,
-                       augment, resampled, on_error, allow_pipe, with_keys)
+                       augment, resampled, on_error, allow_pipe, with_keys, cache)
     first_epoch = start_epoch + start_batch // per_epoch
     return Batches(_epochs(reading, first_epoch), discard=start_batch % per_epoch)
+
+
+def decoded_bytes(index: DatasetIndex, split: str) -> int:
+    """Bytes the split's samples hold decoded (uint8 images; int64 tokens), before batching."""
+    per_sample = 1
+    for side in index.shape:
+        per_sample *= int(side)
+    return index.total(split) * per_sample * (8 if index.kind == "text" else 1)
+
+
+def _cacheable(index: DatasetIndex, split: str, loader_workers: int, on_error: str, cache_bytes: int) -> bool:
+    # Loader workers are started again every epoch: a cache in them would not outlive it.
+    return (cache_bytes > 0 and loader_workers == 0 and on_error == "fail"
+            and decoded_bytes(index, split) <= cache_bytes)
 
 
 def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, world_size: int, *,
@@ -201,12 +227,16 @@ def eval_batches(index: DatasetIndex, split: str, batch_size: int, rank: int, wo
 
 def _epochs(reading: _Reading, first_epoch: int) -> Iterator[dict]:
     for epoch in itertools.count(first_epoch):
-        # Its own generator: creating the loader must not draw from torch's global RNG,
-        # or a resumed run's noise would differ from an uninterrupted one.
-        generator = torch.Generator().manual_seed(reading.seed * 1_000_003 + epoch * 1_009 + reading.rank)
-        loader = DataLoader(_train_pipeline(reading, epoch), batch_size=None, num_workers=reading.loader_workers,
-                            generator=generator)
-        batches = iter(loader)
+        pipeline = _train_pipeline(reading, epoch)
+        if reading.loader_workers == 0:
+            # Read in this process: a DataLoader would only pass each finished batch through.
+            batches = iter(pipeline)
+        else:
+            # Its own generator: creating the loader must not draw from torch's global RNG,
+            # or a resumed run's noise would differ from an uninterrupted one.
+            generator = torch.Generator().manual_seed(reading.seed * 1_000_003 + epoch * 1_009 + reading.rank)
+            batches = iter(DataLoader(pipeline, batch_size=None, num_workers=reading.loader_workers,
+                                      generator=generator))
         try:
             for _ in range(reading.per_epoch):
                 yield next(batches)
@@ -220,11 +250,14 @@ def _train_pipeline(reading: _Reading, epoch: int) -> wds.DataPipeline:
     index, seed, rank = reading.index, reading.seed, reading.rank
     log = ReadLog(reading.on_error)
     urls = index.shard_urls(reading.split)
+    samples = ShardSamples(dict(zip(urls, index.split(reading.split).counts)), log, reading.allow_pipe)
+    decoder = SampleDecoder(index.shape, log, index.dtype)
+    if reading.cache is not None:  # decoded once: the shuffle buffer then moves decoded samples
+        samples, decoder = _DecodedOnce(samples, decoder, reading.cache), None
     stages = [
         ReaderShards(urls, rank, reading.world_size, seed, epoch, log, resampled=reading.resampled),
-        _ShuffledCycles(ShardSamples(dict(zip(urls, index.split(reading.split).counts)), log, reading.allow_pipe),
-                        reading.shuffle_buffer, seed, epoch, rank),
-        SampleDecoder(index.shape, log, index.dtype),
+        _ShuffledCycles(samples, reading.shuffle_buffer, seed, epoch, rank),
+        *([decoder] if decoder is not None else []),
         wds.filters.batched(reading.batch_size, partial=False,
                             collation_fn=functools.partial(_collate, kind=index.kind, with_keys=reading.with_keys)),
     ]
@@ -252,6 +285,22 @@ class _ShuffledCycles:
                 shuffle = wds.filters.shuffle(self.buffer_size, initial=min(self.buffer_size, 100), seed=stream_seed)
                 samples = shuffle(samples)
             yield from samples
+
+
+class _DecodedOnce:
+    """Stage in place of ShardSamples + SampleDecoder: shard URLs -> decoded samples, each
+    shard read and decoded in full the first time it comes and served from `cache` after.
+    Only under data.on_error: fail, where a bad shard or sample raises as it would streaming."""
+
+    def __init__(self, shard_samples: ShardSamples, decoder: SampleDecoder, cache: dict):
+        self.shard_samples, self.decoder, self.cache = shard_samples, decoder, cache
+
+    def __call__(self, urls):
+        for url in urls:
+            decoded = self.cache.get(url)
+            if decoded is None:
+                decoded = self.cache[url] = list(self.decoder(self.shard_samples([url])))
+            yield from decoded
 
 
 class _AttachSkipped:

@@ -25,6 +25,7 @@ from gentrain.data.index import default_cache_dir, resolve_builtin
 from gentrain.launch.storage import check_writable
 from gentrain.nonfinite import clear_stop, raise_if_stopped
 from gentrain.spec import JobSpec, dump_yaml
+from gentrain.timeline import mark
 from gentrain.validation import ValidatedJob
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
@@ -143,6 +144,28 @@ def init_ray(spec: JobSpec) -> None:
     console.install()
 
 
+def alongside(task, main):
+    """`task()` in a thread while `main()` runs in this one; returns task's result, or
+    raises its error once main is done (main's own error first)."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = task()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="gentrain-alongside", daemon=True)
+    thread.start()
+    try:
+        main()
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -184,13 +207,17 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
         print(continuing_message(spec, *previous), flush=True)
     from gentrain.launch.cluster_check import check_shared_paths
 
-    joined = cluster_address() is not None
-    if joined:  # a cluster: refuse paths some node lacks before an MLflow run is opened
+    mark("data_prepared")
+    if cluster_address() is not None:  # a cluster: refuse paths some node lacks before an MLflow run is opened
         init_ray(spec)
         check_shared_paths(spec)
-    uri, run_id, attempt = open_tracking(spec, previous_run_id, tags)
-    if not joined:
-        init_ray(spec)
+        uri, run_id, attempt = open_tracking(spec, previous_run_id, tags)
+    else:
+        # The embedded Ray starts while the MLflow run opens (both mostly wait: on Ray's
+        # processes, on the tracking store); an unreachable MLflow still ends the run here.
+        uri, run_id, attempt = alongside(lambda: open_tracking(spec, previous_run_id, tags),
+                                         lambda: init_ray(spec))
+        mark("ray_started")
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
@@ -201,9 +228,11 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
                             callbacks=callbacks, report_evaluations=report_evaluations)
     spool = tracking.spool_dir_for(spec.run_dir)
     clear_stop(spec.run_dir)
+    mark("trainer_built")
     try:
         with _sigterm_as_interrupt():
             result = trainer.fit()
+        mark("trainer_done")
         raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
         if run_id:  # bounded and never raising: the training error is the one to see

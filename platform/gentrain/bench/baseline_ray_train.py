@@ -1,0 +1,124 @@
+"""The plain Ray Train V2 script `gentrain bench e2e` measures `gentrain run vae/debug` against.
+
+    python platform/gentrain/bench/baseline_ray_train.py --steps 300 --workers 2 --batch-size 32
+
+What a user would write by hand for the debug VAE: the same network (the VAE job type's
+ConvVAE, built through the registry exactly as gentrain builds it) and the same loss
+(the negative Bernoulli ELBO, beta 1), scikit-learn's 8x8 digits held in memory as one
+tensor (scaled to [0, 1] as gentrain packs them), a shuffled disjoint share per rank each
+epoch, DistributedDataParallel (gloo), AdamW and gradient clipping at 1.0; nothing else (no
+schedule, evaluation, checkpoints or tracking). Ray starts as a plain script starts it
+(`ray.init(address="local")`, Ray's defaults).
+
+With GENTRAIN_TIMELINE set it appends the same marks a gentrain run does
+(gentrain.timeline's format): the bench reads the time to the first step and the
+steady rate from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def _mark(event: str, **fields) -> None:
+    path = os.environ.get("GENTRAIN_TIMELINE")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"event": event, "time": time.time(), "cpu": time.process_time(),
+                                  "pid": os.getpid(), **fields}) + "\n")
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from gentrain.registry import DataInfo, get_job_type
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:
+        _mark("worker_start")
+    images = torch.tensor(load_digits().images[:config["samples"]], dtype=torch.float32)
+    images = (images * (255.0 / 16.0)).round().div(255.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
+    if rank == 0:
+        _mark("dataset_open")
+    job = get_job_type("vae")
+    vae_config = job.parse_config({"latent_dim": 8, "channels": [32, 64], "likelihood": "bernoulli"}, [])
+    torch.manual_seed(config["seed"])
+    model = job.build(vae_config, DataInfo((1, 8, 8)))["vae"]
+    if rank == 0:
+        _mark("model_built")
+    model = ray.train.torch.prepare_model(model)  # DistributedDataParallel
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    if rank == 0:
+        _mark("strategy_ready")
+    batch, steps, log_every = config["batch_size"], config["steps"], config["log_every"]
+    per_epoch = len(images) // (batch * world)
+
+    def batches():
+        epoch = 0
+        while True:
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch))
+            mine = order[rank::world]
+            for i in range(per_epoch):
+                yield images[mine[i * batch:(i + 1) * batch]]
+            epoch += 1
+
+    stream = batches()
+    for step in range(1, steps + 1):
+        x = next(stream)
+        decoded, mean, log_var, _ = model(x)
+        reconstruction = F.binary_cross_entropy_with_logits(decoded, x, reduction="none").flatten(1).sum(1)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+        loss = (reconstruction + kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if rank == 0 and step == 1:
+            _mark("first_step", step=step)
+        if rank == 0 and (step % log_every == 0 or step == steps):
+            _mark("step", step=step)
+            print(f"step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+    ray.train.report({"step": steps, "loss": float(loss)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=1797, help="digits held in memory (the train split's size)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage", default=None, help="Ray Train's storage_path (default: a temporary folder)")
+    args = parser.parse_args()
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    _mark("cli_start")  # as gentrain's: after the driver's imports
+    ray.init(address="local", logging_level="WARNING")
+    _mark("ray_started")
+    storage = args.storage or tempfile.mkdtemp(prefix="baseline-ray-train-")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"steps": args.steps, "batch_size": args.batch_size, "samples": args.samples,
+                           "lr": args.lr, "log_every": args.log_every, "seed": args.seed},
+        scaling_config=ScalingConfig(num_workers=args.workers),
+        run_config=RunConfig(name="baseline", storage_path=os.path.abspath(storage)),
+    )
+    _mark("trainer_built")
+    trainer.fit()
+    _mark("trainer_done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""End to end: `gentrain run vae/debug` against a plain Ray Train V2 script, side by side.
+
+    gentrain bench e2e                          # 3 rounds of 300 steps, 2 workers
+    gentrain bench e2e --rounds 5 --json bench-e2e.json
+
+Each round runs, one after the other and each as its own process (as a user starts them):
+
+- baseline: bench/baseline_ray_train.py, the same network, loss, batch size, optimizer
+  and gradient clipping, digits in memory, DDP, nothing else;
+- gentrain (no eval/ckpt): `gentrain run vae/debug eval.every=0 checkpoint.every=STEPS`
+  (the evaluations at the start and end and the final checkpoint stay: they are outside
+  the steady span);
+- gentrain (debug spec): `gentrain run vae/debug` as shipped (eval every 150, checkpoints
+  every 100).
+
+The order alternates from round to round, so a change of the machine's load hits both
+sides; every ratio is taken within a round and the table shows the median over rounds.
+Both sides write gentrain.timeline marks: the steady rate is the steps from the first
+progress step (train.log_every) to the last over the wall time between them (rank 0);
+the time to the first step counts from the moment the bench starts the process. Steps
+per CPU second of rank 0's process (all its threads, MLflow's sender included) is the
+same span against CPU time instead of wall time: a cost the load moves far less. The
+breakdown says where the seconds before the first step go. Ratios are speed ratios:
+above 1 gentrain is faster (rates: gentrain / baseline; times: baseline / gentrain).
+The load average is recorded beside each run: on a shared machine, read the ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gentrain.bench.common import publish, timestamp
+from gentrain.timeline import TIMELINE_ENV, read
+
+BASELINE_SCRIPT = Path(__file__).with_name("baseline_ray_train.py")
+KINDS = ("baseline", "gentrain_plain", "gentrain_spec")
+LABELS = {"baseline": "plain Ray Train", "gentrain_plain": "gentrain (no eval/ckpt)",
+          "gentrain_spec": "gentrain (debug spec)"}
+# The phases before the first step, in the order the marks are written; a side lacking a
+# mark leaves its phase out (its time falls into the next phase it has).
+PHASES = [
+    ("cli_start", "python start, imports"),
+    ("job_validated", "spec load and validation"),
+    ("data_prepared", "dataset packing check"),
+    ("ray_started", "ray.init (gentrain: + MLflow run, alongside)"),
+    ("trainer_built", "trainer built"),
+    ("worker_start", "workers started (placement, process group)"),
+    ("engine_start", "worker: tracking logger, restore check"),
+    ("dataset_open", "worker: dataset open"),
+    ("model_built", "worker: model build"),
+    ("strategy_ready", "worker: strategy setup (DDP, optimizer)"),
+    ("initial_evaluation_done", "worker: evaluation at the start"),
+    ("data_stream_open", "worker: data stream open"),
+    ("first_step", "worker: first batch and step"),
+]
+
+
+def run_e2e_bench(rounds: int = 3, steps: int = 300, workers: int = 2, batch_size: int = 32,
+                  json_path: str | None = "bench-e2e.json", keep: str | None = None) -> dict:
+    from gentrain.data.index import default_cache_dir, load_index, resolve_builtin
+
+    # Pack the digits once, before any timed run (a first `gentrain run` would do it).
+    index = load_index(resolve_builtin("builtin:digits", default_cache_dir()))
+    samples = index.total("train")
+    folder = Path(keep or tempfile.mkdtemp(prefix="gentrain-bench-e2e-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"rounds": rounds, "steps": steps, "workers": workers, "batch_size": batch_size,
+                "train_samples": samples, "statistic": "median over rounds of per-round values and ratios"}
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    for number in range(rounds):
+        order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+        for kind in order:
+            record = _run(kind, number, folder, steps, workers, batch_size, samples)
+            runs[kind].append(record)
+            _log(f"round {number + 1}/{rounds} {LABELS[kind]:<24} " + _summary(record))
+    result = {
+        "benchmark": "e2e",
+        "command": f"gentrain bench e2e --rounds {rounds} --steps {steps} --workers {workers}",
+        "timestamp": timestamp(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_count": os.cpu_count()},
+        "settings": settings,
+        "rows": _rows(runs),
+        "breakdown": _breakdown(runs),
+        "runs": runs,
+    }
+    return publish(result, format_table, json_path, _log)
+
+
+def _command(kind: str, number: int, folder: Path, steps: int, workers: int, batch_size: int,
+             samples: int) -> list[str]:
+    if kind == "baseline":
+        return [sys.executable, str(BASELINE_SCRIPT), "--steps", str(steps), "--workers", str(workers),
+                "--batch-size", str(batch_size), "--samples", str(samples),
+                "--storage", str(folder / "baseline")]
+    command = [sys.executable, "-m", "gentrain.cli", "run", "vae/debug", f"name=e2e-{kind}-{number}",
+               f"storage_path={folder / 'runs'}", f"train.steps={steps}", f"train.batch_size={batch_size}",
+               f"scaling.num_workers={workers}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]
+    if kind == "gentrain_plain":
+        command += ["eval.every=0", f"checkpoint.every={steps}"]
+    return command
+
+
+def _run(kind: str, number: int, folder: Path, steps: int, workers: int, batch_size: int,
+         samples: int) -> dict:
+    timeline = folder / f"{kind}-{number}.timeline.jsonl"
+    timeline.unlink(missing_ok=True)
+    log = folder / f"{kind}-{number}.log"
+    env = {**os.environ, TIMELINE_ENV: str(timeline)}
+    env.pop("RAY_ADDRESS", None)  # both sides start their own embedded Ray
+    load_before = os.getloadavg()[0]
+    started = time.time()
+    with open(log, "w", encoding="utf-8") as out:
+        code = subprocess.call(_command(kind, number, folder, steps, workers, batch_size, samples),
+                               stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env)
+    wall = time.time() - started
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"bench e2e: the {LABELS[kind]} run failed (exit {code}); its log {log} ends:\n{tail}")
+    marks = read(str(timeline))
+    return {"wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "first_step_s": _first(marks, "first_step", started), "steady_steps_per_s": _steady(marks),
+            "steady_steps_per_cpu_s": _steady(marks, "cpu"),
+            "phases": _phases(marks, started), "log": str(log)}
+
+
+def _first(marks: list[dict], event: str, started: float) -> float | None:
+    times = [m["time"] for m in marks if m["event"] == event]
+    return times[0] - started if times else None
+
+
+def _steady(marks: list[dict], clock: str = "time") -> float | None:
+    """Steps per second from the first progress step to the last; clock "cpu": per CPU
+    second of rank 0's process (all its threads), which the machine's load moves less."""
+    steps = [(m["step"], m.get(clock)) for m in marks if m["event"] == "step"]
+    if len(steps) < 2 or steps[0][1] is None:
+        return None
+    (first_step, first_time), (last_step, last_time) = steps[0], steps[-1]
+    return (last_step - first_step) / max(last_time - first_time, 1e-9)
+
+
+def _phases(marks: list[dict], started: float) -> dict[str, float]:
+    """Seconds of each phase before the first step (from the previous mark the run wrote)."""
+    seen = {}
+    for m in marks:
+        seen.setdefault(m["event"], m["time"])
+    phases, previous = {}, started
+    for event, _ in PHASES:
+        if event in seen:
+            phases[event] = seen[event] - previous
+            previous = seen[event]
+    return phases
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _rows(runs: dict[str, list[dict]]) -> list[dict]:
+    base = runs["baseline"]
+    rows = []
+    measures = [("steady steps/s, no eval/ckpt", "steady_steps_per_s", "gentrain_plain", True),
+                ("steady steps/s, debug spec's eval/ckpt", "steady_steps_per_s", "gentrain_spec", True),
+                ("steps per rank-0 CPU s, no eval/ckpt", "steady_steps_per_cpu_s", "gentrain_plain", True),
+                ("whole run wall s (debug spec)", "wall_s", "gentrain_spec", False),
+                ("whole run wall s (no eval/ckpt)", "wall_s", "gentrain_plain", False),
+                ("time to first step s", "first_step_s", "gentrain_spec", False)]
+    for label, key, kind, rate in measures:
+        pairs = [(b[key], g[key]) for b, g in zip(base, runs[kind]) if b.get(key) and g.get(key)]
+        ratios = [(g / b) if rate else (b / g) for b, g in pairs]
+        rows.append({"measure": label, "gentrain_run": kind, "baseline": _median(b for b, _ in pairs),
+                     "gentrain": _median(g for _, g in pairs), "ratio": _median(ratios),
+                     "ratios": ratios, "higher_is_better": rate})
+    loads = [r[k] for kind in KINDS for r in runs[kind] for k in ("load_before", "load_after")]
+    rows.append({"measure": "load average (1 min) during the runs", "min": min(loads), "max": max(loads)})
+    return rows
+
+
+def _breakdown(runs: dict[str, list[dict]]) -> list[dict]:
+    lines = []
+    for event, label in PHASES:
+        entry = {"phase": label, "event": event}
+        for kind in ("baseline", "gentrain_spec"):
+            entry[kind] = _median(r["phases"].get(event) for r in runs[kind])
+        if entry["baseline"] is not None or entry["gentrain_spec"] is not None:
+            lines.append(entry)
+    return lines
+
+
+def format_table(result: dict) -> str:
+    def number(value, digits=1):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"{'':<42} {'plain Ray Train':>15} {'gentrain run':>13} {'ratio':>7}"]
+    for row in result["rows"]:
+        if "min" in row:
+            lines.append(f"{row['measure']:<42} {row['min']:.2f} to {row['max']:.2f}")
+            continue
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        lines.append(f"{row['measure']:<42} {number(row['baseline']):>15} {number(row['gentrain']):>13} {ratio:>7}")
+    lines.append("ratio: speed of gentrain relative to the plain script (above 1: gentrain faster), "
+                 "median of the per-round ratios")
+    lines.append("")
+    lines.append(f"{'time to first step, by phase (s)':<50} {'plain Ray Train':>15} {'gentrain run':>13}")
+    for entry in result["breakdown"]:
+        lines.append(f"{entry['phase']:<50} {number(entry['baseline'], 2):>15} {number(entry['gentrain_spec'], 2):>13}")
+    settings = result["settings"]
+    lines.append(f"{settings['rounds']} alternating rounds of {settings['steps']} steps, {settings['workers']} "
+                 f"workers, batch {settings['batch_size']} per worker; {result['machine']['cpu_count']} CPUs")
+    return "\n".join(lines)
+
+
+def _summary(record: dict) -> str:
+    def number(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    return (f"steady {number(record['steady_steps_per_s'])} steps/s | first step {number(record['first_step_s'])} s"
+            f" | wall {record['wall_s']:.1f} s | load {record['load_before']:.2f}")
+
+
+def _log(message: str) -> None:
+    print(f"[bench e2e] {message}", flush=True)
