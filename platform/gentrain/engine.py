@@ -370,7 +370,8 @@ class Engine:
         # another world size or strategy reads (gentrain.strategies.portable).
         portable = self.strategy.portable_state()
         if self.rank == 0:
-            torch.save(portable, os.path.join(directory, PORTABLE_FILE))
+            if portable is not None:  # None: a layout gentrain cannot gather (same-setup resume only)
+                torch.save(portable, os.path.join(directory, PORTABLE_FILE))
             # Plain fp32 weights of every network: sampling, eval and scoring load these
             # without knowing the strategy that trained them.
             torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()},

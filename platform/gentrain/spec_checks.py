@@ -88,6 +88,21 @@ def check_storage(spec: "JobSpec") -> list[str]:
     storage = spec.storage_path
     if not is_local_path(storage):
         return []
+    for _ in range(4):
+        problems = _check_local_storage(storage)
+        if problems != [_RACED]:
+            return problems
+    return [f"storage_path: cannot create or write {describe(storage)}: it vanished each time it was made "
+            "(another process removes it); choose a folder nothing else manages"]
+
+
+_RACED = "raced"
+
+
+def _check_local_storage(storage: str) -> list[str]:
+    """check_storage's one attempt; [_RACED] when a folder it found or made vanished before
+    the probe was written (another process checking the same spec removed the folder it had
+    made: checked again)."""
     fix = ("runs write checkpoints under it: choose a folder you can write, e.g. "
            "storage_path=./runs, or remote storage such as s3://bucket/runs")
     created: list[Path] = []
@@ -110,6 +125,8 @@ def check_storage(spec: "JobSpec") -> list[str]:
         probe = Path(storage) / f".gentrain-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
+    except FileNotFoundError:  # every missing folder was made above: another process removed one
+        return [_RACED]
     except OSError as exc:
         where = f" ({describe(exc.filename)})" if exc.filename and exc.filename != storage else ""
         return [f"storage_path: cannot create or write {describe(storage)}: "

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,10 @@ def open_tracking(spec: JobSpec, previous_run_id: str | None, tags: dict | None 
     tracking.fail_fast_http()  # MLflow's default: 4 minutes of retries per call to a dead server
     # "Creating initial MLflow database tables..." on a new SQLite store is no news to the user.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    tags = {**run_tags(spec), **(tags or {})}  # outside: a failure here is not MLflow's
     try:
         run_id = tracking.open_run(uri, spec.tracking.experiment, run_name=spec.name,
-                                   run_id=previous_run_id,
-                                   tags={**run_tags(spec), **(tags or {})})
+                                   run_id=previous_run_id, tags=tags)
         tracking.log_params_flat(uri, run_id, spec.to_dict())
         import mlflow
 
@@ -212,6 +213,10 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
         init_ray(spec)
         check_shared_paths(spec)
         uri, run_id, attempt = open_tracking(spec, previous_run_id, tags)
+        # A job's working folder (Ray's unpacked working_dir) can be removed under its driver
+        # while it trains; MLflow's client then fails at the end (os.getcwd: FileNotFoundError)
+        # and the run stays RUNNING. Every path is absolute by now (storage, tracking URI).
+        os.chdir(tempfile.gettempdir())
     else:
         # The embedded Ray starts while the MLflow run opens (both mostly wait: on Ray's
         # processes, on the tracking store); an unreachable MLflow still ends the run here.

@@ -47,7 +47,8 @@ def read_portable(directory: str, device: torch.device) -> tuple[dict, dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path}: this checkpoint has no strategy-neutral optimizer state (written by a gentrain "
-            "before it saved one), so it can only continue with the scaling.num_workers and strategy.* "
+            "before it saved one, or under a DeepSpeed optimizer wrapper it cannot gather per parameter, "
+            "such as ZeRO 0 bf16's FP16_UnfusedOptimizer), so it can only continue with the scaling.num_workers and strategy.* "
             "that wrote it (see gentrain.json: world_size, spec.strategy)")
     weights = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
     return weights, torch.load(path, map_location="cpu", weights_only=True)

@@ -340,6 +340,9 @@ class DeepSpeedStrategy(Strategy):
 
         from gentrain.strategies.portable import hyperparameters, named_optimizer_state
 
+        if any(_inner_optimizer(engine) is not None and not _known_wrapper(engine)
+               for engine in self._engines.values()):
+            return None  # e.g. ZeRO 0 bf16's FP16_UnfusedOptimizer: resumable by the same setup only
         optimizers, schedulers = {}, {}
         for name, engine in self._engines.items():
             schedulers[name] = engine.lr_scheduler.state_dict()
@@ -450,6 +453,14 @@ def _inner_optimizer(engine):
     the engine steps the job type's torch optimizer directly (ZeRO 0 in fp32)."""
     optimizer = engine.optimizer
     return None if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+
+
+_FLAT_ATTRIBUTES = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                    "fp32_groups_flat_partition")  # ZeRO-3, ZeRO 1-2, bf16 without ZeRO
+
+
+def _known_wrapper(engine) -> bool:
+    return any(hasattr(engine.optimizer, attribute) for attribute in _FLAT_ATTRIBUTES)
 
 
 def _flat_partitions(engine) -> list[torch.Tensor]:

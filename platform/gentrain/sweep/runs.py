@@ -164,7 +164,9 @@ class ChildRuns(Callback):
                 self._log_last(client, run.info.run_id, last, step)
             # A trial stopped early may have ended its own run FAILED as its actors went (it
             # reads the tag set above when it ends after this: gentrain.sweep.trial.stopped_status).
-            if run.info.status == "RUNNING" or (outcome in ("stopped_early", "interrupted")
+            # A completed trial too: Tune stops a trial at max_t as soon as its last evaluation
+            # is reported, which can end its run FAILED while it finishes up (model logging).
+            if run.info.status == "RUNNING" or (outcome in ("stopped_early", "interrupted", "completed")
                                                 and run.info.status == "FAILED"):
                 client.set_terminated(run.info.run_id, status)
         except Exception as exc:  # noqa: BLE001

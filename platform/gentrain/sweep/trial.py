@@ -77,15 +77,17 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
 
 def stopped_status(spec, run_id: str, status: str) -> str:
-    """KILLED for a trial the scheduler stopped (its training then fails as its actors go):
+    """KILLED for a trial the scheduler stopped (its training then fails as its actors go),
+    FINISHED for one stopped at max_t after its last evaluation (while it finished up):
     the sweep's driver tags its run stopped_early before it marks it (ChildRuns), so
-    whichever of the two ends the run last, it ends KILLED."""
+    whichever of the two ends the run last, it ends with that status."""
     try:
         import mlflow
 
         from gentrain.tracking import resolve_tracking_uri
 
         run = mlflow.MlflowClient(resolve_tracking_uri(spec.tracking.uri)).get_run(run_id)
-        return "KILLED" if run.data.tags.get(OUTCOME_TAG) == "stopped_early" else status
+        outcome = run.data.tags.get(OUTCOME_TAG)
+        return {"stopped_early": "KILLED", "completed": "FINISHED"}.get(outcome, status)
     except Exception:  # noqa: BLE001 - the status as it would be without the sweep
         return status

@@ -35,8 +35,8 @@ _DIGEST_CHARS = 36
 def git_state(folder: str | os.PathLike | None = None) -> tuple[str, bool] | None:
     """(commit, dirty) of the git working tree holding `folder` (default: cwd); None when
     it is not in one or git is missing. Dirty: tracked files differ from the commit."""
-    cwd = os.fspath(folder) if folder is not None else os.getcwd()
-    try:
+    try:  # getcwd fails where the folder was removed under the process (a Ray job's working_dir)
+        cwd = os.fspath(folder) if folder is not None else os.getcwd()
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                                 text=True, timeout=10)
         if commit.returncode != 0:
