@@ -123,10 +123,13 @@ def _check_local_storage(storage: str) -> list[str]:
                 continue  # not ours to remove afterwards
             created.append(folder)
         probe = Path(storage) / f".gentrain-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
+        try:
+            probe.write_bytes(b"")
+        except FileNotFoundError:
+            if not Path(storage).is_dir():  # it was there a moment ago: another process removed it
+                return [_RACED]
+            raise
         probe.unlink()
-    except FileNotFoundError:  # every missing folder was made above: another process removed one
-        return [_RACED]
     except OSError as exc:
         where = f" ({describe(exc.filename)})" if exc.filename and exc.filename != storage else ""
         return [f"storage_path: cannot create or write {describe(storage)}: "

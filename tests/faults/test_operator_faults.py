@@ -90,7 +90,11 @@ def kill_when_created(folder: Path, victims: list[int], run: Gentrain, also_grou
             time.sleep(0.0002)
         seen = time.monotonic()
         for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # a worker of the previous attempt, gone
+                os.kill(pid, signal.SIGKILL)
+        for worker in train_workers(run.process.pid):  # and any worker the list did not have yet
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
         if also_group:
             os.killpg(run.process.pid, signal.SIGKILL)
         return time.monotonic() - seen
