@@ -263,9 +263,8 @@ class Strategy(ABC):
         with contextlib.ExitStack() as stack:
             modules = {}
             for name in self.names:
-                stack.enter_context(self.gathered(name))
                 average = self.ema.get(name)  # not `or`: containers (nn.Sequential) are truthy by length
-                modules[name] = average if average is not None else self.unwrap(name)
+                modules[name] = average if average is not None else stack.enter_context(self.full_weights(name))
             was_training = {name: m.training for name, m in modules.items()}
             for module in modules.values():
                 module.eval()

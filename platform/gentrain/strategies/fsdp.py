@@ -134,20 +134,7 @@ class FSDPStrategy(Strategy):
     def full_weights(self, name: str) -> Iterator[nn.Module]:
         yield self._whole_copy(name)
 
-    @contextlib.contextmanager
-    def evaluation(self) -> Iterator[dict[str, nn.Module]]:
-        modules = {}
-        for name in self.names:
-            average = self.ema.get(name)
-            modules[name] = average if average is not None else self._whole_copy(name)
-        was_training = {name: m.training for name, m in modules.items()}
-        for module in modules.values():
-            module.eval()
-        try:
-            yield modules
-        finally:
-            for name, module in modules.items():
-                module.train(was_training[name])
+    # evaluation: the base class's, over full_weights (the whole copies above)
 
     @torch.no_grad()
     def export_state_dicts(self):
