@@ -1,5 +1,6 @@
 """`gentrain run` against faults of its tracking: an MLflow server stopped mid-run and
-still down at the end, and a worker killed mid-run (a restarted attempt).
+still down at the end, and a worker killed once a step past a checkpoint was logged (a
+restarted attempt).
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/faults/test_tracking_faults.py -q
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from gentrain.checkpoint import step_dir_name
+from gentrain.checkpoint import checkpoint_problem, step_dir_name
 from processes import train_workers
 from runs import Gentrain, steps_of
 
@@ -76,39 +77,67 @@ def test_mlflow_down_at_the_end_then_synced(restartable_mlflow, tmp_path):
     # A second sync has nothing to do: tests/faults/test_tracking_recovery.py
 
 
+def newest_complete_step(run_dir: Path) -> int:
+    """The newest step-N folder that passes restore's verification (0 when none does)."""
+    steps = [int(folder.name.split("-")[1]) for folder in run_dir.glob("step-*")
+             if checkpoint_problem(folder) is None]
+    return max(steps, default=0)
+
+
+def kill_past_a_checkpoint(run: Gentrain, run_dir: Path, steps: int) -> None:
+    """SIGKILL the only worker at a moment some step after its newest complete checkpoint
+    has been logged. The worker is frozen (SIGSTOP) while that is checked, so a checkpoint
+    saved, or a progress line still in Ray's log pipe, between the check and the kill
+    cannot change the answer; where the check fails it runs on a little and is frozen again."""
+    [worker] = train_workers(run.process.pid)
+    while True:
+        worker.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # the worker's printed lines reach the driver's output
+        logged = [int(step) for step in re.findall(rf"\[gentrain\] step (\d+)/{steps}", run.output())]
+        assert logged and logged[-1] < steps, f"the run ended before it could be killed:\n{run.output()[-4000:]}"
+        newest = newest_complete_step(run_dir)
+        if logged[-1] > newest > 0:
+            print(f"killed after step {logged[-1]} was logged; step {newest} is the newest complete checkpoint")
+            worker.send_signal(signal.SIGKILL)
+            worker.send_signal(signal.SIGCONT)
+            return
+        worker.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+
+
 def test_a_restarted_attempt_logs_no_step_twice(tmp_path):
-    """Rank 0 (the only worker) SIGKILLed after step 35 of 60 (checkpoints every 25): the
-    restart resumes from the folder the workers name and trains again steps the killed
-    attempt had logged; none of them is logged twice. Where the kill lands (after step 35,
-    or past the step-50 checkpoint on a loaded machine) decides only which folder that is."""
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
-    run = Gentrain(run_args(storage, "restarted", uri, "train.steps=60",
+    """Rank 0 (the only worker) SIGKILLed once a step after a checkpoint (every 25 of 100
+    steps) has been logged: the restart resumes from the folder the workers name and trains
+    again steps the killed attempt had logged; none of them is logged twice."""
+    uri, storage, steps = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs", 100
+    run = Gentrain(run_args(storage, "restarted", uri, f"train.steps={steps}",
                             "train.log_every=5", "checkpoint.every=25", "checkpoint.keep=4",
                             "checkpoint.max_failures=1", "scaling.num_workers=1"), cwd=tmp_path)
-    run.wait_for_line("step 35/60")
-    victims = train_workers(run.process.pid)
-    assert victims, "no RayTrainWorker process found to kill"
-    os.kill(victims[-1].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while newest_complete_step(storage / "restarted") == 0:
+        assert run.process.poll() is None, run.output()[-6000:]
+        assert time.monotonic() < deadline, "no complete checkpoint within 240 s"
+        time.sleep(0.005)
+    kill_past_a_checkpoint(run, storage / "restarted", steps)
     returncode, _ = run.finish()
     output = run.output()
     assert returncode == 0, output[-6000:]
     resumed = re.search(r"\[gentrain\] resumed from step (\d+) \((.*?)\)", output)
     assert resumed, output[-6000:]
     restored = int(resumed[1])
-    assert restored in (25, 50) and Path(resumed[2]) == storage / "restarted" / step_dir_name(restored), output[-6000:]
+    assert restored % 25 == 0 and Path(resumed[2]) == storage / "restarted" / step_dir_name(restored), output[-6000:]
     # The killed attempt's last progress line: the steps after the restored checkpoint up to
     # it were logged, then trained again (what the rule is about).
     before = output[:resumed.start()]
-    last_logged = max(int(step) for step in re.findall(r"\[gentrain\] step (\d+)/60", before))
-    print(f"killed after step {last_logged} was logged; resumed from step {restored}")
+    last_logged = max(int(step) for step in re.findall(rf"\[gentrain\] step (\d+)/{steps}", before))
     assert last_logged > restored, f"nothing logged after the step-{restored} checkpoint was retrained:\n{output[-6000:]}"
 
     run_id = the_run(uri)
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
-    steps = steps_of(uri, run_id)
+    points = steps_of(uri, run_id)
     # Every step from the restored checkpoint on; what a killed rank 0 had queued but not
     # sent before it is lost (the README says so; the rule never fills it in).
-    after_restore = [step for step in range(5, 61, 5) if step > restored]
-    assert steps["train/loss"][-len(after_restore):] == after_restore, steps["train/loss"]
-    for key, logged in steps.items():
+    after_restore = [step for step in range(5, steps + 1, 5) if step > restored]
+    assert points["train/loss"][-len(after_restore):] == after_restore, points["train/loss"]
+    for key, logged in points.items():
         assert all(a < b for a, b in zip(logged, logged[1:])), (key, logged)
