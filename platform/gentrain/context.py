@@ -44,8 +44,8 @@ class StepContext:
         return self.strategy.autocast()
 
     def backward(self, loss: torch.Tensor, name: str) -> None:
-        self.strategy.nonfinite.record_loss(name, loss)  # judged before the update (step)
-        self.strategy.backward(loss, name)
+        # Judged before the update (step); under DDP a bad loss poisons its gradients.
+        self.strategy.backward(self.strategy.nonfinite.record_loss(name, loss), name)
 
     def step(self, name: str) -> dict[str, float]:
         """Clip, optimizer and lr step for `name` (at the accumulation boundary), unless its

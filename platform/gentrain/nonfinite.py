@@ -8,6 +8,11 @@ Each strategy's `step(name)` asks its `NonFiniteGuard` before it updates `name`:
 losses `backward` saw for `name` since the last update and this rank's gradients (its
 partitions under ZeRO) give two flags, all-reduced, so every rank takes the same branch
 (a rank-local decision would leave the others waiting in DDP's or ZeRO's collectives).
+Replicated strategies (DDP, Accelerate's DDP; not under fp16) need no collective of their
+own on a good step: a loss that is not finite is multiplied by NaN before its backward
+(a good loss by exactly 1), so DDP's gradient all-reduce carries it to every rank, and
+the all-reduced gradient norm, the same bits on every rank, decides alike everywhere.
+Only a step found bad pays one all-reduce, to tell a loss from a gradient.
 Under fp16 the gradients are the loss scaler's business (an overflow skips the step and
 lowers the scale, under DDP, Accelerate and DeepSpeed alike): only the loss is checked.
 A step that is not made (any policy) has its gradients dropped by the strategy: DDP and
@@ -86,6 +91,9 @@ class NonFiniteGuard:
         self.policy = policy
         self.max_skips = max_skips
         self.check_gradients = check_gradients  # False under fp16: the loss scaler handles overflow
+        # Set by replicated strategies (gradients all-reduced whole, their norm the same on
+        # every rank): a bad loss poisons its gradients instead of being all-reduced.
+        self.gradients_shared = False
         self.skipped = 0  # updates skipped in this process: train/nonfinite_skipped
         # per network: a GAN's generator stepping fine must not hide a critic skipped forever
         self._in_a_row: dict[str, int] = {}
@@ -97,11 +105,21 @@ class NonFiniteGuard:
         self._loss_bad.clear()
         self._in_a_row.clear()
 
-    def record_loss(self, name: str, loss: torch.Tensor) -> None:
-        """Called at every backward; no host sync (the flag stays a tensor until the update)."""
+    @property
+    def _poisons(self) -> bool:
+        return self.gradients_shared and self.check_gradients
+
+    def record_loss(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """Called at every backward, with the loss about to be backpropagated; returns the
+        loss to backpropagate (itself, or NaN-poisoned: see the module's docstring). No host
+        sync: the flag stays a tensor until the update."""
         bad = ~torch.isfinite(loss.detach()).all()
         previous = self._loss_bad.get(name)
         self._loss_bad[name] = bad if previous is None else previous | bad
+        if not self._poisons:
+            return loss
+        # x * 1.0 is x, bit for bit: a good step's gradients are exactly what they were.
+        return loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
 
     def allows_update(self, name: str, local_gradients_bad: torch.Tensor | bool | None,
                       all_reduce: Callable[[torch.Tensor], torch.Tensor],
@@ -110,6 +128,11 @@ class NonFiniteGuard:
         NonFiniteFound under stop, or past max_skips. A collective: every rank calls it."""
         loss_bad = self._loss_bad.pop(name, None)
         gradients_bad = local_gradients_bad if self.check_gradients else None
+        if self._poisons and gradients_bad is not None and not bool(gradients_bad):
+            # The all-reduced norm is finite on every rank alike, and a bad loss anywhere
+            # would have made it NaN everywhere: nothing to agree on.
+            self._in_a_row[name] = 0
+            return True
         flags = torch.tensor([0.0 if loss_bad is None else float(loss_bad),
                               0.0 if gradients_bad is None else float(gradients_bad)])
         flags = all_reduce(flags)  # a sum: any rank's flag counts on every rank
@@ -117,8 +140,11 @@ class NonFiniteGuard:
             self._in_a_row[name] = 0
             return True
         in_a_row = self._in_a_row[name] = self._in_a_row.get(name, 0) + 1
-        # Every rank names the parameter the same way (under ZeRO a collective, in the same order).
-        finding = Finding(name, "loss" if flags[0] > 0 else "gradient", first_bad_parameter(), in_a_row)
+        source = "loss" if flags[0] > 0 else "gradient"
+        # Every rank names the parameter the same way (under ZeRO a collective, in the same
+        # order); a poisoned loss made every gradient NaN, so there is none to name.
+        parameter = None if source == "loss" and self._poisons else first_bad_parameter()
+        finding = Finding(name, source, parameter, in_a_row)
         if self.policy == "skip" and in_a_row <= self.max_skips:
             self.skipped += 1
             _rank0_print(f"[gentrain] skipped an update of {name}: {_what(finding)} "
@@ -158,7 +184,7 @@ class SpecFacts:
 def _what(finding: Finding) -> str:
     if finding.source == "loss":
         if finding.parameter is None:
-            return "its loss is not finite (its gradients are finite)"
+            return "its loss is not finite"
         return f"its loss is not finite (and so are its gradients, first {finding.parameter})"
     if finding.parameter is None:
         return "its gradient norm is not finite (every gradient is finite, their norm overflows)"

@@ -97,6 +97,7 @@ class AccelerateStrategy(Strategy):
         super().__init__(section, settings, device)
         check_supported(section.accelerate_mode, section.precision, device)
         self._accelerator = new_accelerator(section.precision, device)
+        self.nonfinite.gradients_shared = section.accelerate_mode == "ddp"  # whole gradients all-reduced
 
     def setup(self, modules, optimizers):
         accelerator = self._accelerator

@@ -19,6 +19,10 @@ STATE_FILE = "ddp_state.pt"
 
 
 class DDPStrategy(Strategy):
+    def __init__(self, section, settings, device):
+        super().__init__(section, settings, device)
+        self.nonfinite.gradients_shared = True  # DDP all-reduces whole gradients
+
     def setup(self, modules, optimizers):
         self._plain = {name: module.to(self.device) for name, module in modules.items()}
         distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
