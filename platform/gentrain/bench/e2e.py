@@ -13,8 +13,11 @@ Each round runs, one after the other and each as its own process (as a user star
 - gentrain (debug spec): `gentrain run vae/debug` as shipped (eval every 150, checkpoints
   every 100).
 
-The order alternates from round to round, so a change of the machine's load hits both
-sides; every ratio is taken within a round and the table shows the median over rounds.
+The order rotates from round to round (every kind runs first, second and third once in
+three rounds), so a change of the machine's load hits every side, and a run never
+starts before the previous run's Ray processes are gone (Ray's daemons outlive the
+command by seconds; the run after one would share the CPUs with them). Every ratio is
+taken within a round and the table shows the median over rounds.
 Both sides write gentrain.timeline marks: the steady rate is the steps from the first
 progress step (train.log_every) to the last over the wall time between them (rank 0);
 the time to the first step counts from the moment the bench starts the process. Steps
@@ -75,7 +78,7 @@ def run_e2e_bench(rounds: int = 3, steps: int = 300, workers: int = 2, batch_siz
                 "train_samples": samples, "statistic": "median over rounds of per-round values and ratios"}
     runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     for number in range(rounds):
-        order = KINDS if number % 2 == 0 else tuple(reversed(KINDS))
+        order = KINDS[number % len(KINDS):] + KINDS[:number % len(KINDS)]
         for kind in order:
             record = _run(kind, number, folder, steps, workers, batch_size, samples)
             runs[kind].append(record)
@@ -118,17 +121,47 @@ def _run(kind: str, number: int, folder: Path, steps: int, workers: int, batch_s
     load_before = os.getloadavg()[0]
     started = time.time()
     with open(log, "w", encoding="utf-8") as out:
-        code = subprocess.call(_command(kind, number, folder, steps, workers, batch_size, samples),
-                               stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env)
+        # Its own session: what its Ray starts can be waited for before the next run.
+        process = subprocess.Popen(_command(kind, number, folder, steps, workers, batch_size, samples),
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env,
+                                   start_new_session=True)
+        code = process.wait()
     wall = time.time() - started
+    settled = time.time()
+    _wait_for_exit(process.pid)
+    settle = time.time() - settled
     if code != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"bench e2e: the {LABELS[kind]} run failed (exit {code}); its log {log} ends:\n{tail}")
     marks = read(str(timeline))
-    return {"wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0],
+    return {"wall_s": wall, "settle_s": settle, "load_before": load_before, "load_after": os.getloadavg()[0],
             "first_step_s": _first(marks, "first_step", started), "steady_steps_per_s": _steady(marks),
             "steady_steps_per_cpu_s": _steady(marks, "cpu"),
             "phases": _phases(marks, started), "log": str(log)}
+
+
+def _session_processes(session: int) -> list[int]:
+    """Processes still in session `session` (a run started in its own session: its Ray)."""
+    import psutil
+
+    left = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == session:
+                left.append(pid)
+        except OSError:
+            continue
+    return left
+
+
+def _wait_for_exit(session: int, timeout: float = 60.0) -> None:
+    """Until what a run started (its embedded Ray's daemons outlive it) is gone, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while left := _session_processes(session):
+        if time.monotonic() > deadline:
+            _log(f"{len(left)} processes of the previous run still alive after {timeout:.0f} s; going on")
+            return
+        time.sleep(0.2)
 
 
 def _first(marks: list[dict], event: str, started: float) -> float | None:
@@ -223,7 +256,7 @@ def _summary(record: dict) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     return (f"steady {number(record['steady_steps_per_s'])} steps/s | first step {number(record['first_step_s'])} s"
-            f" | wall {record['wall_s']:.1f} s | load {record['load_before']:.2f}")
+            f" | wall {record['wall_s']:.1f} s (+{record['settle_s']:.1f} s until its Ray exited) | load {record['load_before']:.2f}")
 
 
 def _log(message: str) -> None:
