@@ -44,8 +44,9 @@ class StepContext:
         return self.strategy.autocast()
 
     def backward(self, loss: torch.Tensor, name: str) -> None:
-        # Judged before the update (step); under DDP a bad loss poisons its gradients.
-        self.strategy.backward(self.strategy.nonfinite.record_loss(name, loss), name)
+        # Judged before the update (step); under DDP a bad loss also poisons one gradient.
+        guarded = self.strategy.nonfinite.record_loss(name, loss, lambda: self.strategy.unwrap(name).named_parameters())
+        self.strategy.backward(guarded, name)
 
     def step(self, name: str) -> dict[str, float]:
         """Clip, optimizer and lr step for `name` (at the accumulation boundary), unless its

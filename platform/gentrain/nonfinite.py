@@ -9,10 +9,13 @@ losses `backward` saw for `name` since the last update and this rank's gradients
 partitions under ZeRO) give two flags, all-reduced, so every rank takes the same branch
 (a rank-local decision would leave the others waiting in DDP's or ZeRO's collectives).
 Replicated strategies (DDP, Accelerate's DDP; not under fp16) need no collective of their
-own on a good step: a loss that is not finite is multiplied by NaN before its backward
-(a good loss by exactly 1), so DDP's gradient all-reduce carries it to every rank, and
-the all-reduced gradient norm, the same bits on every rank, decides alike everywhere.
-Only a step found bad pays one all-reduce, to tell a loss from a gradient.
+own on a good step: the loss to backpropagate gets `flag * s` added, where `s` is one
+element of the network's smallest trainable parameter (its sentinel) and the flag is 0
+for a finite loss (the sum and its gradients are then exactly what they were) and NaN
+otherwise. A bad loss on any rank so makes that gradient NaN, DDP's all-reduce carries it
+to every rank, and the all-reduced gradient norm, the same bits on every rank, decides
+alike everywhere. Only a step found bad pays one all-reduce, to tell a loss from a
+gradient; the sentinel is then left out of the parameter the message names.
 Under fp16 the gradients are the loss scaler's business (an overflow skips the step and
 lowers the scale, under DDP, Accelerate and DeepSpeed alike): only the loss is checked.
 A step that is not made (any policy) has its gradients dropped by the strategy: DDP and
@@ -92,8 +95,10 @@ class NonFiniteGuard:
         self.max_skips = max_skips
         self.check_gradients = check_gradients  # False under fp16: the loss scaler handles overflow
         # Set by replicated strategies (gradients all-reduced whole, their norm the same on
-        # every rank): a bad loss poisons its gradients instead of being all-reduced.
+        # every rank): a bad loss poisons its network's sentinel gradient instead of being
+        # all-reduced.
         self.gradients_shared = False
+        self._sentinels: dict[str, tuple[str, torch.nn.Parameter] | None] = {}  # network -> (name, parameter)
         self.skipped = 0  # updates skipped in this process: train/nonfinite_skipped
         # per network: a GAN's generator stepping fine must not hide a critic skipped forever
         self._in_a_row: dict[str, int] = {}
@@ -109,21 +114,29 @@ class NonFiniteGuard:
     def _poisons(self) -> bool:
         return self.gradients_shared and self.check_gradients
 
-    def record_loss(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+    def record_loss(self, name: str, loss: torch.Tensor,
+                    parameters: Callable[[], Iterable[tuple[str, torch.nn.Parameter]]] | None = None) -> torch.Tensor:
         """Called at every backward, with the loss about to be backpropagated; returns the
-        loss to backpropagate (itself, or NaN-poisoned: see the module's docstring). No host
-        sync: the flag stays a tensor until the update."""
+        loss to backpropagate: itself, or with the sentinel term (see the module's
+        docstring) where the strategy shares whole gradients and `parameters` (the
+        network's named parameters) is given. No host sync: the flag stays a tensor."""
         bad = ~torch.isfinite(loss.detach()).all()
         previous = self._loss_bad.get(name)
         self._loss_bad[name] = bad if previous is None else previous | bad
-        if not self._poisons:
+        if not self._poisons or parameters is None:
             return loss
-        # x * 1.0 is x, bit for bit: a good step's gradients are exactly what they were.
-        return loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
+        if name not in self._sentinels:  # found once: a network keeps its parameters
+            self._sentinels[name] = _sentinel(parameters())
+        sentinel = self._sentinels[name]
+        if sentinel is None:
+            return loss
+        # 0 * s is 0 and x + 0 is x, bit for bit: a good step's loss and gradients are unchanged.
+        flag = torch.where(bad, float("nan"), 0.0).to(loss.dtype)
+        return loss + flag * sentinel[1].reshape(-1)[0].to(loss.dtype)
 
     def allows_update(self, name: str, local_gradients_bad: torch.Tensor | bool | None,
                       all_reduce: Callable[[torch.Tensor], torch.Tensor],
-                      first_bad_parameter: Callable[[], str | None]) -> bool:
+                      first_bad_parameter: Callable[[str | None], str | None]) -> bool:
         """True: update `name`. False: skip it (the caller drops the gradients). Raises
         NonFiniteFound under stop, or past max_skips. A collective: every rank calls it."""
         loss_bad = self._loss_bad.pop(name, None)
@@ -142,9 +155,10 @@ class NonFiniteGuard:
         in_a_row = self._in_a_row[name] = self._in_a_row.get(name, 0) + 1
         source = "loss" if flags[0] > 0 else "gradient"
         # Every rank names the parameter the same way (under ZeRO a collective, in the same
-        # order); a poisoned loss made every gradient NaN, so there is none to name.
-        parameter = None if source == "loss" and self._poisons else first_bad_parameter()
-        finding = Finding(name, source, parameter, in_a_row)
+        # order); a bad loss made its sentinel's gradient NaN: that one is not named for it.
+        sentinel = self._sentinels.get(name) if source == "loss" and self._poisons else None
+        skip = sentinel[0] if sentinel else None
+        finding = Finding(name, source, first_bad_parameter(skip), in_a_row)
         if self.policy == "skip" and in_a_row <= self.max_skips:
             self.skipped += 1
             _rank0_print(f"[gentrain] skipped an update of {name}: {_what(finding)} "
@@ -153,11 +167,21 @@ class NonFiniteGuard:
         raise NonFiniteFound(finding)
 
 
-def first_nonfinite(named_gradients: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
+def first_nonfinite(named_gradients: Iterable[tuple[str, torch.Tensor | None]], skip: str | None = None) -> str | None:
     for name, grad in named_gradients:
-        if grad is not None and not bool(torch.isfinite(grad).all()):
+        if name != skip and grad is not None and not bool(torch.isfinite(grad).all()):
             return name
     return None
+
+
+def _sentinel(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> tuple[str, torch.nn.Parameter] | None:
+    """The smallest trainable parameter (the first of equal size): its gradient carries the
+    loss flag at the least cost (the backward of one element fills a tensor of its size)."""
+    trainable = [(p.numel(), i, key, p) for i, (key, p) in enumerate(named_parameters) if p.requires_grad and p.numel()]
+    if not trainable:
+        return None
+    _, _, key, parameter = min(trainable, key=lambda item: item[:2])
+    return key, parameter
 
 
 def any_nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
@@ -184,7 +208,7 @@ class SpecFacts:
 def _what(finding: Finding) -> str:
     if finding.source == "loss":
         if finding.parameter is None:
-            return "its loss is not finite"
+            return "its loss is not finite (its gradients are finite)"
         return f"its loss is not finite (and so are its gradients, first {finding.parameter})"
     if finding.parameter is None:
         return "its gradient norm is not finite (every gradient is finite, their norm overflows)"

@@ -65,6 +65,8 @@ def _train(rank: int, world: int, section: dict, policy: str, poison: str) -> di
                     loss = loss["loss"].float().mean()
                 if poisoned and poison == "loss":
                     loss = loss * float("nan")
+                if poisoned and poison == "loss-only":  # a term without gradients: they stay finite
+                    loss = loss + torch.tensor(float("inf"))
                 ctx.backward(loss, "vae")
                 ctx.step("vae")
         except NonFiniteError as error:
@@ -81,6 +83,9 @@ CASES = {  # (strategy section, policy, what is poisoned)
     "ddp-stop-gradient": (DDP, "stop", "gradient"),
     "ddp-stop-loss": (DDP, "stop", "loss"),
     "ddp-skip-gradient": (DDP, "skip", "gradient"),
+    # DDP decides from the all-reduced gradient norm: the sentinel carries this rank's bad
+    # loss to the other ranks although every gradient is finite (gentrain.nonfinite).
+    "ddp-stop-loss-only": (DDP, "stop", "loss-only"),
 }
 WORLD2_CASES = {
     **CASES,
@@ -127,6 +132,13 @@ def _stopped(result: dict, source: str) -> None:
 @pytest.mark.parametrize("case", ["ddp-stop-gradient", "ddp-stop-loss"])
 def test_stop_world1(world1, case):
     _stopped(world1[0][case], case.rsplit("-", 1)[1])
+
+
+def test_a_bad_loss_with_finite_gradients_stops_every_rank_under_ddp(world2):
+    for rank_result in world2:
+        _stopped(rank_result["ddp-stop-loss-only"], "loss")
+        assert "its loss is not finite (its gradients are finite)" in rank_result["ddp-stop-loss-only"]["error"]
+    assert world2[0]["ddp-stop-loss-only"]["error"] == world2[1]["ddp-stop-loss-only"]["error"]
 
 
 @pytest.mark.parametrize("case", ["ddp-stop-gradient", "ddp-stop-loss", "zero2-stop-gradient", "zero2-stop-loss",

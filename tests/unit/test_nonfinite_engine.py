@@ -223,10 +223,10 @@ def test_skips_in_a_row_are_counted_per_network():
     guard = NonFiniteGuard("skip", max_skips=2)
     same = lambda flags: flags  # noqa: E731 - one process: the all-reduce is the identity
     for _ in range(2):
-        assert not guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
+        assert not guard.allows_update("discriminator", torch.tensor(True), same, lambda skip: "net.0.weight")
         assert guard.allows_update("generator", torch.tensor(False), same, lambda: None)
     with pytest.raises(NonFiniteFound) as raised:
-        guard.allows_update("discriminator", torch.tensor(True), same, lambda: "net.0.weight")
+        guard.allows_update("discriminator", torch.tensor(True), same, lambda skip: "net.0.weight")
     assert (raised.value.finding.network, raised.value.finding.consecutive) == ("discriminator", 3)
     assert guard.skipped == 2
 
@@ -242,3 +242,24 @@ def test_a_rollback_forgets_what_an_abandoned_step_left(tmp_path):
     assert all(p.grad is None for p in params)
     engine.optimizer_step(engine.train_batches())  # no stale flag: no NonFiniteRollback
     assert engine.step == 1 and all(torch.isfinite(value).all() for value in _weights(engine).values())
+
+
+def test_the_sentinel_leaves_a_good_steps_gradients_bit_for_bit():
+    """Under DDP the guard adds flag * (one element of the smallest parameter) to the loss;
+    for a finite loss the flag is 0: the same loss and the same gradients, exactly."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    x = torch.randn(16, 5)
+    plain_loss = net(x).pow(2).mean()
+    plain = torch.autograd.grad(plain_loss, list(net.parameters()))
+    guard = NonFiniteGuard()
+    guard.gradients_shared = True
+    guarded_loss = guard.record_loss("net", net(x).pow(2).mean(), net.named_parameters)
+    guarded = torch.autograd.grad(guarded_loss, list(net.parameters()))
+    assert torch.equal(plain_loss, guarded_loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded))
+    # A bad loss: the sentinel (the smallest parameter, "2.bias") gets a NaN gradient.
+    bad = guard.record_loss("net", net(x).pow(2).mean() + float("inf"), net.named_parameters)
+    grads = dict(zip([k for k, _ in net.named_parameters()], torch.autograd.grad(bad, list(net.parameters()))))
+    assert torch.isnan(grads["2.bias"]).all()
+    assert all(torch.isfinite(g).all() for k, g in grads.items() if k != "2.bias")

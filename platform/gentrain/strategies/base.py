@@ -167,7 +167,7 @@ class Strategy(ABC):
         try:
             allowed = self.nonfinite.allows_update(
                 name, bad, lambda flags: self.all_reduce(flags, op="sum"),
-                lambda: first_nonfinite((key, p.grad) for key, p in self.unwrap(name).named_parameters()))
+                lambda skip: first_nonfinite(((key, p.grad) for key, p in self.unwrap(name).named_parameters()), skip))
         except NonFiniteFound:
             drop()
             raise

@@ -239,7 +239,7 @@ class DeepSpeedStrategy(Strategy):
             try:
                 allowed = self.nonfinite.allows_update(
                     name, _local_gradients_bad(engine), lambda flags: self.all_reduce(flags, op="sum"),
-                    lambda: _first_nonfinite_full(engine))
+                    lambda skip: _first_nonfinite_full(engine))  # no sentinel under ZeRO: skip is None
             except NonFiniteFound:
                 if _overflow_kind(engine.optimizer) is not None:
                     _drop_step(engine)  # stop or rollback: nothing left half-reduced in the engine
