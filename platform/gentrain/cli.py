@@ -174,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_nll.add_argument("--eval-batches", type=int, default=None, help="cap on held-out batches (default: all)")
     bench_nll.add_argument("--json", default="bench-likelihoods.json", help="where to write results")
     bench_nll.set_defaults(handler=cmd_bench_likelihoods)
+    bench_mfu = bench_kinds.add_parser(
+        "mfu", help="counted model FLOPs per step over step time, as a share of this machine's matmul peak")
+    bench_mfu.add_argument("--models", type=_names, default=None, metavar="NAME[,NAME...]",
+                           help="which models (default: all of diffusion-debug, diffusion-cifar10, "
+                           "transformer-debug, transformer-gpt2-small)")
+    bench_mfu.add_argument("--seconds", type=float, default=3.0,
+                           help="timed seconds per model, after the warm-up steps (default 3)")
+    bench_mfu.add_argument("--warmup", type=int, default=5, help="untimed steps per model (default 5)")
+    bench_mfu.add_argument("--threads", type=int, default=None,
+                           help="torch threads (default: torch's, the usable CPUs unless OMP_NUM_THREADS is set)")
+    bench_mfu.add_argument("--json", default="bench-mfu.json", help="where to write results")
+    bench_mfu.set_defaults(handler=cmd_bench_mfu)
     bench_e2e = bench_kinds.add_parser(
         "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -332,6 +344,13 @@ def _labels(text: str) -> list[int]:
     return labels
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more comma-separated names")
+    return names
+
+
 def cmd_score(args) -> int:
     from gentrain.inference import load_trained
     from gentrain.scoring import score_dataset
@@ -442,6 +461,14 @@ def cmd_bench_e2e(args) -> int:
 
     run_e2e_bench(rounds=args.rounds, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
                   json_path=args.json, keep=args.keep)
+    return 0
+
+
+def cmd_bench_mfu(args) -> int:
+    from gentrain.bench.mfu import DEFAULT_MODELS, run_mfu_bench
+
+    run_mfu_bench(models=args.models or DEFAULT_MODELS, seconds=args.seconds, warmup=args.warmup,
+                  threads=args.threads, json_path=args.json)
     return 0
 
 
