@@ -186,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch threads (default: torch's, the usable CPUs unless OMP_NUM_THREADS is set)")
     bench_mfu.add_argument("--json", default="bench-mfu.json", help="where to write results")
     bench_mfu.set_defaults(handler=cmd_bench_mfu)
+    bench_scaling = bench_kinds.add_parser(
+        "scaling", help="1 vs 2 data-parallel workers (gloo, no Ray) with threads per worker set fairly")
+    bench_scaling.add_argument("--model", default="diffusion-cifar10",
+                               help="a model of `bench mfu` (default diffusion-cifar10: the DDPM CIFAR-10 UNet)")
+    bench_scaling.add_argument("--batch-size", type=int, default=8, help="per worker (default 8)")
+    bench_scaling.add_argument("--steps", type=int, default=4, help="timed steps per configuration (default 4)")
+    bench_scaling.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench_scaling.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
+    bench_scaling.add_argument("--json", default="bench-scaling.json", help="where to write results")
+    bench_scaling.set_defaults(handler=cmd_bench_scaling)
     bench_e2e = bench_kinds.add_parser(
         "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -469,6 +479,14 @@ def cmd_bench_mfu(args) -> int:
 
     run_mfu_bench(models=args.models or DEFAULT_MODELS, seconds=args.seconds, warmup=args.warmup,
                   threads=args.threads, json_path=args.json)
+    return 0
+
+
+def cmd_bench_scaling(args) -> int:
+    from gentrain.bench.scaling import run_scaling_bench
+
+    run_scaling_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                      rounds=args.rounds, json_path=args.json)
     return 0
 
 
