@@ -196,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scaling.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
     bench_scaling.add_argument("--json", default="bench-scaling.json", help="where to write results")
     bench_scaling.set_defaults(handler=cmd_bench_scaling)
+    bench_checkpoint = bench_kinds.add_parser(
+        "checkpoint", help="checkpoint save and restore seconds against model size: ddp, ZeRO-2, ZeRO-3 (gloo)")
+    bench_checkpoint.add_argument("--sizes", type=_sizes, default=None, metavar="DxL[,DxL...]",
+                                  help="transformer d_model x layers (default 256x2,512x4,768x4)")
+    bench_checkpoint.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
+                                  help="default: ddp,deepspeed-zero2,deepspeed-zero3")
+    bench_checkpoint.add_argument("--world-size", type=int, default=2, help="gloo ranks (default 2)")
+    bench_checkpoint.add_argument("--folder", default=None,
+                                  help="where the checkpoints are written (default: the system's temporary folder)")
+    bench_checkpoint.add_argument("--json", default="bench-checkpoint.json", help="where to write results")
+    bench_checkpoint.set_defaults(handler=cmd_bench_checkpoint)
     bench_e2e = bench_kinds.add_parser(
         "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -361,6 +372,16 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        sizes = tuple(tuple(int(n) for n in part.lower().split("x")) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give d_model x layers pairs, e.g. 256x2,512x4")
+    return sizes
+
+
 def cmd_score(args) -> int:
     from gentrain.inference import load_trained
     from gentrain.scoring import score_dataset
@@ -487,6 +508,14 @@ def cmd_bench_scaling(args) -> int:
 
     run_scaling_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                       rounds=args.rounds, json_path=args.json)
+    return 0
+
+
+def cmd_bench_checkpoint(args) -> int:
+    from gentrain.bench.checkpoint import DEFAULT_SIZES, STRATEGIES, run_checkpoint_bench
+
+    run_checkpoint_bench(sizes=args.sizes or DEFAULT_SIZES, strategies=args.strategies or tuple(STRATEGIES),
+                         world_size=args.world_size, folder=args.folder, json_path=args.json)
     return 0
 
 
