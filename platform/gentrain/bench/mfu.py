@@ -9,7 +9,9 @@ For each model the real job's training step runs through gentrain's Engine in th
 - FLOPs per step are counted, not guessed: one whole optimizer step (forward, backward,
   optimizer) runs under `torch.utils.flop_counter.FlopCounterMode`, which counts the
   matmuls, convolutions and attention the step dispatches (elementwise work is not
-  counted, as in every MFU convention);
+  counted, as in every MFU convention; torch's formulas for the CUDA attention kernels
+  are registered for the CPU ones, which it does not count: the full score matrix, as
+  torch counts causal attention on a GPU);
 - the step time is the mean over the timed steps that follow `warmup` steps, run for at
   least `seconds` (and at least 2 steps); the median step is reported beside it (MFU@med),
   since on a shared machine a descheduled step moves the mean and not the median. With
@@ -137,7 +139,7 @@ def measure_model(model: BenchModel, seconds: float, warmup: int, device: torch.
     engine, batch_size = build_engine(model, device)
     batches = synthetic_batches(model.data_info, batch_size, device)
     params = parameter_count(engine)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas()) as counter:
         engine.optimizer_step(batches)  # also the first warm-up step
     flops = counter.get_total_flops()
     for _ in range(warmup):
@@ -152,6 +154,25 @@ def measure_model(model: BenchModel, seconds: float, warmup: int, device: torch.
             "flops_per_step": flops, "timed_steps": len(times), "seconds_per_step": mean,
             "median_seconds_per_step": statistics.median(times), "samples_per_s": batch_size / mean,
             "threads": threads or torch.get_num_threads()}
+
+
+def cpu_attention_formulas() -> dict:
+    """FLOP formulas for the CPU kernels of `scaled_dot_product_attention`, which torch's
+    counter does not know (it counts the CUDA ones): the same formulas as torch's CUDA
+    attention, so the whole score matrix counts, causal or not."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    mapping = {}
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if forward is not None:
+        mapping[forward] = lambda query, key, value, *args, out_shape=None, **kwargs: \
+            flop_counter.sdpa_flop_count(query, key, value)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if backward is not None:
+        mapping[backward] = lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: \
+            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+    return mapping
 
 
 def build_engine(model: BenchModel, device: torch.device, rank: int = 0, world_size: int = 1,
