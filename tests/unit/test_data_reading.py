@@ -6,10 +6,12 @@ resampled epochs, brace patterns and the refusal of unsafe shard names.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from gentrain.data.errors import DataConfigError, ShardReadError, UnsafeURLError
 from gentrain.data.index import IndexNotFoundError, load_index
 from gentrain.data.pack import pack_source
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
+from gentrain.data.reader import npy_array
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +249,31 @@ def test_every_shard_bad_under_skip_is_an_error_not_a_hang(folder):
     with pytest.warns(UserWarning, match="skipped shard"):
         with pytest.raises(ShardReadError, match=r"every one of the \d+ shards.*at least one readable shard"):
             next(train_batches(index, "train", 10, rank=0, world_size=2, seed=0, on_error="skip"))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.arange(6, dtype=">i4").reshape(3, 2),
+    np.zeros((0, 5), dtype=np.float32),
+], ids=["uint8", "fortran-float64", "big-endian", "empty"])
+def test_npy_samples_read_as_np_load_reads_them_twice_in_a_row(array):
+    """The second read takes the parsed-header path: the same array, writable and C-ordered."""
+    stream = io.BytesIO()
+    np.save(stream, array)
+    for _ in range(2):
+        read = npy_array(stream.getvalue())
+        expected = np.load(io.BytesIO(stream.getvalue()), allow_pickle=False)
+        assert read.dtype == expected.dtype and read.shape == expected.shape and np.array_equal(read, expected)
+        assert read.flags.writeable and read.flags.c_contiguous
+
+
+def test_npy_samples_of_objects_or_cut_short_are_refused():
+    stream = io.BytesIO()
+    np.save(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="never unpickled"):
+        npy_array(stream.getvalue())
+    stream = io.BytesIO()
+    np.save(stream, np.arange(10, dtype=np.int64))
+    with pytest.raises(ValueError, match="truncated"):
+        npy_array(stream.getvalue()[:-8])

@@ -205,8 +205,7 @@ def decode_sample(sample: dict, shape, dtype: str = "uint8") -> torch.Tensor:
     if "png" in sample:
         return decode_image(sample["png"], shape, scale=False)
     if "npy" in sample:
-        array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)  # never unpickle shard data
-        return _checked(torch.from_numpy(np.ascontiguousarray(array)), shape)
+        return _checked(torch.from_numpy(npy_array(sample["npy"])), shape)
     if "tokens" in sample:
         if dtype == "uint8":
             tokens = torch.frombuffer(bytearray(sample["tokens"]), dtype=torch.uint8)
@@ -217,6 +216,53 @@ def decode_sample(sample: dict, shape, dtype: str = "uint8") -> torch.Tensor:
         return _checked(torch.from_numpy(array.astype(np.int64)), shape)
     entries = sorted(key for key in sample if not key.startswith("__"))
     raise KeyError(f"no 'png', 'npy' or 'tokens' entry (it has {entries}); repack with `gentrain data pack`")
+
+
+# Parsed .npy headers (dtype, shape, Fortran order, data offset) by their bytes: every sample
+# of a shard set has the same header, and np.load parses it with `ast` each time, which cost
+# more than the rest of decoding a small image.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """The array of one .npy file's bytes, as `np.load(..., allow_pickle=False)` reads it
+    (a writable, C-contiguous copy); object arrays are refused, never unpickled."""
+    end = _npy_header_end(data)
+    parsed = _NPY_HEADERS.get(data[:end]) if end else None
+    if parsed is None:
+        if not end:  # not a .npy header numpy and we both know: numpy says what is wrong
+            return np.ascontiguousarray(np.load(io.BytesIO(data), allow_pickle=False))
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        formats = np.lib.format
+        read_header = formats.read_array_header_1_0 if version == (1, 0) else formats.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("the .npy sample holds Python objects, which are never unpickled; "
+                             "repack the data set with `gentrain data pack`")
+        if len(_NPY_HEADERS) >= 64:
+            _NPY_HEADERS.clear()
+        parsed = _NPY_HEADERS[data[:end]] = (dtype, tuple(shape), bool(fortran_order), end)
+    dtype, shape, fortran_order, offset = parsed
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"the .npy sample is truncated: {len(data) - offset} bytes of data for shape "
+                         f"{list(shape)} of {dtype}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(shape, order="F" if fortran_order else "C")
+    return np.ascontiguousarray(array) if fortran_order else array.copy()
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where the data of .npy bytes begins (0 when the header is not a plain version 1-3 one)."""
+    if len(data) < 12 or data[:6] != _NPY_MAGIC:
+        return 0
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    if data[6] in (2, 3):
+        return 12 + int.from_bytes(data[8:12], "little")
+    return 0
 
 
 def _checked(tensor: torch.Tensor, shape) -> torch.Tensor:
