@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -21,7 +22,7 @@ from gentrain.data.errors import DataConfigError, ShardReadError, UnsafeURLError
 from gentrain.data.index import IndexNotFoundError, load_index
 from gentrain.data.pack import pack_source
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
-from gentrain.data.reader import npy_array
+from gentrain.data.reader import npy_array, tar_samples
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,30 @@ def test_npy_samples_of_objects_or_cut_short_are_refused():
     np.save(stream, np.arange(10, dtype=np.int64))
     with pytest.raises(ValueError, match="truncated"):
         npy_array(stream.getvalue()[:-8])
+
+
+def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_tar_samples_group_adjacent_files_by_key_as_webdataset_does():
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = [("__meta__", b"{}"), ("a/0001.png", b"p1"), ("a/0001.CLS", b"3"), ("0002.png", b"p2"),
+             ("0002.seg.png", b"s2"), ("noextension", b"x"), ("0003.cls", b"1")]
+    ours = list(tar_samples(io.BytesIO(_tar_bytes(files)), "shard.tar"))
+    theirs = list(group_by_keys(tar_file_expander([{"url": "shard.tar", "stream": io.BytesIO(_tar_bytes(files))}])))
+    assert ours == theirs
+    assert [sample["__key__"] for sample in ours] == ["a/0001", "0002", "0003"]
+    assert ours[0]["cls"] == b"3" and ours[1]["seg.png"] == b"s2"
+
+
+def test_tar_samples_refuse_a_repeated_entry():
+    with pytest.raises(ValueError, match="two 'png' files"):
+        list(tar_samples(io.BytesIO(_tar_bytes([("0001.png", b"a"), ("0001.PNG", b"b")])), "shard.tar"))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import re
+import tarfile
 import warnings
 
 import numpy as np
@@ -29,7 +31,6 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 from webdataset.gopen import Pipe
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gentrain.data.errors import DataConfigError, ShardReadError, SkippedDataWarning
 from gentrain.data.remote import open_stream
@@ -152,7 +153,7 @@ class ShardSamples:
         try:
             # One sample is held back until the next one starts: a tar cut mid-sample ends
             # with a partial sample, which must be blamed on the shard, not decoded.
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            for sample in tar_samples(stream, url):
                 if held is not None:
                     yield held
                     yielded += 1
@@ -172,6 +173,39 @@ class ShardSamples:
             return
         if held is not None:
             yield held
+
+
+# WebDataset's naming: a sample's key is a file's path up to the first dot of its name; the
+# rest is the entry ("0001.png" -> "0001", "png"). Names like __meta__ are not samples.
+_KEY_AND_ENTRY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def tar_samples(stream, url: str):
+    """{"__key__", "__url__", entry: bytes, ...} per sample of a tar stream, grouped as
+    WebDataset's tar_file_expander + group_by_keys group them (adjacent files of one key;
+    entries lower-cased; a repeated entry is an error), with less work per file: on small
+    images that layer cost about a fifth of the pipeline's time."""
+    sample = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isreg() or _META.match(member.name):
+                continue
+            named = _KEY_AND_ENTRY.match(member.name)
+            data = tar.extractfile(member).read()
+            tar.members = []  # a stream: keep no member list
+            if named is None:
+                continue
+            key, entry = named.group(1), named.group(2).lower()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if entry in sample:
+                raise ValueError(f"{member.name}: the tar holds two '{entry}' files for sample {key!r}")
+            sample[entry] = data
+    if sample is not None:
+        yield sample
 
 
 # Per-sample counts that BPE text samples carry beside their tokens (ASCII decimals):
