@@ -174,6 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench_nll.add_argument("--eval-batches", type=int, default=None, help="cap on held-out batches (default: all)")
     bench_nll.add_argument("--json", default="bench-likelihoods.json", help="where to write results")
     bench_nll.set_defaults(handler=cmd_bench_likelihoods)
+    bench_mfu = bench_kinds.add_parser(
+        "mfu", help="counted model FLOPs per step over step time, as a share of this machine's matmul peak")
+    bench_mfu.add_argument("--models", type=_names, default=None, metavar="NAME[,NAME...]",
+                           help="which models (default: all of diffusion-debug, diffusion-cifar10, "
+                           "transformer-debug, transformer-gpt2-small)")
+    bench_mfu.add_argument("--seconds", type=float, default=3.0,
+                           help="timed seconds per model, after the warm-up steps (default 3)")
+    bench_mfu.add_argument("--warmup", type=int, default=5, help="untimed steps per model (default 5)")
+    bench_mfu.add_argument("--threads", type=int, default=None,
+                           help="torch threads (default: torch's, the usable CPUs unless OMP_NUM_THREADS is set)")
+    bench_mfu.add_argument("--json", default="bench-mfu.json", help="where to write results")
+    bench_mfu.set_defaults(handler=cmd_bench_mfu)
+    bench_scaling = bench_kinds.add_parser(
+        "scaling", help="1 vs 2 data-parallel workers (gloo, no Ray) with threads per worker set fairly")
+    bench_scaling.add_argument("--model", default="diffusion-cifar10",
+                               help="a model of `bench mfu` (default diffusion-cifar10: the DDPM CIFAR-10 UNet)")
+    bench_scaling.add_argument("--batch-size", type=int, default=8, help="per worker (default 8)")
+    bench_scaling.add_argument("--steps", type=int, default=4, help="timed steps per configuration (default 4)")
+    bench_scaling.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench_scaling.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
+    bench_scaling.add_argument("--json", default="bench-scaling.json", help="where to write results")
+    bench_scaling.set_defaults(handler=cmd_bench_scaling)
+    bench_checkpoint = bench_kinds.add_parser(
+        "checkpoint", help="checkpoint save and restore seconds against model size: ddp, ZeRO-2, ZeRO-3 (gloo)")
+    bench_checkpoint.add_argument("--sizes", type=_sizes, default=None, metavar="DxL[,DxL...]",
+                                  help="transformer d_model x layers (default 256x2,512x4,768x4)")
+    bench_checkpoint.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
+                                  help="default: ddp,deepspeed-zero2,deepspeed-zero3")
+    bench_checkpoint.add_argument("--world-size", type=int, default=2, help="gloo ranks (default 2)")
+    bench_checkpoint.add_argument("--folder", default=None,
+                                  help="where the checkpoints are written (default: the system's temporary folder)")
+    bench_checkpoint.add_argument("--json", default="bench-checkpoint.json", help="where to write results")
+    bench_checkpoint.set_defaults(handler=cmd_bench_checkpoint)
     bench_e2e = bench_kinds.add_parser(
         "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -332,6 +365,23 @@ def _labels(text: str) -> list[int]:
     return labels
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more comma-separated names")
+    return names
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        sizes = tuple(tuple(int(n) for n in part.lower().split("x")) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give d_model x layers pairs, e.g. 256x2,512x4")
+    return sizes
+
+
 def cmd_score(args) -> int:
     from gentrain.inference import load_trained
     from gentrain.scoring import score_dataset
@@ -442,6 +492,30 @@ def cmd_bench_e2e(args) -> int:
 
     run_e2e_bench(rounds=args.rounds, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
                   json_path=args.json, keep=args.keep)
+    return 0
+
+
+def cmd_bench_mfu(args) -> int:
+    from gentrain.bench.mfu import DEFAULT_MODELS, run_mfu_bench
+
+    run_mfu_bench(models=args.models or DEFAULT_MODELS, seconds=args.seconds, warmup=args.warmup,
+                  threads=args.threads, json_path=args.json)
+    return 0
+
+
+def cmd_bench_scaling(args) -> int:
+    from gentrain.bench.scaling import run_scaling_bench
+
+    run_scaling_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                      rounds=args.rounds, json_path=args.json)
+    return 0
+
+
+def cmd_bench_checkpoint(args) -> int:
+    from gentrain.bench.checkpoint import DEFAULT_SIZES, STRATEGIES, run_checkpoint_bench
+
+    run_checkpoint_bench(sizes=args.sizes or DEFAULT_SIZES, strategies=args.strategies or tuple(STRATEGIES),
+                         world_size=args.world_size, folder=args.folder, json_path=args.json)
     return 0
 
 

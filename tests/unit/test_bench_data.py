@@ -60,6 +60,9 @@ def test_every_reported_number_is_positive_and_finite(bench):
         else:
             numbers += [row["pipeline_samples_per_second"], row["ratio"], *row["pipeline_runs"]]
             assert len(row["pipeline_runs"]) == settings["repeats"]
+        if row["loader_workers"] == 0 and row["pipeline_samples_per_second"] is not None:
+            numbers += [row["cpu_ratio"], *row["pipeline_cpu_runs"], *row["baseline_cpu_runs"]]
+            assert len(row["pipeline_cpu_runs"]) == len(row["baseline_cpu_runs"]) == settings["repeats"]
         assert all(positive_finite(number) for number in numbers), row
     png_rows = [row for row in written["rows"] if row["format"] == "png"]
     assert all(row["pipeline_samples_per_second"] is not None for row in png_rows), "the pipeline reads PNG shards"
@@ -72,7 +75,7 @@ def test_printed_table_has_a_line_per_row(bench):
     assert any("pipeline samples/s" in line and "baseline samples/s" in line and "ratio" in line for line in lines)
     for row in bench["written"]["rows"]:
         matching = [line.split() for line in lines if line.split()[:2] == [row["format"], str(row["loader_workers"])]]
-        assert len(matching) == 1 and len(matching[0]) == 5, (row["format"], bench["printed"])
+        assert len(matching) == 1 and len(matching[0]) == 6, (row["format"], bench["printed"])
 
 
 def test_both_shard_sets_hold_the_same_images_and_the_baseline_decodes_like_the_pipeline(tmp_path):

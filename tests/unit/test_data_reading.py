@@ -6,10 +6,13 @@ resampled epochs, brace patterns and the refusal of unsafe shard names.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from gentrain.data.errors import DataConfigError, ShardReadError, UnsafeURLError
 from gentrain.data.index import IndexNotFoundError, load_index
 from gentrain.data.pack import pack_source
 from gentrain.data.pipeline import batches_per_epoch, eval_batches, train_batches
+from gentrain.data.reader import npy_array, tar_samples
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +250,58 @@ def test_every_shard_bad_under_skip_is_an_error_not_a_hang(folder):
     with pytest.warns(UserWarning, match="skipped shard"):
         with pytest.raises(ShardReadError, match=r"every one of the \d+ shards.*at least one readable shard"):
             next(train_batches(index, "train", 10, rank=0, world_size=2, seed=0, on_error="skip"))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.arange(6, dtype=">i4").reshape(3, 2),
+    np.zeros((0, 5), dtype=np.float32),
+], ids=["uint8", "fortran-float64", "big-endian", "empty"])
+def test_npy_samples_read_as_np_load_reads_them_twice_in_a_row(array):
+    """The second read takes the parsed-header path: the same array, writable and C-ordered."""
+    stream = io.BytesIO()
+    np.save(stream, array)
+    for _ in range(2):
+        read = npy_array(stream.getvalue())
+        expected = np.load(io.BytesIO(stream.getvalue()), allow_pickle=False)
+        assert read.dtype == expected.dtype and read.shape == expected.shape and np.array_equal(read, expected)
+        assert read.flags.writeable and read.flags.c_contiguous
+
+
+def test_npy_samples_of_objects_or_cut_short_are_refused():
+    stream = io.BytesIO()
+    np.save(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="never unpickled"):
+        npy_array(stream.getvalue())
+    stream = io.BytesIO()
+    np.save(stream, np.arange(10, dtype=np.int64))
+    with pytest.raises(ValueError, match="truncated"):
+        npy_array(stream.getvalue()[:-8])
+
+
+def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_tar_samples_group_adjacent_files_by_key_as_webdataset_does():
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = [("__meta__", b"{}"), ("a/0001.png", b"p1"), ("a/0001.CLS", b"3"), ("0002.png", b"p2"),
+             ("0002.seg.png", b"s2"), ("noextension", b"x"), ("0003.cls", b"1")]
+    ours = list(tar_samples(io.BytesIO(_tar_bytes(files)), "shard.tar"))
+    theirs = list(group_by_keys(tar_file_expander([{"url": "shard.tar", "stream": io.BytesIO(_tar_bytes(files))}])))
+    assert ours == theirs
+    assert [sample["__key__"] for sample in ours] == ["a/0001", "0002", "0003"]
+    assert ours[0]["cls"] == b"3" and ours[1]["seg.png"] == b"s2"
+
+
+def test_tar_samples_refuse_a_repeated_entry():
+    with pytest.raises(ValueError, match="two 'png' files"):
+        list(tar_samples(io.BytesIO(_tar_bytes([("0001.png", b"a"), ("0001.PNG", b"b")])), "shard.tar"))

@@ -16,7 +16,9 @@ uint8 arrays (`.npy` bytes of the [C, H, W] image). Each set is read by
 Every measurement first draws warm-up batches (worker start-up, filling the
 shuffle buffer), then times `samples` samples. Pipeline and baseline runs
 alternate, so a change in the machine's load hits both; each reported number
-is the median of the runs. The shards sit in the page cache, so this measures
+is the median of the runs. With 0 loader workers the rates per CPU second of this
+process are reported too (CPU ratio): a busy machine moves them far less than wall-clock
+rates. The shards sit in the page cache, so this measures
 decoding and pipeline overhead, not the disk. A format the pipeline cannot
 decode is reported as such (its baseline is still measured) rather than
 aborting the benchmark.
@@ -155,8 +157,11 @@ def plain_tar_batches(urls: list[str], fmt: str, shape, batch_size: int) -> Iter
                 images, labels = [], []
 
 
-def samples_per_second(batches: Iterator[dict], warmup: int, measured: int, batch_size: int, shape) -> float:
-    """Draw `warmup` batches untimed (checking their shape), then time `measured` batches."""
+def samples_per_second(batches: Iterator[dict], warmup: int, measured: int, batch_size: int, shape,
+                       cpu_rates: list[float] | None = None) -> float:
+    """Draw `warmup` batches untimed (checking their shape), then time `measured` batches.
+    `cpu_rates`: also append the rate per second of this process's CPU time (all its
+    threads; not loader worker processes), which a busy machine moves far less."""
     expected = (batch_size, *shape)
     for _ in range(warmup):
         batch = next(batches)
@@ -164,9 +169,11 @@ def samples_per_second(batches: Iterator[dict], warmup: int, measured: int, batc
         if tuple(batch["image"].shape) != expected:
             raise RuntimeError(f"benchmark reader yielded images of shape {list(batch['image'].shape)}, "
                                f"expected {list(expected)}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(measured):
         next(batches)
+    if cpu_rates is not None:
+        cpu_rates.append(measured * batch_size / max(time.process_time() - cpu_started, 1e-9))
     return measured * batch_size / (time.perf_counter() - started)
 
 
@@ -186,19 +193,22 @@ def format_table(result: dict) -> str:
         f"data pipeline vs plain tarfile reading: {settings['samples_timed']:,} samples per run, "
         f"batch {settings['batch_size']}, {settings['warmup_batches']} warm-up batches excluded, "
         f"{settings['statistic']} of {settings['repeats']} runs",
-        f"{'format':<8}{'loader workers':>15}{'pipeline samples/s':>21}{'baseline samples/s':>21}{'ratio':>8}",
+        f"{'format':<8}{'loader workers':>15}{'pipeline samples/s':>21}{'baseline samples/s':>21}{'ratio':>8}"
+        f"{'CPU ratio':>10}",
     ]
     notes = []
     for row in result["rows"]:
-        pipeline, ratio = row["pipeline_samples_per_second"], row["ratio"]
+        pipeline, ratio, cpu_ratio = row["pipeline_samples_per_second"], row["ratio"], row["cpu_ratio"]
         lines.append(
             f"{row['format']:<8}{row['loader_workers']:>15}"
             f"{_rate(pipeline):>21}{_rate(row['baseline_samples_per_second']):>21}"
             f"{'n/a' if ratio is None else f'{ratio:.2f}':>8}"
+            f"{'n/a' if cpu_ratio is None else f'{cpu_ratio:.2f}':>10}"
         )
         if row["pipeline_error"] and row["pipeline_error"] not in notes:
             notes.append(row["pipeline_error"])
-    lines.append("ratio = pipeline / baseline (above 1: the pipeline is faster)")
+    lines.append("ratio = pipeline / baseline (above 1: the pipeline is faster); CPU ratio: the same per CPU "
+                 "second of this process, steadier on a busy machine (0 loader workers only)")
     lines += [f"n/a: the pipeline could not read these shards ({note})" for note in notes]
     lines.append(
         f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
@@ -226,21 +236,26 @@ def machine_info() -> dict:
 def _measure_row(index: DatasetIndex, fmt: str, workers: int, settings: dict, pipeline_error: str | None) -> dict:
     timing = (WARMUP_BATCHES, settings["measured_batches"], settings["batch_size"], index.shape)
     pipeline_runs, baseline_runs = [], []
+    # CPU-time rates only in-process (0 loader workers): workers' CPU is not this process's.
+    pipeline_cpu, baseline_cpu = ([], []) if workers == 0 else (None, None)
     for run in range(1, REPEATS + 1):
         if pipeline_error is None:
             batches = train_batches(index, SPLIT, settings["batch_size"], rank=0, world_size=1, seed=0,
                                     loader_workers=workers)
-            pipeline_runs.append(samples_per_second(batches, *timing))
+            pipeline_runs.append(samples_per_second(batches, *timing, cpu_rates=pipeline_cpu))
             # Dropping the iterator closes its epoch, which shuts the loader's workers down now.
             del batches
         plain = plain_tar_batches(index.shard_urls(SPLIT), fmt, index.shape, settings["batch_size"])
-        baseline_runs.append(samples_per_second(plain, *timing))
+        baseline_runs.append(samples_per_second(plain, *timing, cpu_rates=baseline_cpu))
         plain.close()
         pipeline_now = _rate(pipeline_runs[-1]) if pipeline_runs else "n/a"
         _progress(f"{fmt}, {workers} loader workers, run {run}/{REPEATS}: pipeline {pipeline_now} samples/s, "
                   f"baseline {_rate(baseline_runs[-1])} samples/s")
     pipeline = statistics.median(pipeline_runs) if pipeline_runs else None
     baseline = statistics.median(baseline_runs)
+    cpu_ratio = None
+    if pipeline_cpu and baseline_cpu:
+        cpu_ratio = statistics.median(pipeline_cpu) / statistics.median(baseline_cpu)
     return {
         "format": fmt,
         "loader_workers": workers,
@@ -250,6 +265,10 @@ def _measure_row(index: DatasetIndex, fmt: str, workers: int, settings: dict, pi
         "pipeline_runs": pipeline_runs,
         "baseline_runs": baseline_runs,
         "pipeline_error": pipeline_error,
+        # per CPU second of this process (0 loader workers only; None otherwise)
+        "cpu_ratio": cpu_ratio,
+        "pipeline_cpu_runs": pipeline_cpu or [],
+        "baseline_cpu_runs": baseline_cpu or [],
     }
 
 

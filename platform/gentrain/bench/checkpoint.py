@@ -1,0 +1,129 @@
+"""Checkpoint save and restore seconds against model size, per strategy.
+
+    gentrain bench checkpoint                                  # ddp, ZeRO-2, ZeRO-3; 3 sizes; 2 ranks
+    gentrain bench checkpoint --sizes 256x2,1024x8 --strategies ddp --world-size 1
+
+Each strategy runs in its own gloo world of spawned processes (no Ray). For each size, a
+transformer of that width x depth (the transformer/debug spec otherwise, fp32) is built
+through gentrain's Engine and takes one optimizer step, so the optimizer state exists;
+then, between barriers, every rank times
+
+- save: `Engine.save` into a fresh folder on local disk, as a run does every
+  checkpoint.every steps: every rank's share (DeepSpeed's shards or ddp's replica), the
+  portable optimizer state, model.pt and the metadata with every file's sha256;
+- restore: `Engine.restore` of that folder (the manifest's hashes verified first, as a
+  resume does).
+
+The reported seconds are the slowest rank's; the bytes are the folder's total on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from gentrain.bench.common import publish, run_ranks, timestamp
+from gentrain.bench.mfu import MODELS, build_engine, parameter_count, synthetic_batches
+
+STRATEGIES = {
+    "ddp": ("strategy.name=ddp",),
+    "deepspeed-zero2": ("strategy.name=deepspeed", "strategy.zero_stage=2"),
+    "deepspeed-zero3": ("strategy.name=deepspeed", "strategy.zero_stage=3"),
+}
+DEFAULT_SIZES = ((256, 2), (512, 4), (768, 4))  # d_model x layers: about 1.6M, 12.7M, 28.5M parameters
+
+
+def run_checkpoint_bench(sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES,
+                         strategies: tuple[str, ...] = tuple(STRATEGIES), world_size: int = 2,
+                         folder: str | None = None, json_path: str | None = "bench-checkpoint.json") -> dict:
+    unknown = [name for name in strategies if name not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"bench checkpoint: unknown strategy {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    load_before = os.getloadavg()
+    work = tempfile.mkdtemp(prefix="gentrain-bench-checkpoint-", dir=folder)
+    rows = []
+    try:
+        for strategy in strategies:
+            per_rank = run_ranks(_checkpoint_rank, world_size, (strategy, sizes, work))
+            for index, (width, layers) in enumerate(sizes):
+                ranks = [results[index] for results in per_rank]
+                row = {"strategy": strategy, "d_model": width, "layers": layers,
+                       "parameters": ranks[0]["parameters"], "bytes": ranks[0]["bytes"],
+                       "save_s": max(r["save_s"] for r in ranks), "restore_s": max(r["restore_s"] for r in ranks)}
+                rows.append(row)
+                _log(f"{strategy} {width}x{layers} ({row['parameters'] / 1e6:.1f}M parameters, "
+                     f"{row['bytes'] / 2**20:.0f} MiB): save {row['save_s']:.2f} s, restore {row['restore_s']:.2f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from gentrain.bench.data import machine_info
+
+    result = {
+        "benchmark": "checkpoint",
+        "command": f"gentrain bench checkpoint --sizes {','.join(f'{w}x{l}' for w, l in sizes)} "
+                   f"--strategies {','.join(strategies)} --world-size {world_size}",
+        "timestamp": timestamp(),
+        "machine": {**machine_info(), "load_average_before": list(load_before),
+                    "load_average_after": list(os.getloadavg())},
+        "settings": {"model": "transformer/debug at each d_model x layers", "world_size": world_size,
+                     "backend": "gloo", "precision": "fp32", "disk": "a temporary folder on local disk"},
+        "rows": rows,
+    }
+    return publish(result, format_table, json_path, _log)
+
+
+def _checkpoint_rank(rank: int, world_size: int, strategy: str, sizes, work: str) -> list[dict]:
+    model = MODELS["transformer-debug"]
+    device = torch.device("cpu")
+    results = []
+    for width, layers in sizes:
+        overrides = (*STRATEGIES[strategy], f"job.config.d_model={width}", f"job.config.layers={layers}",
+                     f"storage_path={work}")
+        engine, batch_size = build_engine(model, device, rank=rank, world_size=world_size, extra_overrides=overrides)
+        engine.optimizer_step(synthetic_batches(model.data_info, batch_size, device))
+        directory = os.path.join(work, f"{strategy}-{width}x{layers}")
+        save_s = _timed(lambda: engine.save(directory))
+        size = _folder_bytes(directory)
+        restore_s = _timed(lambda: engine.restore(directory))
+        results.append({"parameters": parameter_count(engine), "bytes": size, "save_s": save_s,
+                        "restore_s": restore_s})
+        torch.distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+        del engine
+    return results
+
+
+def _timed(action) -> float:
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    action()
+    torch.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _folder_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'strategy':<16} {'d_model x layers':>16} {'params':>8} {'on disk':>9} {'save s':>7} {'restore s':>9}"]
+    for row in result["rows"]:
+        lines.append(f"{row['strategy']:<16} {row['d_model']:>9}x{row['layers']:<6} {row['parameters'] / 1e6:>7.1f}M "
+                     f"{row['bytes'] / 2**20:>6.0f}MiB {row['save_s']:>7.2f} {row['restore_s']:>9.2f}")
+    machine = result["machine"]
+    lines.append(f"{result['settings']['world_size']} gloo ranks, the slowest rank's seconds; "
+                 f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
+                 f"{_load(machine['load_average_before'])} before, {_load(machine['load_average_after'])} after")
+    return "\n".join(lines)
+
+
+def _load(values) -> str:
+    return "/".join(f"{value:.2f}" for value in values)
+
+
+def _log(message: str) -> None:
+    print(f"[bench checkpoint] {message}", flush=True)
