@@ -40,10 +40,15 @@ class EMA:
             if average is None:
                 self._averages[name] = self._copy(module)
                 return
-            for average_param, param in zip(average.parameters(), module.parameters()):
-                average_param.lerp_(param.detach().float(), 1.0 - decay)
-            for average_buffer, buffer in zip(average.buffers(), module.buffers()):
-                average_buffer.copy_(buffer)
+            # One foreach call per network rather than one lerp_ per tensor (a debug UNet's
+            # 128 tensors: the per-call overhead was a third of its step); the same kernel.
+            averages = list(average.parameters())
+            if averages:
+                torch._foreach_lerp_(averages, [param.detach().float() for param in module.parameters()],
+                                     1.0 - decay)
+            buffers = list(average.buffers())
+            if buffers:
+                torch._foreach_copy_(buffers, list(module.buffers()))
 
     def get(self, name: str) -> nn.Module | None:
         return self._averages.get(name)
