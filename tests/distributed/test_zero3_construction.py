@@ -1,16 +1,18 @@
 """ZeRO-3 builds the networks of families declaring `Supports.sharded_build` sharded
 (`deepspeed.zero.Init`): on 2 gloo ranks the parameter bytes a rank holds while the job type
-builds its networks and the strategy sets them up peak near half the model; the initial
-weights are those of a whole build, exactly, and a training step runs. The other families
-that declare ZeRO-3 are still built whole on every rank (their `build` changes parameters
-after the module holding them was made, or uses spectral norm: see Supports), with the same
-exact initial weights.
+builds its networks and the strategy sets them up peak near half the model (gan: see
+CEILINGS); the initial weights are those of a whole build, exactly, and a training step
+runs. Every family declaring ZeRO-3 builds sharded now (vae, pixelcnn, diffusion, flow,
+transformer, gan: the last four change parameters after the module holding them was made
+through gentrain.initialise); one that did not would be built whole on every rank (peak at
+least the model), with the same exact initial weights.
 
     PYTHONPATH=platform:jobs .venv/bin/python -m pytest tests/distributed/test_zero3_construction.py -q
 
 Measured: every parameter made is watched from its registration (torch's global parameter
 registration hook) and the bytes held by all of them, whole (`param.data`) or as this rank's
-ZeRO partition (`param.ds_tensor`), are summed at each registration and after set-up.
+ZeRO partition (`param.ds_tensor`), are summed at each registration and after set-up (each
+parameter once, however many modules register it).
 EMA copies are not counted: they are made at the first EMA update, whole on every rank.
 """
 
@@ -33,18 +35,26 @@ FAMILIES = {  # debug specs, widened so that no one layer dominates the model
     "diffusion": [],
     "transformer": [],
 }
+SHARDED_CEILING = 0.6  # peak / model of a sharded build: half the model plus about one layer whole
+# The debug DCGAN cannot be widened so: 8x8 digits allow 3 levels at most, and at the default 2
+# its discriminator's 32->64 convolution is 43% of the model. Built sharded, the peak is the
+# other layers' halves plus that layer whole (gathered for spectral norm's power iteration):
+# 0.93, where a whole build holds 1.0 (or more).
+CEILINGS = {"gan": 0.95}
 
 
 class ParameterBytes:
     """The peak of the parameter bytes this process holds, sampled at every registration."""
 
     def __init__(self):
-        self.params: list[weakref.ref] = []
+        # By identity: a parameter registered twice (spectral norm moves a layer's weight to
+        # `parametrizations.weight.original`) is one tensor, counted once.
+        self.params: dict[int, weakref.ref] = {}
         self.peak = 0
 
     def held(self) -> int:
         total = 0
-        for ref in self.params:
+        for ref in self.params.values():
             param = ref()
             if param is None:
                 continue
@@ -55,7 +65,7 @@ class ParameterBytes:
 
     def registered(self, module, name, param):
         if param is not None:
-            self.params.append(weakref.ref(param))
+            self.params[id(param)] = weakref.ref(param)
         self.sample()
 
     def sample(self):
@@ -119,7 +129,7 @@ def test_no_rank_holds_the_whole_model_while_it_is_built(measured, family):
         print(f"{family} rank {rank}: peak {result['peak']:,} of {result['model']:,} parameter bytes "
               f"({ratio:.2f})")
         if sharded:
-            assert ratio < 0.6, (family, rank, ratio)
+            assert ratio < CEILINGS.get(family, SHARDED_CEILING), (family, rank, ratio)
         else:  # built whole, then partitioned
             assert ratio >= 1.0, (family, rank, ratio)
         assert result["differ"] == [] and result["nonfinite"] == []
