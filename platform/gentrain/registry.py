@@ -160,10 +160,13 @@ class Supports:
 
     `sharded_build`: under ZeRO-3 the networks are built inside `deepspeed.zero.Init`, each
     module partitioned as soon as it is made, so no rank holds the whole model. Only for a
-    family whose `build` changes no parameter after the module holding it was made (a parent
-    that zero-initialises a child's output layer, or re-initialises weights with `apply`,
-    would write into an already partitioned, empty tensor: silently lost) and uses no
-    parametrizations (spectral norm). Others are built whole on every rank, then partitioned.
+    family whose `build` changes a parameter after the module holding it was made solely
+    through `gentrain.initialise` (`whole_parameters`, `initialise_parameters`: one module's
+    parameters gathered while they are written, the same values as a whole build). A plain
+    write there (a parent zero-initialising a child's output layer, re-drawn weights,
+    registering spectral norm, which needs the whole weight) would go into an already
+    partitioned, empty tensor: silently lost, or an error. Families without it are built
+    whole on every rank, then partitioned by `deepspeed.initialize`.
     """
 
     strategies: tuple[str, ...] = ("ddp",)

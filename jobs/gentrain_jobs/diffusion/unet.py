@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gentrain.initialise import whole_parameters
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Transformer sinusoids of the timestep index [B] -> [B, dim] (sin half, then cos half)."""
@@ -151,8 +153,9 @@ class UNet(nn.Module):
                 self.up.append(Upsample(width))
                 resolution *= 2
         self.out = nn.Sequential(norm(width), nn.SiLU(), nn.Conv2d(width, in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)  # start as a constant predictor: a calm first step
-        nn.init.zeros_(self.out[-1].bias)
+        with whole_parameters(self.out[-1].parameters()):  # also when built sharded (ZeRO-3)
+            nn.init.zeros_(self.out[-1].weight)  # start as a constant predictor: a calm first step
+            nn.init.zeros_(self.out[-1].bias)
 
     def enable_grad_checkpointing(self, enabled: bool = True) -> None:
         self.grad_checkpointing = enabled

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gentrain.initialise import whole_parameters
+
 
 def fp32(x: torch.Tensor):
     """No autocast inside (the flow's own arithmetic)."""
@@ -198,8 +200,9 @@ class ZeroConv(nn.Module):
     def __init__(self, channels_in: int, channels_out: int):
         super().__init__()
         self.conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        with whole_parameters(self.conv.parameters()):  # also when built sharded (ZeRO-3)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, channels_out, 1, 1))
 
     def forward(self, x):

@@ -231,7 +231,8 @@ JOB = JobType(
     data_kinds=("image", "vector"),
     supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16"),
                       excluded=(("deepspeed", "bf16", _DEEPSPEED_LOW_PRECISION),
-                                ("deepspeed", "fp16", _DEEPSPEED_LOW_PRECISION))),
+                                ("deepspeed", "fp16", _DEEPSPEED_LOW_PRECISION)),
+                      sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Generative adversarial network (DCGAN/MLP; non-saturating, hinge or WGAN-GP "
                 "loss; spectral norm; n_critic; EMA generator)",

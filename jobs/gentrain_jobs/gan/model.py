@@ -23,9 +23,15 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gentrain.initialise import whole_parameters
+
 
 def _wrap(layer: nn.Module, d_norm: str) -> nn.Module:
-    return spectral_norm(layer) if d_norm == "spectral" else layer
+    if d_norm != "spectral":
+        return layer
+    # Spectral norm's power iteration needs the whole weight: gathered if built sharded (ZeRO-3).
+    with whole_parameters(layer.parameters()):
+        return spectral_norm(layer)
 
 
 def check_side(shape: tuple[int, ...], channels: list[int]) -> None:
@@ -122,10 +128,11 @@ def init_dcgan_weights(module: nn.Module) -> None:
             # Spectral-normed layers keep torch's default init (as SNGAN): re-drawing the
             # weight would leave the power iteration's vectors pointing at the old one.
             continue
-        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
-            if layer.bias is not None:
+        with whole_parameters(layer.parameters(recurse=False)):  # one layer at a time if sharded
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.normal_(layer.weight, 0.0, 0.02)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+            elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.normal_(layer.weight, 1.0, 0.02)
                 nn.init.zeros_(layer.bias)
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.normal_(layer.weight, 1.0, 0.02)
-            nn.init.zeros_(layer.bias)

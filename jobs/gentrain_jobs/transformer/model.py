@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gentrain.initialise import initialise_parameters
+
 ROTARY_BASE = 10000.0
 
 
@@ -127,13 +129,17 @@ class DecoderLM(nn.Module):
         self._initialise(layers)
 
     def _initialise(self, layers: int) -> None:
-        """GPT-2: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 layers)."""
-        for name, parameter in self.named_parameters():
+        """GPT-2: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 layers).
+        One module at a time (`initialise_parameters`): also right when built sharded (ZeRO-3)."""
+
+        def initialise(name: str, parameter: nn.Parameter) -> None:
             if parameter.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(parameter, 0.0, std)
             elif name.endswith("bias") and "norm" not in name:
                 nn.init.zeros_(parameter)
+
+        initialise_parameters(self, initialise)
 
     def enable_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them."""

@@ -125,7 +125,10 @@ class DeepSpeedStrategy(Strategy):
     def construction(self):
         """ZeRO-3: networks are built inside `deepspeed.zero.Init`, each module's parameters
         partitioned over the ranks as soon as the module is made (same values as a whole build:
-        every rank draws the same seeded initialisation, then keeps its share)."""
+        every rank draws the same seeded initialisation, then keeps its share). Built in fp32
+        whatever the precision: under bf16/fp16 zero.Init would make every floating tensor
+        created in the build (random draws, buffers) low precision, unlike a whole build, and
+        fail where CPU kernels have no bf16 (flow's QR); setup casts the shares (_cast_shares)."""
         if self.section.zero_stage != 3 or not torch.distributed.is_initialized():
             return contextlib.nullcontext()
         deepspeed = _import_deepspeed(self.device)
@@ -133,7 +136,7 @@ class DeepSpeedStrategy(Strategy):
         # DeepSpeed's communication layer may not know the world yet (deepspeed.initialize sets
         # it up later): its config check would count one rank. The global batch follows anyway.
         config.pop("train_batch_size")
-        return deepspeed.zero.Init(config_dict_or_path=config,
+        return deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32,
                                    remote_device="cpu" if self.section.offload_param else None)
 
     def setup(self, modules, optimizers):
@@ -150,6 +153,8 @@ class DeepSpeedStrategy(Strategy):
             names = parameter_names(modules[name])
             self._group_names[name] = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         config = deepspeed_config(self.section, self.settings, torch.distributed.get_world_size())
+        for name in optimizers:
+            _cast_shares(modules[name], self.input_dtype)
         self._engines = {name: self._engine(name, module, optimizers[name], config)
                          for name, module in modules.items() if name in optimizers}
         if self.settings.nonfinite != "stop":  # skip and rollback go on after dropping an update
@@ -435,6 +440,16 @@ class DeepSpeedStrategy(Strategy):
 
 
 @torch.no_grad()
+def _cast_shares(module: nn.Module, dtype: torch.dtype) -> None:
+    """A network built under `deepspeed.zero.Init` (in fp32, see construction) cast to the
+    engine's dtype share by share, as `deepspeed.initialize` casts a whole network's parameters
+    (it leaves partitioned ones as they are): the same values, and buffers stay fp32 as there."""
+    for param in module.parameters():
+        if hasattr(param, "ds_tensor") and param.dtype.is_floating_point and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+
+
 def _unpartitioned(module: nn.Module) -> None:
     """A network built under `deepspeed.zero.Init` that gets no engine (no optimizer): its
     parameters gathered back into plain, whole ones (no ZeRO hooks would fetch them)."""
