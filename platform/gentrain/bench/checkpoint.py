@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from gentrain.bench.common import publish, run_ranks, timestamp
+from gentrain.bench.common import machine_line, publish, run_ranks, timestamp
 from gentrain.bench.mfu import MODELS, build_engine, parameter_count, synthetic_batches
 
 STRATEGIES = {
@@ -115,14 +115,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{row['strategy']:<16} {row['d_model']:>9}x{row['layers']:<6} {row['parameters'] / 1e6:>7.1f}M "
                      f"{row['bytes'] / 2**20:>6.0f}MiB {row['save_s']:>7.2f} {row['restore_s']:>9.2f}")
     machine = result["machine"]
-    lines.append(f"{result['settings']['world_size']} gloo ranks, the slowest rank's seconds; "
-                 f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
-                 f"{_load(machine['load_average_before'])} before, {_load(machine['load_average_after'])} after")
+    lines.append(f"{result['settings']['world_size']} gloo ranks, the slowest rank's seconds; " +
+                 machine_line(machine))
     return "\n".join(lines)
-
-
-def _load(values) -> str:
-    return "/".join(f"{value:.2f}" for value in values)
 
 
 def _log(message: str) -> None:

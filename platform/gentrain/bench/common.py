@@ -102,3 +102,12 @@ def _rank_entry(rank, world_size, port, threads, fn, args, results) -> None:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def machine_line(machine: dict) -> str:
+    """The table's last line: the CPUs a benchmark had and the load beside it."""
+    def load(values) -> str:
+        return "/".join(f"{value:.2f}" for value in values)
+
+    return (f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
+            f"{load(machine['load_average_before'])} before, {load(machine['load_average_after'])} after")

@@ -48,7 +48,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from gentrain.bench.common import publish, timestamp
+from gentrain.bench.common import machine_line, publish, timestamp
 from gentrain.data.index import DatasetIndex, load_index
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, content_hash, encode_png
 from gentrain.data.pipeline import train_batches
@@ -210,10 +210,7 @@ def format_table(result: dict) -> str:
     lines.append("ratio = pipeline / baseline (above 1: the pipeline is faster); CPU ratio: the same per CPU "
                  "second of this process, steadier on a busy machine (0 loader workers only)")
     lines += [f"n/a: the pipeline could not read these shards ({note})" for note in notes]
-    lines.append(
-        f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
-        f"{_load(machine['load_average_before'])} before, {_load(machine['load_average_after'])} after"
-    )
+    lines.append(machine_line(machine))
     return "\n".join(lines)
 
 
@@ -367,10 +364,6 @@ def _cpu_model() -> str:
 
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
-
-
-def _load(averages: list[float]) -> str:
-    return "/".join(f"{value:.2f}" for value in averages)
 
 
 def _progress(message: str) -> None:

@@ -36,7 +36,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gentrain.bench.common import publish, timestamp
+from gentrain.bench.common import machine_line, publish, timestamp
 from gentrain.registry import DataInfo
 
 # One micro-batch per optimizer step (gpt2-small accumulates 4): a step is one batch.
@@ -232,13 +232,8 @@ def format_table(result: dict) -> str:
                  f"moves the mean, not the median)")
     lines.append(f"peak: fp32 matmul n={result['settings']['matmul_size']}, {peak['before'] / 1e9:.1f} GFLOP/s "
                  f"before, {peak['after'] / 1e9:.1f} after (MFU uses the higher); {result['settings']['threads']} "
-                 f"torch threads on {machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
-                 f"{_load(machine['load_average_before'])} before, {_load(machine['load_average_after'])} after")
+                 f"torch threads on " + machine_line(machine))
     return "\n".join(lines)
-
-
-def _load(values) -> str:
-    return "/".join(f"{value:.2f}" for value in values)
 
 
 def _log(message: str) -> None:

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from gentrain.bench.common import publish, run_ranks, timestamp
+from gentrain.bench.common import machine_line, publish, run_ranks, timestamp
 from gentrain.bench.mfu import MODELS, build_engine, synthetic_batches
 
 CONFIGURATIONS = (("1 worker x 1 thread", 1, 1), ("2 workers x 1 thread", 2, 1), ("1 worker x 2 threads", 1, 2))
@@ -107,14 +107,9 @@ def format_table(result: dict) -> str:
                  f"{median['two_workers_over_one_with_all_threads']:.2f}x")
     lines.append(f"1 worker, 2 threads / 1 thread: {median['two_threads_over_one']:.2f}x")
     lines.append(f"{settings['model']} ({settings['spec']}), batch {settings['batch_size_per_worker']} per worker, "
-                 f"{settings['steps']} timed steps, median of {settings['rounds']} round(s); "
-                 f"{machine['usable_cpus']} usable CPUs ({machine['cpu_model']}); load average "
-                 f"{_load(machine['load_average_before'])} before, {_load(machine['load_average_after'])} after")
+                 f"{settings['steps']} timed steps, median of {settings['rounds']} round(s); " +
+                 machine_line(machine))
     return "\n".join(lines)
-
-
-def _load(values) -> str:
-    return "/".join(f"{value:.2f}" for value in values)
 
 
 def _log(message: str) -> None:

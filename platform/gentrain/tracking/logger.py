@@ -104,6 +104,7 @@ class _Sender:
         self.repeats_dropped = 0
 
     def run(self) -> None:
+        self._first_contact()
         while True:
             records, flushes = self._take()
             stop = any(flush.stop for flush in flushes)
@@ -202,6 +203,23 @@ class _Sender:
             done = consumed
         return done, None
 
+    def _first_contact(self) -> None:
+        """Made as the logger starts (the worker is still building its networks and Ray
+        Train's process group), not at the first send: opening the store and reading the
+        run cost about 0.7 s of CPU, which at the first send took the training thread's
+        time (the GIL) in the first steps. A failure is left to the first send, which
+        spools and retries as it always does."""
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self._read_highest_steps()
+        except Exception:  # noqa: BLE001 - unreachable now: the sends find out and spool
+            self.highest_step = None
+
+    def _read_highest_steps(self) -> None:
+        logged = self.client.get_run(self.run_id).data.to_proto().metrics
+        # MLflow's latest value of a metric is the one at its highest step.
+        self.highest_step = {metric.key: metric.step for metric in logged}
+
     def _send_unit(self, unit: dict) -> None:
         if self.client is None:
             self.client = MlflowClient(tracking_uri=self.uri)
@@ -217,9 +235,7 @@ class _Sender:
 
     def _send_metrics(self, items: list[list]) -> None:
         if self.highest_step is None:
-            logged = self.client.get_run(self.run_id).data.to_proto().metrics
-            # MLflow's latest value of a metric is the one at its highest step.
-            self.highest_step = {metric.key: metric.step for metric in logged}
+            self._read_highest_steps()
         highest = dict(self.highest_step)
         metrics = []
         for key, value, timestamp, step in items:
