@@ -312,3 +312,10 @@ def test_learns_the_bundled_tales_far_below_their_unigram_entropy(tmp_path):
     text = token_text(engine.sample(2, seed=0), 256)
     print(text)
     assert text.count("Tale") >= 2  # the prompt, and the model's own use of the word
+
+
+def test_perplexity_is_inf_past_float_range_not_an_error():
+    from gentrain_jobs.transformer.likelihood import perplexity
+
+    assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert perplexity(1e4) == math.inf

@@ -317,7 +317,7 @@ JOB = JobType(
     likelihoods={"nll_bound": "nats", "bpd_bound": "bits/dim", "ode_nll": "nats", "ode_bpd": "bits/dim"},
     class_conditional=True,  # when trained with job.config.class_conditional: true
     data_kinds=("image", "vector"),
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16"),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16"),
                       sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Gaussian diffusion (DDPM): UNet, linear/cosine schedules, eps/x0/v targets, EMA, classifier-free "

@@ -180,7 +180,7 @@ JOB = JobType(
     sampler=FlowSampler,
     # Exact (up to the dequantization bound) negative log-likelihood of the 8-bit images.
     likelihoods={"bits_per_dim": "bits/dim", "nll": "nats"},
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16"),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16"),
                       sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Normalizing flows: RealNVP and Glow (affine coupling, ActNorm with data-dependent "

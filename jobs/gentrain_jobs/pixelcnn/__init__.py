@@ -209,7 +209,7 @@ JOB = JobType(
     # Exact log-likelihoods of the discrete pixel values: per image and per sub-pixel.
     likelihoods={"nll": "nats", "bits_per_dim": "bits/dim"},
     class_conditional=True,  # when trained with job.config.class_conditional: true (else labels are refused)
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16"),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16"),
                       sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Gated PixelCNN (masked vertical/horizontal stacks, R->G->B order; 256-way softmax, "

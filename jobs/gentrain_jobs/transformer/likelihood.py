@@ -41,8 +41,12 @@ def bits_per_byte(nll_nats: float) -> float:
 
 
 def perplexity(nll_nats: float) -> float:
-    """exp(mean NLL per token in nats)."""
-    return math.exp(nll_nats)
+    """exp(mean NLL per token in nats); inf past float range (an untrained or broken model's
+    NLL must reach the logs as a number, not end the evaluation with an OverflowError)."""
+    try:
+        return math.exp(nll_nats)
+    except OverflowError:
+        return math.inf
 
 
 def predicted_bytes(batch) -> torch.Tensor:
