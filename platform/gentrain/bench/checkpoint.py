@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from gentrain.bench.common import machine_line, publish, run_ranks, timestamp
+from gentrain.bench.common import machine_line, measured_machine, publish, run_ranks, timestamp
 from gentrain.bench.mfu import MODELS, build_engine, parameter_count, synthetic_batches
 
 STRATEGIES = {
@@ -59,15 +59,12 @@ def run_checkpoint_bench(sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES,
                      f"{row['bytes'] / 2**20:.0f} MiB): save {row['save_s']:.2f} s, restore {row['restore_s']:.2f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from gentrain.bench.data import machine_info
-
     result = {
         "benchmark": "checkpoint",
         "command": f"gentrain bench checkpoint --sizes {','.join(f'{w}x{l}' for w, l in sizes)} "
                    f"--strategies {','.join(strategies)} --world-size {world_size}",
         "timestamp": timestamp(),
-        "machine": {**machine_info(), "load_average_before": list(load_before),
-                    "load_average_after": list(os.getloadavg())},
+        "machine": measured_machine(load_before),
         "settings": {"model": "transformer/debug at each d_model x layers", "world_size": world_size,
                      "backend": "gloo", "precision": "fp32", "disk": "a temporary folder on local disk"},
         "rows": rows,

@@ -104,6 +104,14 @@ def _rank_entry(rank, world_size, port, threads, fn, args, results) -> None:
             torch.distributed.destroy_process_group()
 
 
+def measured_machine(load_before) -> dict:
+    """The machine a benchmark ran on and its load average before and after (now)."""
+    from gentrain.bench.data import machine_info
+
+    return {**machine_info(), "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg())}
+
+
 def machine_line(machine: dict) -> str:
     """The table's last line: the CPUs a benchmark had and the load beside it."""
     def load(values) -> str:

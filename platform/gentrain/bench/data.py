@@ -48,7 +48,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from gentrain.bench.common import machine_line, publish, timestamp
+from gentrain.bench.common import machine_line, measured_machine, publish, timestamp
 from gentrain.data.index import DatasetIndex, load_index
 from gentrain.data.pack import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, content_hash, encode_png
 from gentrain.data.pipeline import train_batches
@@ -103,9 +103,7 @@ def run_data_bench(
             pipeline_error = pipeline_cannot_read(index, batch_size)
             for workers in loader_workers:
                 rows.append(_measure_row(index, fmt, workers, settings, pipeline_error))
-    machine = machine_info()
-    machine["load_average_before"] = list(load_before)
-    machine["load_average_after"] = list(os.getloadavg())
+    machine = measured_machine(load_before)
     result = {
         "benchmark": "data",
         "command": f"gentrain bench data --samples {samples}",

@@ -36,7 +36,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gentrain.bench.common import machine_line, publish, timestamp
+from gentrain.bench.common import machine_line, measured_machine, publish, timestamp
 from gentrain.registry import DataInfo
 
 # One micro-batch per optimizer step (gpt2-small accumulates 4): a step is one batch.
@@ -96,10 +96,7 @@ def run_mfu_bench(models: tuple[str, ...] = DEFAULT_MODELS, seconds: float = 3.0
     for row in rows:
         row["mfu"] = row["achieved_flops_per_s"] / peak
         row["median_step_mfu"] = row["median_flops_per_s"] / peak
-    from gentrain.bench.data import machine_info
-
-    machine = {**machine_info(), "load_average_before": list(load_before),
-               "load_average_after": list(os.getloadavg())}
+    machine = measured_machine(load_before)
     result = {
         "benchmark": "mfu",
         "command": f"gentrain bench mfu --models {','.join(models)} --seconds {seconds:g}"

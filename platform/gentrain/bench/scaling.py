@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from gentrain.bench.common import machine_line, publish, run_ranks, timestamp
+from gentrain.bench.common import machine_line, measured_machine, publish, run_ranks, timestamp
 from gentrain.bench.mfu import MODELS, build_engine, synthetic_batches
 
 CONFIGURATIONS = (("1 worker x 1 thread", 1, 1), ("2 workers x 1 thread", 2, 1), ("1 worker x 2 threads", 1, 2))
@@ -50,15 +50,12 @@ def run_scaling_bench(model: str = "diffusion-cifar10", batch_size: int = 8, ste
             rows.append(row)
             _log(f"round {round_index + 1}/{rounds} {label}: {row['steps_per_s']:.3f} steps/s, "
                  f"{row['samples_per_s']:.2f} samples/s")
-    from gentrain.bench.data import machine_info
-
     result = {
         "benchmark": "scaling",
         "command": f"gentrain bench scaling --model {model} --batch-size {batch_size} --steps {steps} "
                    f"--rounds {rounds}",
         "timestamp": timestamp(),
-        "machine": {**machine_info(), "load_average_before": list(load_before),
-                    "load_average_after": list(os.getloadavg())},
+        "machine": measured_machine(load_before),
         "settings": {"model": model, "spec": MODELS[model].spec, "batch_size_per_worker": batch_size,
                      "steps": steps, "warmup": warmup, "rounds": rounds, "strategy": "ddp", "backend": "gloo",
                      "precision": "fp32"},
