@@ -56,7 +56,7 @@ def test_damaged_folders_of_each_kind_fall_back_to_the_newest_good_one(reference
     shutil.rmtree(run_dir / step_dir_name(12))  # deleted entirely: Ray's snapshot still names it
     assert "step-00000012" in (run_dir / RAY_SNAPSHOT_FILE).read_text()
     kept, expected = cut(run_dir / step_dir_name(10) / MODEL_FILE)  # a truncated model file
-    state_kept, state_expected = cut(run_dir / step_dir_name(8) / "ddp_state.pt")  # metadata, half a file
+    state_kept, state_expected = cut(run_dir / step_dir_name(8) / "portable_state.pt")  # metadata, half a file
     (run_dir / step_dir_name(6) / META_FILE).unlink()  # weights without step and data position
 
     result = gentrain_run(run_dir.parent)
@@ -64,7 +64,7 @@ def test_damaged_folders_of_each_kind_fall_back_to_the_newest_good_one(reference
     out = result.stdout
     assert (f"[gentrain] not using step-00000010: model.pt is {kept:,} bytes, expected {expected:,} "
             "(truncated?); falling back to step-00000004") in out, out
-    assert (f"[gentrain] not using step-00000008: ddp_state.pt is {state_kept:,} bytes, expected "
+    assert (f"[gentrain] not using step-00000008: portable_state.pt is {state_kept:,} bytes, expected "
             f"{state_expected:,} (truncated?); falling back to step-00000004") in out, out
     assert ("[gentrain] not using step-00000006: no gentrain.json (never finished: weights without "
             "their step and data position); falling back to step-00000004") in out, out

@@ -49,7 +49,7 @@ def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "step-00000160" / "ddp_state.pt", weights_only=True)["modules"]["vae"]
+    return torch.load(run_dir / "step-00000160" / "model.pt", weights_only=True)["networks"]["vae"]
 
 
 def test_killed_worker_resumes_to_the_same_weights(tmp_path):

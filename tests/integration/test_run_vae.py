@@ -98,8 +98,11 @@ def test_checkpoints_on_disk_keep_the_latest_k(first_run):
     assert steps == ["step-00000200", "step-00000300"]  # checkpoint.keep: 2
     meta = json.loads((run_dir / "step-00000300" / "gentrain.json").read_text())
     assert meta["step"] == 300 and meta["world_size"] == 2
-    state = torch.load(run_dir / "step-00000300" / "ddp_state.pt", weights_only=True)
-    assert "vae" in state["modules"] and "vae" in state["optimizers"]
+    weights = torch.load(run_dir / "step-00000300" / "model.pt", weights_only=True)
+    portable = torch.load(run_dir / "step-00000300" / "portable_state.pt", weights_only=True)
+    assert "vae" in weights["networks"] and "vae" in portable["optimizers"]
+    # ddp_state.pt holds the loss scaler only: weights and Adam moments are stored once
+    assert set(torch.load(run_dir / "step-00000300" / "ddp_state.pt", weights_only=True)) == {"scaler"}
 
 
 def test_rerun_resumes_from_checkpoint_into_the_same_mlflow_run(first_run, mlflow_server):

@@ -18,9 +18,9 @@ from gentrain.checkpoint import META_FILE, MODEL_FILE, read_meta, step_dir_name
 from gentrain.engine import Engine
 from gentrain.nonfinite import (Finding, NonFiniteError, NonFiniteFound, NonFiniteGuard, NonFiniteRollback, SpecFacts,
                                 stop_message)
-from gentrain.strategies.ddp import STATE_FILE
 from gentrain.progress import Window
 from gentrain.schema import SpecError
+from gentrain.strategies.portable import PORTABLE_FILE, named_optimizer_state
 
 PARAMETER = "decoder.blocks.1.1.weight"
 POISON = 2  # optimizer steps done when the poisoned one starts: it is step 3
@@ -162,10 +162,11 @@ def test_rollback_restores_the_newest_checkpoint_lowers_the_lr_and_counts(tmp_pa
     saved = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)["networks"]["vae"]
     for key, value in _weights(engine).items():
         assert torch.equal(value, saved[key]), key
-    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
-    optimizer = engine.strategy._optimizers["vae"].state_dict()
-    for index, moments in state["optimizers"]["vae"]["state"].items():
-        assert torch.equal(optimizer["state"][index]["exp_avg"], moments["exp_avg"])
+    state = torch.load(os.path.join(folder, PORTABLE_FILE), weights_only=True)
+    optimizer = named_optimizer_state(engine.strategy._optimizers["vae"], engine.strategy.unwrap("vae"))
+    assert state["optimizers"]["vae"]["state"].keys() == optimizer["state"].keys()
+    for name, moments in state["optimizers"]["vae"]["state"].items():
+        assert torch.equal(optimizer["state"][name]["exp_avg"], moments["exp_avg"]), name
     # The schedule is back at step 2 (its lr at step 3 was `lr`), every rate halved.
     assert engine.strategy.base_lr("vae") == base / 2
     assert engine.strategy._schedulers["vae"].last_epoch == POISON

@@ -183,8 +183,8 @@ class AccelerateStrategy(Strategy):
     def save(self, directory, rank):
         if rank == 0:  # DDP replicas are identical: one copy is enough
             scaler = self._accelerator.scaler
-            self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
-                               self._schedulers, scaler.state_dict() if scaler is not None else None)
+            self._save_replica(os.path.join(directory, STATE_FILE),
+                               scaler.state_dict() if scaler is not None else None)
 
     def portable_state(self):
         return self._portable_replica(self._optimizers, self._schedulers)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -38,8 +39,6 @@ LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def read_portable(directory: str, device: torch.device) -> tuple[dict, dict]:
     """model.pt and the portable file of a checkpoint folder; a clear error without the latter."""
-    import os
-
     from gentrain.checkpoint import MODEL_FILE
     from gentrain.strategies.portable import PORTABLE_FILE
 
@@ -311,19 +310,21 @@ class Strategy(ABC):
             scheduler.load_state_dict(portable["schedulers"][name])
         self.ema.load_state_dict(weights.get("ema", {}))
 
-    def _save_replica(self, path: str, optimizers: dict, schedulers: dict, scaler_state) -> None:
-        """One file with everything of a replicated (DDP-style) run; rank 0 writes it."""
-        torch.save({
-            "modules": {name: self.unwrap(name).state_dict() for name in self.names},
-            "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
-            "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
-            "scaler": scaler_state,
-            "ema": self.ema.state_dict(),
-        }, path)
+    def _save_replica(self, path: str, scaler_state) -> None:
+        """A replicated (DDP-style) run's own file, written by rank 0: the loss scaler only.
+        Weights, EMA, optimizer moments and schedules are in model.pt and portable_state.pt,
+        which the engine writes beside it, and are read back from there: one copy of each
+        (a full copy here made a checkpoint about a third larger)."""
+        torch.save({"scaler": scaler_state}, path)
 
     def _load_replica(self, path: str, optimizers: dict, schedulers: dict) -> dict:
-        """Restore what `_save_replica` wrote (every rank reads); returns the raw state."""
+        """Restore what `_save_replica` wrote and the state beside it (every rank reads);
+        returns the file's raw state. A file that still holds everything (gentrain before
+        2026-12) is read as it was written."""
         state = torch.load(path, map_location=self.device, weights_only=True)
+        if "optimizers" not in state:
+            self._load_portable_replica(os.path.dirname(path), optimizers, schedulers)
+            return state
         for name in self.names:
             self.unwrap(name).load_state_dict(state["modules"][name])
         for name, optimizer in optimizers.items():

@@ -99,8 +99,7 @@ class DDPStrategy(Strategy):
 
     def save(self, directory, rank):
         if rank == 0:  # replicas are identical: one copy is enough
-            self._save_replica(os.path.join(directory, STATE_FILE), self._optimizers,
-                               self._schedulers, self._scaler.state_dict())
+            self._save_replica(os.path.join(directory, STATE_FILE), self._scaler.state_dict())
 
     def portable_state(self):
         return self._portable_replica(self._optimizers, self._schedulers)
