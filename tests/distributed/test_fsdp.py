@@ -54,3 +54,29 @@ def test_each_rank_holds_half_the_parameters_and_evaluates_on_whole_copies(resul
     for rank_results in results:
         assert rank_results["local_share"] <= 0.55
         assert rank_results["hook_free"]
+
+
+def tied_transformer_copy(rank, world):
+    """The whole copy fsdp evaluates with keeps the transformer's tied embedding and head."""
+    from gentrain.optim import make_optimizer
+    from gentrain.strategies import StepSettings, make_strategy
+    from gentrain_jobs.transformer.model import DecoderLM
+
+    spec = make_spec({"name": "fsdp"})
+    torch.manual_seed(0)
+    model = DecoderLM(vocab_size=64, context=8, layers=1, d_model=16, heads=2)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens)
+    strategy = make_strategy(spec.strategy, StepSettings.from_train(spec.train), torch.device("cpu"))
+    strategy.setup({"lm": model}, {"lm": make_optimizer(model.parameters(), spec.train.optimizer)})
+    with strategy.evaluation() as modules, torch.no_grad():
+        copy = modules["lm"]
+        return {"tied": copy.head.weight is copy.embed.weight,
+                "max_difference": float((copy(tokens) - expected).abs().max())}
+
+
+def test_a_tied_network_is_evaluated_with_its_tied_weights():
+    for result in run_world(tied_transformer_copy, 2, timeout=300):
+        assert result["tied"]
+        assert result["max_difference"] == 0.0

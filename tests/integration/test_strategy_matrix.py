@@ -16,6 +16,8 @@ here and run in tests/gpu.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,14 @@ def test_gentrain_run_under_every_declared_combination(job, combo, embedded_ray,
         "tracking.enabled=false", "scaling.num_workers=2"]
     spec = load_spec(f"{job}/debug", overrides)  # a declared combination must validate
     assert cli.main(["run", f"{job}/debug", *overrides]) == 0, capsys.readouterr().err[-3000:]
+    # Every held-out metric of every evaluation is finite (an fsdp copy once evaluated with
+    # an uninitialised, untied head: a run that ended, with perplexity inf).
+    evaluations = re.findall(r"eval at step (\d+) \|(.*)", capsys.readouterr().out)
+    assert [int(step) for step, _ in evaluations] == [0, 3, STEPS], evaluations
+    for step, line in evaluations:
+        parts = [part.split() for part in line.split(" | ") if part.strip() and not part.startswith("+")]
+        values = {name: float(value) for name, value in parts}  # "+N more in MLflow" aside
+        assert values and all(math.isfinite(v) for v in values.values()), (step, values)
     run_dir = Path(spec.run_dir)
     final = run_dir / f"step-{STEPS:08d}"
     assert json.loads((final / "gentrain.json").read_text())["step"] == STEPS

@@ -198,7 +198,7 @@ JOB = JobType(
     data_kinds=("tokens",),
     # fp16 (loss scaling on a GPU) is left out until a GPU run of this family checks it:
     # tests/gpu trains only the VAE, and the strategy matrix skips fp16 on CPU.
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16"),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16"),
                       sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Decoder-only transformer language model (pre-norm, causal SDPA, learned or rotary "

@@ -49,11 +49,13 @@ class FSDPStrategy(Strategy):
         self._mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
         self._plain = {}
         self._skeletons = {}
+        self._ties = {}
         for name, module in modules.items():
             module.to(self.device)
             optimizer = optimizers.get(name)
             if optimizer is not None:
                 self._skeletons[name] = copy.deepcopy(module).to("meta")  # structure only
+                self._ties[name] = tied_parameters(module)
                 names = parameter_names(module)
                 groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
                 fully_shard(module, mesh=self._mesh)
@@ -123,6 +125,7 @@ class FSDPStrategy(Strategy):
         if name not in self._skeletons:
             return module
         whole = copy.deepcopy(self._skeletons[name]).to_empty(device=self.device)
+        tie(whole, self._ties[name])  # moving to and from meta gave each owner its own parameter
         for key, param in module.named_parameters():
             whole.get_parameter(key).copy_(_full(param.detach()))
         for key, buffer in module.named_buffers():  # FSDP leaves buffers whole on every rank
@@ -195,6 +198,29 @@ class FSDPStrategy(Strategy):
 
     def load(self, directory):
         self.load_portable(directory)
+
+
+def tied_parameters(module: nn.Module) -> list[tuple[str, str]]:
+    """(name, name of the parameter it is): every parameter `module` holds under more than one
+    name (a tied embedding and output head), as it is now."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            ties.append((name, first[id(parameter)]))
+        else:
+            first[id(parameter)] = name
+    return ties
+
+
+def tie(module: nn.Module, ties: list[tuple[str, str]]) -> None:
+    """Make `module` share parameters as `tied_parameters` listed. `Module.to("meta")` and
+    `to_empty` replace each owner's parameter by a new one, untying them: a copy rebuilt that
+    way would otherwise keep an uninitialised head (the fsdp transformer's evaluation NLL
+    overflowed so)."""
+    for name, target in ties:
+        owner, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(target))
 
 
 def _shard_like(value, param):
