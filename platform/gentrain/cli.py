@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="where the checkpoints are written (default: the system's temporary folder)")
     bench_checkpoint.add_argument("--json", default="bench-checkpoint.json", help="where to write results")
     bench_checkpoint.set_defaults(handler=cmd_bench_checkpoint)
+    bench_features = bench_kinds.add_parser(
+        "features", help="evaluation feature extraction images/s (FID Inception) against the network by hand")
+    bench_features.add_argument("--images", type=int, default=200, help="images per run (default 200)")
+    bench_features.add_argument("--batch-size", type=int, default=50, help="images per forward (default 50)")
+    bench_features.add_argument("--size", type=int, default=32, help="image side before the 299 resize (default 32)")
+    bench_features.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    bench_features.add_argument("--json", default="bench-features.json", help="where to write results")
+    bench_features.set_defaults(handler=cmd_bench_features)
     bench_e2e = bench_kinds.add_parser(
         "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -508,6 +516,14 @@ def cmd_bench_scaling(args) -> int:
 
     run_scaling_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                       rounds=args.rounds, json_path=args.json)
+    return 0
+
+
+def cmd_bench_features(args) -> int:
+    from gentrain.bench.features import run_features_bench
+
+    run_features_bench(images=args.images, batch_size=args.batch_size, size=args.size, rounds=args.rounds,
+                       json_path=args.json)
     return 0
 
 
