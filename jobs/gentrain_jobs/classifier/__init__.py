@@ -102,7 +102,7 @@ JOB = JobType(
     generative=False,  # sample() draws class visualisations, not data: no FID/KID/IS/PR
     class_conditional=True,  # of the classes in request.labels
     # A few-MB conv net: DDP is all it needs; other strategies add test time, not capability.
-    supports=Supports(strategies=("ddp",), precisions=("fp32", "bf16")),
+    supports=Supports(strategies=("ddp", "fsdp"), precisions=("fp32", "bf16")),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Conv classifier on labelled shards; its penultimate features are a FID/KID/IS/PR "
                 "extractor for domains where Inception does not fit (--extractor classifier:RUN)",

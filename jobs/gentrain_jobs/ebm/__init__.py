@@ -152,7 +152,7 @@ JOB = JobType(
     data_kinds=("image", "vector"),
     # Langevin runs on the unwrapped network in fp32 outside autocast: no ZeRO-3 (sharded
     # weights), and no DeepSpeed bf16 (its bf16 weights would meet fp32 chains).
-    supports=Supports(strategies=("ddp", "accelerate", "deepspeed"), precisions=("fp32", "bf16"),
+    supports=Supports(strategies=("ddp", "accelerate", "deepspeed", "fsdp"), precisions=("fp32", "bf16"),
                       zero_stages=(0, 1, 2),
                       excluded=(("deepspeed", "bf16", "Langevin sampling runs the unwrapped network on fp32 "
                                  "chains; DeepSpeed's bf16 weights do not take them: use strategy.precision=fp32"),)),

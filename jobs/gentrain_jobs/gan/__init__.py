@@ -229,9 +229,10 @@ JOB = JobType(
     validate=validate,
     sampler=GANSampler,
     data_kinds=("image", "vector"),
-    supports=Supports(strategies=("ddp", "deepspeed", "accelerate"), precisions=("fp32", "bf16", "fp16"),
+    supports=Supports(strategies=("ddp", "deepspeed", "accelerate", "fsdp"), precisions=("fp32", "bf16", "fp16"),
                       excluded=(("deepspeed", "bf16", _DEEPSPEED_LOW_PRECISION),
-                                ("deepspeed", "fp16", _DEEPSPEED_LOW_PRECISION)),
+                                ("deepspeed", "fp16", _DEEPSPEED_LOW_PRECISION),
+                                ("fsdp", "fp16", "strategy.name=fsdp has no fp16 loss scaling; use bf16")),
                       sharded_build=True),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Generative adversarial network (DCGAN/MLP; non-saturating, hinge or WGAN-GP "

@@ -156,7 +156,8 @@ JOB = JobType(
     # fp32 only: free energies sum hundreds of terms, and the data-marginal counts are float64
     # buffers that a bf16 cast of the module would ruin. No ZeRO-3: AIS and sampling read the
     # weights outside the module's forward (ZeRO 0-2 keep them whole on every rank).
-    supports=Supports(strategies=("ddp", "accelerate", "deepspeed"), precisions=("fp32",), zero_stages=(0, 1, 2)),
+    supports=Supports(strategies=("ddp", "accelerate", "deepspeed", "fsdp"), precisions=("fp32",),
+                      zero_stages=(0, 1, 2)),
     spec_dir=str(Path(__file__).parent / "specs"),
     description="Bernoulli-Bernoulli RBM: CD-k / persistent CD, block Gibbs sampling, "
                 "held-out NLL in nats with log Z by annealed importance sampling (Salakhutdinov & Murray 2008)",
