@@ -115,7 +115,8 @@ class TrainingEvaluator:
             self.engine.logger.log_metrics({"sample/samples_per_second": rate}, step=self.engine.step)
 
     def _publish(self, metrics: dict[str, float]) -> None:
-        self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
+        self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics,
+                                       first=tuple(self.engine.job.likelihoods)))
         if self.engine.logger:
             self.engine.logger.log_metrics(metrics, step=self.engine.step)
 
