@@ -13,7 +13,7 @@ import torch
 
 from gentrain.data.index import load_index
 from gentrain.data.pipeline import eval_batches, train_batches
-from gentrain.engine import Engine
+from gentrain.engine import Engine, build_modules
 from gentrain.registry import DataInfo, SampleRequest, get_job_type, job_config
 from gentrain.schema import SpecError
 from gentrain.validation import from_dict, load_spec
@@ -61,6 +61,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, t, labels).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    # strategy.grad_checkpointing reaches the UNet, and the bundled ImageNet-64 spec asks for it
+    built = build_modules(get_job_type("diffusion"), config, DataInfo((1, 8, 8), 3), seed=0, grad_checkpointing=True)
+    assert built["denoiser"].grad_checkpointing
+    assert load_spec("diffusion/imagenet64").strategy.grad_checkpointing
 
 
 def test_guidance_mixes_the_labelled_and_null_predictions():
