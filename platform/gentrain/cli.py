@@ -39,14 +39,17 @@ class _Parser(argparse.ArgumentParser):
 
     argparse ends a `nargs="*"` positional at the first option, and
     parse_intermixed_args refuses subcommands: what is left over after the options is
-    taken as overrides of the commands that have them, anything else is an error."""
+    taken as overrides of the commands that have them (for `sample`, as more sampler
+    settings: `--set sampler=ddim steps=50` is `--set sampler=ddim --set steps=50`),
+    anything else is an error."""
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
-        if hasattr(parsed, "overrides"):
-            overrides = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
-            parsed.overrides = list(parsed.overrides or []) + overrides
-            extras = [arg for arg in extras if arg not in overrides]
+        for field in ("overrides", "sampling"):
+            if hasattr(parsed, field):
+                taken = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+                setattr(parsed, field, list(getattr(parsed, field) or []) + taken)
+                extras = [arg for arg in extras if arg not in taken]
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not EMA")
     sample.add_argument("--set", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
                         help="a sampler setting of the job type over the spec's job.sampling, e.g. "
-                             "--set temperature=0.8 (vae), --set truncation=1.0 (gan); repeatable")
+                             "--set temperature=0.8 (vae), --set sampler=ddim steps=50 (diffusion: more "
+                             "KEY=VALUE may follow one --set); repeatable")
     sample.add_argument("--labels", type=_labels, default=None, metavar="K[,K...]",
                         help="class labels to condition on, cycled over the --n samples (e.g. 3, or 0,1,2); "
                              "default: the job type chooses")

@@ -38,10 +38,12 @@ class Window:
         return time.perf_counter() - self.start
 
 
-def metrics_line(head: str, metrics: dict[str, float], width: int = 100) -> str:
+def metrics_line(head: str, metrics: dict[str, float], width: int = 100, first=()) -> str:
     """`head | name value | ...` in about `width` characters, the top-level metrics first
-    (per-dimension breakdowns such as kl_dim/03 are left to MLflow, which has all)."""
-    names = sorted(metrics, key=lambda key: ("/" in key[5:], key))
+    (per-dimension breakdowns such as kl_dim/03 are left to MLflow, which has all), and
+    among them the names in `first` (the job type's likelihoods: the numbers its README
+    rows quote, such as the RBM's nll, which alphabetical order would cut off)."""
+    names = sorted(metrics, key=lambda key: ("/" in key[5:], key[5:] not in first, key))
     line, shown = head, 0
     for key in names:
         part = f" | {key[5:]} {metrics[key]:.4f}"

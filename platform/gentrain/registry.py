@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -270,6 +271,24 @@ class JobType:
     def parse_sampler(self, mapping: Any, problems: list[str]) -> Any:
         """This family's sampler settings from the spec's `job.sampling` (None if invalid)."""
         return build(self.sampler, mapping, "job.sampling", problems)
+
+    def rate_settings(self, spec: "JobSpec", problems: list[str]) -> dict[str, Any]:
+        """eval.sampler_rates: {name: this family's sampler settings (job.sampling with the
+        named changes on top)}; problems named `eval.sampler_rates.<name>.<key>`."""
+        settings = {}
+        for name, changes in (spec.eval.sampler_rates or {}).items():
+            path = f"eval.sampler_rates.{name}"
+            if not re.fullmatch(r"[\w.\-]+", str(name)):
+                problems.append(f"{path}: name the setting with letters, digits, _, . or - only "
+                                f"(it becomes the MLflow metric sample/<name>/samples_per_second)")
+                continue
+            if not isinstance(changes, dict):
+                problems.append(f"{path}: expected a mapping of sampler settings, e.g. {{steps: 50}}")
+                continue
+            parsed = build(self.sampler, {**(spec.job.sampling or {}), **changes}, path, problems)
+            if parsed is not None:
+                settings[str(name)] = parsed
+        return settings
 
     def check(self, spec: "JobSpec") -> list[str]:
         """Problems with running this family under the spec's strategy and precision: the

@@ -201,6 +201,10 @@ class EvalSection:
     kid_subsets: int = field(default=100, metadata=bounds(ge=2, help="kid_std is the spread over the subsets"))
     kid_subset_size: int | None = field(default=None, metadata=bounds(
         ge=2, help="below fid_samples; null: min(1000, fid_samples // 2)"))
+    # Named sampler settings over job.sampling, e.g. {ddim50: {sampler: ddim, steps: 50}}: every
+    # evaluation also draws num_samples under each (rank 0) and logs its throughput as
+    # sample/<name>/samples_per_second; the grid's own draw is sample/samples_per_second.
+    sampler_rates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

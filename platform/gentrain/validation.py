@@ -103,6 +103,7 @@ def _job_type_problems(spec: JobSpec, problems: list[str]) -> Any:
     sampling = job_type.parse_sampler(spec.job.sampling, problems)
     if sampling is not None:
         spec.job.sampling = to_dict(sampling)
+        job_type.rate_settings(spec, problems)  # eval.sampler_rates: each over the resolved job.sampling
     problems += job_type.check(spec)
     if job_type.validate is not None:
         problems += job_type.validate(config, spec)

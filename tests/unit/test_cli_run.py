@@ -35,6 +35,17 @@ def test_options_and_overrides_parse_in_any_order(argv):
         assert args.address == "http://HEAD:8265"
 
 
+@pytest.mark.parametrize("argv", [
+    ["sample", "runs/d", "--set", "sampler=ddim", "steps=50", "--out", "g.png"],  # the form
+    ["sample", "runs/d", "--set", "sampler=ddim", "--set", "steps=50", "--out", "g.png"],
+    ["sample", "--set", "sampler=ddim", "runs/d", "--out", "g.png", "--set", "steps=50"],
+    ["sample", "runs/d", "--out", "g.png", "--set", "sampler=ddim", "steps=50"],
+])
+def test_sampler_settings_may_follow_one_set_or_each_their_own(argv):
+    args = build_parser().parse_args(argv)
+    assert (args.ref, args.out, args.sampling) == ("runs/d", "g.png", ["sampler=ddim", "steps=50"])
+
+
 def test_an_unknown_option_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["run", "vae/debug", "name=x", "--nosuch"])

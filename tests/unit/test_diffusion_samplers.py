@@ -201,6 +201,29 @@ def test_monte_carlo_sum_over_t_is_unbiased():
     assert float(sampled.var()) > float(full.var())  # the t draws add variance, not bias
 
 
+def test_the_decoder_term_is_summed_not_drawn_which_keeps_the_estimate_tight():
+    """On 8-bit data the decoder term L_0 dwarfs each KL term; drawn with probability 1/T (T/K
+    times K uniform terms over every t) it made most of the estimate's variance. Summed for
+    every sample, with the KLs drawn from t = 1 .. T-1, the estimate stays unbiased and its
+    spread falls several-fold."""
+    schedule = S.Schedule(S.linear_betas(200))  # T and K of diffusion/debug
+    generator = torch.Generator().manual_seed(6)
+    x0 = ((MU + STD * torch.randn(3000, 4, generator=generator, dtype=torch.float64)).clamp(-1, 1) * 127.5
+          ).round() / 127.5  # on the 256 levels of [-1, 1]
+    eps_fn = gaussian_eps(schedule.alpha_bar)  # as a trained model: small KLs, L_0 the bulk
+    full = B.variational_bound(eps_fn, x0, schedule, torch.Generator().manual_seed(7))["total"]
+    ours = B.variational_bound(eps_fn, x0, schedule, torch.Generator().manual_seed(8), timesteps=16)["total"]
+    uniform = B.prior_kl(x0, schedule) + 200 / 16 * sum(
+        B.terms_at(eps_fn, x0, torch.randint(0, 200, (len(x0),), generator=generator),
+                   torch.randn(x0.shape, generator=generator, dtype=torch.float64), schedule, "small", True)
+        for _ in range(16))
+    for estimate in (ours, uniform):
+        stderr = math.sqrt(float(full.var() + estimate.var()) / len(x0))
+        assert abs(float(full.mean() - estimate.mean())) < 5 * stderr
+    # measured 259 against 956 here; on diffusion/debug's trained model, sd 0.11 against 0.51 bits/dim
+    assert float(ours.var()) < 0.5 * float(uniform.var()), (float(ours.var()), float(uniform.var()))
+
+
 def test_bound_of_the_exact_predictor_is_above_and_near_the_true_nll():
     """A sanity check of the units and signs: with the exact predictor the small variance
     (the posterior's) loses most at small t, where the true reverse step is wider (the

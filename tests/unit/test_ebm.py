@@ -1,6 +1,6 @@
 """The EBM family: the replay buffer, the MALA option's temperature, and learning a 2-D mixture
 through the engine (an MLP energy on vector data): lower energy on data than on uniform noise,
-and short-run chains from noise that land near the modes, with Langevin and with MALA."""
+and short-run chains from noise that land near the modes, with Langevin, MALA and HMC."""
 
 from __future__ import annotations
 
@@ -42,6 +42,22 @@ def test_mala_option_targets_the_langevin_temperature():
         run_chains(energy, torch.zeros(2, 1), "mala", 1, s, 0.0, torch.Generator())
 
 
+def test_hmc_option_targets_the_langevin_temperature_and_one_leapfrog_step_is_mala():
+    """HMC on E / T with leapfrog step `noise`: N(0, T) on the quadratic energy; with one
+    leapfrog step its proposal and test are MALA's at step noise^2 / 2, draw for draw."""
+    energy = lambda x: 0.5 * (x ** 2).sum(1)  # noqa: E731
+    s, n = 0.1, 0.1
+    chain = run_chains(energy, torch.zeros(4000, 1), "hmc", 100, s, n, torch.Generator().manual_seed(0),
+                       leapfrog_steps=5)
+    assert float(chain.samples.var()) == pytest.approx(temperature(s, n), rel=0.08) and chain.acceptance > 0.5
+    x0 = torch.randn(500, 3, generator=torch.Generator().manual_seed(1))
+    one = run_chains(energy, x0, "hmc", 20, s, n, torch.Generator().manual_seed(2), leapfrog_steps=1)
+    mala = run_chains(energy, x0, "mala", 20, s, n, torch.Generator().manual_seed(2))
+    assert torch.allclose(one.samples, mala.samples, atol=1e-4)
+    with pytest.raises(ValueError, match="sampler hmc needs noise > 0"):
+        run_chains(energy, torch.zeros(2, 1), "hmc", 1, s, 0.0, torch.Generator())
+
+
 def test_debug_spec_loads_and_conv_energy_samples_images():
     config = job_config(load_spec("ebm/debug"))
     assert isinstance(config, EBMConfig) and config.arch == "conv" and config.reinit == 0.05
@@ -50,7 +66,10 @@ def test_debug_spec_loads_and_conv_energy_samples_images():
         images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0), EBMSampler(steps=2)))
         mala_images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0),
                                                             EBMSampler(sampler="mala", steps=2)))
+        hmc_images = sample(modules, config, SampleRequest(3, torch.Generator().manual_seed(0),
+                                                           EBMSampler(sampler="hmc", steps=2, leapfrog_steps=2)))
     assert mala_images.shape == (3, 1, 8, 8) and not torch.equal(mala_images, images)
+    assert hmc_images.shape == (3, 1, 8, 8) and not torch.equal(hmc_images, mala_images)
     assert all(p.grad is None for p in modules["energy"].parameters())  # sampling leaves the weights alone
     assert images.shape == (3, 1, 8, 8) and float(images.min()) >= 0 and float(images.max()) <= 1
 
@@ -77,14 +96,14 @@ def test_learns_a_2d_mixture_through_the_engine(one_thread):
     with engine.strategy.evaluation() as modules:
         scores = evaluate(modules, config, {"x": mixture(500, data)}, torch.Generator().manual_seed(1))
         near = {}
-        for sampler in ("langevin", "mala"):
+        for sampler in ("langevin", "mala", "hmc"):
             x = sample(modules, config, SampleRequest(500, torch.Generator().manual_seed(2),
                                                       EBMSampler(sampler=sampler, steps=200)))
             near[sampler] = float((torch.cdist(x, CENTRES).min(1).values < 4 * STD).float().mean())
     # Uniform points land within 4 std of a mode 18% of the time (4 pi 0.12^2).
     print(f"energy data {scores['energy_data']:.4f} noise {scores['energy_noise']:.4f}; near a mode {near}")
     assert scores["energy_data"] < scores["energy_noise"]
-    assert near["langevin"] > 0.5 and near["mala"] > 0.5
+    assert near["langevin"] > 0.5 and near["mala"] > 0.5 and near["hmc"] > 0.5
 
 
 def test_resume_restores_the_weights_and_starts_an_empty_replay_buffer(tmp_path):

@@ -160,3 +160,18 @@ def test_resume_keeps_the_data_marginals_and_the_held_out_nll(digits, tmp_path):
     assert nll(restored) == pytest.approx(nll(engine), abs=1e-9)
     restored.optimizer_step(train_batches(digits, "train", 16, rank=0, world_size=1, seed=7))
     assert model.chains is not None and float(model.data_count) == 32
+
+
+def test_the_eval_line_shows_the_held_out_nll(digits, tmp_path):
+    """The printed eval line puts the job type's likelihoods first: alphabetical order alone
+    filled the line with baseline_nll, free_energy, log_z, log_z_stderr and left nll, the
+    number the README quotes, to MLflow."""
+    spec = from_dict({"job": {"type": "rbm", "config": {"hidden": 8, "ais_betas": 20, "ais_chains": 4},
+                              "sampling": {"steps": 2}},
+                      "data": {"source": "builtin:digits"}, "eval": {"num_samples": 4, "max_batches": 1},
+                      "train": {"steps": 2}, "storage_path": str(tmp_path)})
+    lines = []
+    engine = Engine(spec, data_info=DataInfo(tuple(digits.shape)), print_fn=lines.append)
+    engine.evaluate()
+    line = next(line for line in lines if line.startswith("eval at step 0"))
+    assert line.startswith("eval at step 0 | baseline_nll ") and " | nll " in line, line

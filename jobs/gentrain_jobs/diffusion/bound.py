@@ -6,9 +6,13 @@
 
 in 0-based indices. Images use the discretized Gaussian decoder over 256 levels of [-1, 1]
 (a bound on the discrete data's NLL, so bits/dim compare with 8 bits for uniform pixels);
-vectors a Gaussian density (a bound on -log density, in nats). With `timesteps` K < T the
-sum over t is estimated without bias by T times the mean of K uniformly drawn terms (each
-sample draws its own t's and noises); K = 0 sums every t (one noise draw per term).
+vectors a Gaussian density (a bound on -log density, in nats). With `timesteps` K < T - 1
+the decoder term L_0 is computed for every sample and the sum over t = 1 .. T-1 is estimated
+without bias by (T - 1) times the mean of K terms drawn uniformly from those steps (each sample
+draws its own t's and noises): L_0 is by far the largest term of a trained model (most of the
+bits of a fine-quantised image), and drawing it with probability 1/T made a K = 16 estimate
+on 180 digits 7.46 bits/dim against 5.48 for the full sum. K = 0 sums every t (one noise draw
+per term).
 """
 
 from __future__ import annotations
@@ -78,15 +82,17 @@ def variational_bound(eps_fn, x0, schedule: S.Schedule, generator: torch.Generat
                       discrete: bool = True, timesteps: int = 0) -> dict[str, torch.Tensor]:
     """The bound per sample [B] in nats ("total"), with its prior and sum-over-t parts."""
     total_steps, batch = schedule.steps, x0.shape[0]
-    if timesteps <= 0 or timesteps >= total_steps:
-        draws = [torch.full((batch,), t, dtype=torch.long) for t in range(total_steps)]
+    decoder = torch.zeros((batch,), dtype=torch.long)  # L_0: always summed, weight 1
+    if timesteps <= 0 or timesteps >= total_steps - 1:
+        draws = [torch.full((batch,), t, dtype=torch.long) for t in range(1, total_steps)]
         weight = 1.0
     else:
-        draws = [torch.randint(0, total_steps, (batch,), generator=generator) for _ in range(timesteps)]
-        weight = total_steps / timesteps
-    steps_sum = torch.zeros(batch, dtype=x0.dtype, device=x0.device)
-    for t in draws:
+        draws = [torch.randint(1, total_steps, (batch,), generator=generator) for _ in range(timesteps)]
+        weight = (total_steps - 1) / timesteps
+    parts = []
+    for t in [decoder] + draws:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        steps_sum = steps_sum + terms_at(eps_fn, x0, t.to(x0.device), noise, schedule, variance, discrete)
+        parts.append(terms_at(eps_fn, x0, t.to(x0.device), noise, schedule, variance, discrete))
+    steps_sum = parts[0] + weight * sum(parts[1:])
     prior = prior_kl(x0, schedule)
-    return {"total": prior + weight * steps_sum, "prior": prior, "steps": weight * steps_sum}
+    return {"total": prior + steps_sum, "prior": prior, "steps": steps_sum}

@@ -15,7 +15,9 @@ has the contrastive-divergence gradient plus an L2 penalty that keeps the energi
 This step samples exp(-E / T) with T = noise^2 / (2 step_size) (a low temperature:
 Du & Mordatch's energies differ by hundredths). `sampler: mala` keeps the same proposal and
 adds the Metropolis test for exp(-E / T) (gentrain.samplers.mala on E / T at step noise^2 / 2),
-so its chains are exact for the model, at the cost of rejections.
+so its chains are exact for the model, at the cost of rejections. `sampler: hmc` targets the
+same exp(-E / T) by Hamiltonian Monte Carlo (gentrain.samplers.hmc on E / T, leapfrog step
+`noise`, `leapfrog_steps` of them per transition; one leapfrog step is that MALA step).
 
 The replay buffer is per rank and NOT checkpointed (model.ReplayBuffer): a resumed run
 refills it from noise, so its first few hundred updates see shorter-mixed negatives, exactly
@@ -33,7 +35,7 @@ from typing import Literal
 import torch
 
 from gentrain.registry import DataInfo, JobType, SampleRequest, Supports, batch_inputs
-from gentrain.samplers import langevin, mala
+from gentrain.samplers import hmc, langevin, mala
 from gentrain.schema import bounds
 from gentrain_jobs.ebm.model import ReplayBuffer, energy_network
 
@@ -43,7 +45,8 @@ class EBMConfig:
     arch: Literal["conv", "mlp"] = field(default="conv", metadata={"help": "conv for images, mlp for vectors"})
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     hidden: int = field(default=128, metadata=bounds(ge=1, help="mlp: width"))
-    sampler: Literal["langevin", "mala"] = "langevin"
+    sampler: Literal["langevin", "mala", "hmc"] = "langevin"
+    leapfrog_steps: int = field(default=5, metadata=bounds(ge=1, help="hmc: leapfrog steps per transition"))
     steps: int = field(default=60, metadata=bounds(ge=1, help="Langevin steps per update (short-run)"))
     step_size: float = field(default=10.0, metadata=bounds(gt=0, help="multiplies dE/dx (Du & Mordatch: 10)"))
     noise: float = field(default=0.005, metadata=bounds(ge=0, help="langevin: std of the added noise"))
@@ -60,7 +63,8 @@ class EBMConfig:
 class EBMSampler:
     """`job.sampling` (or `gentrain sample --set ...`): chains from uniform noise."""
 
-    sampler: Literal["langevin", "mala"] = "langevin"
+    sampler: Literal["langevin", "mala", "hmc"] = "langevin"
+    leapfrog_steps: int = field(default=0, metadata=bounds(ge=0, help="hmc: 0: job.config.leapfrog_steps"))
     steps: int = field(default=200, metadata=bounds(ge=1, help="steps from noise"))
     step_size: float = field(default=0.0, metadata=bounds(ge=0, help="0: job.config.step_size"))
     noise: float = field(default=-1.0, metadata={"help": "langevin noise std; negative: job.config.noise"})
@@ -79,14 +83,17 @@ def temperature(step_size: float, noise: float) -> float:
 
 
 def run_chains(energy, x0: torch.Tensor, sampler: str, steps: int, step_size: float, noise: float,
-               generator: torch.Generator):
+               generator: torch.Generator, leapfrog_steps: int = 5):
     """`steps` Langevin steps; `mala`: the very same proposal, Metropolis-adjusted for exp(-E / T)
-    (MALA on E / T at step noise^2 / 2), so the chain's target is exact. MALA's states are not clamped."""
-    if sampler == "mala":
+    (MALA on E / T at step noise^2 / 2), so the chain's target is exact; `hmc`: HMC on E / T with
+    leapfrog step `noise` (one leapfrog step is that MALA step). MALA's and HMC's states are not clamped."""
+    if sampler in ("mala", "hmc"):
         if noise <= 0:
-            raise ValueError("sampler mala needs noise > 0 (job.config.noise or --set noise=...): "
+            raise ValueError(f"sampler {sampler} needs noise > 0 (job.config.noise or --set noise=...): "
                              "the Metropolis test is for exp(-E / T), T = noise^2 / (2 step_size)")
         scale = 1.0 / temperature(step_size, noise)
+        if sampler == "hmc":
+            return hmc(lambda x: scale * energy(x), x0, steps, noise, generator, leapfrog_steps)
         return mala(lambda x: scale * energy(x), x0, steps, noise ** 2 / 2.0, generator)
     return langevin(energy, x0, steps, step_size, generator, noise=noise, bounds=(0.0, 1.0))
 
@@ -106,7 +113,8 @@ def train_step(ctx, batch) -> dict[str, float]:
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))  # from the seeded global RNG
     buffer = _buffer(plain, config, x.shape[1:])
     starts = buffer.starts(len(x), config.reinit, x.device, generator)
-    chain = run_chains(plain, starts, config.sampler, config.steps, config.step_size, config.noise, generator)
+    chain = run_chains(plain, starts, config.sampler, config.steps, config.step_size, config.noise, generator,
+                       config.leapfrog_steps)
     negatives = chain.samples.detach()
     buffer.push(negatives)
     with ctx.autocast():
@@ -137,7 +145,8 @@ def sample(modules, config: EBMConfig, request: SampleRequest) -> torch.Tensor:
     x0 = torch.rand((request.n, *model.data_shape), generator=request.generator).to(device)
     step = settings.step_size or config.step_size
     noise = config.noise if settings.noise < 0 else settings.noise
-    chain = run_chains(model, x0, settings.sampler, settings.steps, step, noise, request.generator)
+    chain = run_chains(model, x0, settings.sampler, settings.steps, step, noise, request.generator,
+                       settings.leapfrog_steps or config.leapfrog_steps)
     return chain.samples.clamp(0.0, 1.0).detach()
 
 

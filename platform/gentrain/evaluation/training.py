@@ -53,6 +53,7 @@ class TrainingEvaluator:
                 images = self._draw(modules)(spec.eval.num_samples, generator)
                 self._log_sampling_rate(spec.eval.num_samples / max(time.perf_counter() - started, 1e-9))
                 self._save_grid(images)
+                self._log_sampler_rates(modules)
                 if engine.job.visuals is not None:
                     self._save_visuals(modules, generator)
         return metrics
@@ -114,8 +115,28 @@ class TrainingEvaluator:
         if self.engine.logger:
             self.engine.logger.log_metrics({"sample/samples_per_second": rate}, step=self.engine.step)
 
+    def _log_sampler_rates(self, modules) -> None:
+        """eval.sampler_rates: eval.num_samples drawn under each named setting, timed, logged as
+        sample/<name>/samples_per_second (rank 0) and printed on one line."""
+        engine, spec = self.engine, self.spec
+        if not spec.eval.sampler_rates:
+            return
+        problems: list[str] = []
+        rates = {}
+        for name, settings in engine.job.rate_settings(spec, problems).items():
+            generator = torch.Generator().manual_seed(spec.train.seed)
+            started = time.perf_counter()
+            engine.job.sample(modules, engine.config, SampleRequest(spec.eval.num_samples, generator, settings))
+            rates[f"sample/{name}/samples_per_second"] = spec.eval.num_samples / max(
+                time.perf_counter() - started, 1e-9)
+        engine.print(f"sampling rates at step {engine.step} | " + " | ".join(
+            f"{key.split('/')[1]} {rate:,.1f} samples/s" for key, rate in rates.items()))
+        if engine.logger:
+            engine.logger.log_metrics(rates, step=engine.step)
+
     def _publish(self, metrics: dict[str, float]) -> None:
-        self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics))
+        self.engine.print(metrics_line(f"eval at step {self.engine.step}", metrics,
+                                       first=tuple(self.engine.job.likelihoods)))
         if self.engine.logger:
             self.engine.logger.log_metrics(metrics, step=self.engine.step)
 
