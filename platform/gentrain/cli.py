@@ -250,7 +250,7 @@ def cmd_run(args) -> int:
 
     mark("cli_start")
     from gentrain.launch.local import run
-    from gentrain.nonfinite import NonFiniteError
+    from gentrain.nonfinite import NonFiniteError, where_a_rerun_continues
     from gentrain.validation import load_job
 
     job = load_job(args.spec, args.overrides)
@@ -259,8 +259,8 @@ def cmd_run(args) -> int:
     try:
         summary = run(job)
     except NonFiniteError as exc:  # deterministic: reported as it is, without Ray's log lines
-        print(f"error: training {spec.name} stopped: {exc}\nCheckpoints written before it are "
-              f"kept in {spec.run_dir}.", file=sys.stderr)
+        print(f"error: training {spec.name} stopped: {exc}\n{where_a_rerun_continues(spec.run_dir)}",
+              file=sys.stderr)
         return 1
     except Exception as exc:
         from ray.train import TrainingFailedError

@@ -287,3 +287,18 @@ def test_a_lowered_lr_is_used_when_the_run_continues_from_a_checkpoint(tmp_path,
     batches = lowered.train_batches()
     lowered.optimizer_step(batches)  # trains on at that rate
     assert lowered.strategy.base_lr("vae") == pytest.approx(5e-4)
+
+
+def test_the_stop_says_where_a_rerun_continues(tmp_path):
+    from gentrain.nonfinite import where_a_rerun_continues
+
+    spec = _spec(tmp_path, "checkpoint.every=2")
+    assert where_a_rerun_continues(spec.run_dir) == ("No checkpoint was written before it: run again with "
+                                                     "the fix to start from step 0.")
+    engine = Engine(spec, print_fn=None)
+    _poison(engine, {3})  # step 4 fails, after the step-2 checkpoint
+    with pytest.raises(NonFiniteError, match="at step 4 in network 'vae'"):
+        engine.fit()
+    folder = os.path.join(spec.run_dir, step_dir_name(2))
+    assert where_a_rerun_continues(spec.run_dir).startswith(
+        f"Run again with the fix to continue from step 2 ({folder}), the newest good checkpoint")
