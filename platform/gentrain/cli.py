@@ -267,11 +267,12 @@ def cmd_run(args) -> int:
 
         from gentrain.launch.storage import storage_failure
 
-        from gentrain.launch.failures import death_failure
+        from gentrain.launch.failures import data_failure, death_failure
 
         short = (storage_failure(exc, spec.storage_path, spec.run_dir)
-                 or death_failure(exc, spec.checkpoint.max_failures, spec.run_dir))
-        if short:  # full storage, a killed worker: what to do, not the workers' tracebacks
+                 or death_failure(exc, spec.checkpoint.max_failures, spec.run_dir)
+                 or data_failure(exc, spec.checkpoint.max_failures, spec.run_dir))
+        if short:  # full storage, a killed worker, a bad shard: what to do, not the workers' tracebacks
             _report_ray_failure(lines=0)
             print(f"error: training {spec.name} failed: {short}", file=sys.stderr)
             return 1
