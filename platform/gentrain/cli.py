@@ -262,7 +262,7 @@ def cmd_run(args) -> int:
 
     mark("cli_start")
     from gentrain.launch.local import run
-    from gentrain.nonfinite import NonFiniteError
+    from gentrain.nonfinite import NonFiniteError, where_a_rerun_continues
     from gentrain.validation import load_job
 
     job = load_job(args.spec, args.overrides)
@@ -271,19 +271,20 @@ def cmd_run(args) -> int:
     try:
         summary = run(job)
     except NonFiniteError as exc:  # deterministic: reported as it is, without Ray's log lines
-        print(f"error: training {spec.name} stopped: {exc}\nCheckpoints written before it are "
-              f"kept in {spec.run_dir}.", file=sys.stderr)
+        print(f"error: training {spec.name} stopped: {exc}\n{where_a_rerun_continues(spec.run_dir)}",
+              file=sys.stderr)
         return 1
     except Exception as exc:
         from ray.train import TrainingFailedError
 
         from gentrain.launch.storage import storage_failure
 
-        from gentrain.launch.failures import death_failure
+        from gentrain.launch.failures import data_failure, death_failure
 
         short = (storage_failure(exc, spec.storage_path, spec.run_dir)
-                 or death_failure(exc, spec.checkpoint.max_failures, spec.run_dir))
-        if short:  # full storage, a killed worker: what to do, not the workers' tracebacks
+                 or death_failure(exc, spec.checkpoint.max_failures, spec.run_dir)
+                 or data_failure(exc, spec.checkpoint.max_failures, spec.run_dir))
+        if short:  # full storage, a killed worker, a bad shard: what to do, not the workers' tracebacks
             _report_ray_failure(lines=0)
             print(f"error: training {spec.name} failed: {short}", file=sys.stderr)
             return 1

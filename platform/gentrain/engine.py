@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from typing import Callable, Iterator
@@ -410,6 +411,7 @@ class Engine:
             if problem:
                 raise ValueError(f"{directory}: not a usable checkpoint: {problem}")
         meta = read_meta(str(directory))
+        asked = self._spec_rates()  # before the checkpoint's optimizer state replaces them
         change = resume_change(meta, self.spec, self.world_size)
         if change is None:
             self.strategy.load(str(directory))
@@ -422,8 +424,37 @@ class Engine:
         self.skipped_before = int(meta.get("skipped_samples", 0))
         self.rollbacks = int(meta.get("nonfinite_rollbacks", 0))
         self.lr_scale = float(meta.get("lr_scale", 1.0))
+        self._continue_at_the_spec_rates(asked, meta)
         self.resumed = True
         return meta
+
+    def _spec_rates(self) -> dict[str, float]:
+        """Every trained network's learning rate before the schedule, as the spec asks it
+        (the factor of train.nonfinite=rollback's rollbacks taken out)."""
+        return {name: rate / self.lr_scale for name in self.strategy.names
+                if (rate := self.strategy.base_lr(name))}
+
+    def _continue_at_the_spec_rates(self, asked: dict[str, float], meta: dict) -> None:
+        """A resume trains at the spec's learning rate, not the one the checkpoint's optimizer
+        and schedule state carry: otherwise a lowered `train.optimizer.lr` (the advice after a
+        non-finite stop) would be ignored and the same steps would fail the same way. Only a
+        change by one factor for every network is applied; another is reported, not applied."""
+        trained = self._spec_rates()
+        if trained.keys() != asked.keys() or all(
+                math.isclose(asked[name], trained[name], rel_tol=1e-6) for name in asked):
+            return
+        factors = {asked[name] / trained[name] for name in asked}
+        changes = ", ".join(f"{name} {trained[name]:g} -> {asked[name]:g}" for name in asked)
+        where = f"step {meta['step']}"
+        if len(factors) > 1 and not all(math.isclose(f, min(factors), rel_tol=1e-6) for f in factors):
+            self.print(f"warning: the spec's learning rates differ from those {where} was trained at "
+                       f"({changes}) by different factors: continuing at the checkpoint's")
+            return
+        self.strategy.scale_lr(min(factors))
+        rollbacks = (f", times {self.lr_scale:g} from train.nonfinite=rollback's {self.rollbacks} rollbacks"
+                     if self.lr_scale != 1.0 else "")
+        self.print(f"learning rate changed since {where}: {changes} (the spec's{rollbacks}); "
+                   "the optimizer and schedule state continue from the checkpoint")
 
     def _saved_position(self, meta: dict) -> tuple[DataPosition, int]:
         """The data position a checkpoint continues from, and the batches_consumed it counts from."""

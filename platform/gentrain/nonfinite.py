@@ -310,6 +310,21 @@ def raise_if_stopped(run_dir: str) -> None:
                          "checkpoint.max_failures applies to crashes, not to non-finite values)")
 
 
+def where_a_rerun_continues(run_dir: str) -> str:
+    """The last line after a stop: the checkpoint a rerun with the fix continues from (at the
+    spec's learning rate: Engine.restore applies a changed one)."""
+    from gentrain.checkpoint import newest_good_checkpoint
+
+    if is_remote(run_dir):
+        return f"Checkpoints written before it are kept in {run_dir}."
+    choice = newest_good_checkpoint(run_dir)
+    if choice.folder is None:
+        return "No checkpoint was written before it: run again with the fix to start from step 0."
+    return (f"Run again with the fix to continue from step {choice.step} ({choice.folder}), the newest "
+            "good checkpoint: its weights are finite but may already be diverging; if it stops there "
+            "again, move that folder aside to continue from an older one.")
+
+
 def _rank0_print(message: str) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(message, flush=True)

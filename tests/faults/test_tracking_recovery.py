@@ -6,6 +6,7 @@ repeat rule after a restart, and a run's end bounded while the server is away.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mlflow import MlflowClient
@@ -28,8 +29,9 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_spooled_records_are_sent_while_the_run_goes_on(restartable_mlflow, tmp_path, monkeypatch):
+def test_spooled_records_are_sent_while_the_run_goes_on(restartable_mlflow, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(logger_module, "_RETRY_MAX_S", 2.0)  # retry every 2 s, not every 30 s
+    caplog.set_level(logging.WARNING, logger="gentrain.tracking")
     uri = restartable_mlflow.uri
     run_id = open_run(uri, "faults-spool-retry", "spool-retry")
     restartable_mlflow.stop()
@@ -38,6 +40,10 @@ def test_spooled_records_are_sent_while_the_run_goes_on(restartable_mlflow, tmp_
     for step in range(10):
         run_logger.log_metrics({"train/loss": float(step)}, step=step)
     wait_for(pending.exists, 30, "the spool")
+    # The console line says why in a few words, not urllib3's retry state cut mid-sentence.
+    [away] = [record.getMessage() for record in caplog.records if "unreachable" in record.getMessage()]
+    assert away.startswith(f"MLflow at {uri} unreachable (connection refused); training goes on"), away
+    assert "HTTPConnectionPool" not in away, away
 
     restartable_mlflow.start()
     # No flush and no close: the background thread retries the spool on its own.

@@ -264,3 +264,42 @@ def test_the_sentinel_leaves_a_good_steps_gradients_bit_for_bit():
     grads = dict(zip([k for k, _ in net.named_parameters()], torch.autograd.grad(bad, list(net.parameters()))))
     assert torch.isnan(grads["2.bias"]).all()
     assert all(torch.isfinite(g).all() for k, g in grads.items() if k != "2.bias")
+
+
+def test_a_lowered_lr_is_used_when_the_run_continues_from_a_checkpoint(tmp_path, capsys):
+    """The advice after a stop is a lower train.optimizer.lr: the run continues from its
+    checkpoint at that rate, not at the one the checkpoint's optimizer state carries."""
+    spec = _spec(tmp_path, "checkpoint.every=2")
+    Engine(spec, print_fn=None).fit()
+    folder = os.path.join(spec.run_dir, step_dir_name(4))
+
+    same = Engine(spec, print_fn=print)
+    same.restore(folder)
+    assert "learning rate changed" not in capsys.readouterr().out
+    assert same.strategy.base_lr("vae") == pytest.approx(2e-3)
+
+    lowered = Engine(_spec(tmp_path, "checkpoint.every=2", "train.optimizer.lr=5e-4"), print_fn=print)
+    lowered.restore(folder)
+    out = capsys.readouterr().out
+    assert "learning rate changed since step 4: vae 0.002 -> 0.0005 (the spec's)" in out, out
+    assert lowered.strategy.base_lr("vae") == pytest.approx(5e-4)
+    assert lowered.strategy.lr("vae") == pytest.approx(same.strategy.lr("vae") / 4)  # same schedule position
+    assert lowered.step == same.step == 4
+    batches = lowered.train_batches()
+    lowered.optimizer_step(batches)  # trains on at that rate
+    assert lowered.strategy.base_lr("vae") == pytest.approx(5e-4)
+
+
+def test_the_stop_says_where_a_rerun_continues(tmp_path):
+    from gentrain.nonfinite import where_a_rerun_continues
+
+    spec = _spec(tmp_path, "checkpoint.every=2")
+    assert where_a_rerun_continues(spec.run_dir) == ("No checkpoint was written before it: run again with "
+                                                     "the fix to start from step 0.")
+    engine = Engine(spec, print_fn=None)
+    _poison(engine, {3})  # step 4 fails, after the step-2 checkpoint
+    with pytest.raises(NonFiniteError, match="at step 4 in network 'vae'"):
+        engine.fit()
+    folder = os.path.join(spec.run_dir, step_dir_name(2))
+    assert where_a_rerun_continues(spec.run_dir).startswith(
+        f"Run again with the fix to continue from step 2 ({folder}), the newest good checkpoint")

@@ -17,7 +17,8 @@ from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
 from gentrain.checkpoint import META_FILE, step_dir_name
 from gentrain.launch import console
-from gentrain.launch.failures import FailureReporter, death_failure, describe
+from gentrain.data.errors import ShardReadError
+from gentrain.launch.failures import FailureReporter, data_failure, death_failure, describe
 from gentrain.launch.storage import StorageError, check_writable, storage_failure
 
 
@@ -133,3 +134,20 @@ def test_a_worker_death_with_no_restart_left_is_one_paragraph(tmp_path):
     only_raised = WorkerGroupError("Training failed due to worker errors", {0: broken})
     assert death_failure(only_raised, 3, str(tmp_path)) is None
     assert death_failure(ValueError("x"), 3, str(tmp_path)) is None
+
+
+def test_a_shard_that_cannot_be_read_is_one_paragraph(tmp_path):
+    reason = ("cannot read shard /data/train-000004.tar: ReadError: invalid header; repack it (`gentrain data "
+              "pack`) or, to train on without it, set `data.on_error: skip`")
+    broken = RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer")
+    failed = WorkerGroupError("Training failed due to worker errors", {0: ShardReadError(reason), 1: broken})
+    assert data_failure(failed, 0, str(tmp_path / "run")) == (
+        f"worker 0: {reason}; then run the same command to start from step 0 (no complete checkpoint was written).")
+    # As text only (a worker's traceback as Ray Train relays it), after two retries.
+    relayed = RuntimeError(f"Traceback (most recent call last):\n  ...\ngentrain.data.errors.ShardReadError: {reason}\n")
+    retried = data_failure(WorkerGroupError("Training failed", {1: relayed}), 2, str(tmp_path))
+    assert retried.startswith(f"worker 1: {reason}; then run the same command to start from step 0")
+    assert retried.endswith("Ray Train restarted the workers 2 times (checkpoint.max_failures): a shard that "
+                            "cannot be read fails the same way each time.")
+    assert data_failure(WorkerGroupError("Training failed", {0: broken}), 0, str(tmp_path)) is None
+    assert data_failure(ValueError("x"), 0, str(tmp_path)) is None

@@ -108,3 +108,30 @@ def death_failure(error: BaseException, max_failures: int, run_dir: str) -> str 
     return (f"{describe(dead[0], failures[dead[0]])}, {restarts}. Run the same command to "
             f"{resume}; raise checkpoint.max_failures to let Ray Train restart the workers "
             "within a run.")
+
+
+_SHARD_ERROR = re.compile(r"ShardReadError: (.+)")
+
+
+def data_failure(error: BaseException, max_failures: int, run_dir: str) -> str | None:
+    """One paragraph for a run that failed on a shard it cannot read (data.on_error: fail),
+    instead of Ray Train's error with the rank's traceback. None for any other failure."""
+    from gentrain.data.errors import ShardReadError
+
+    failures = getattr(error, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for rank, failure in sorted(failures.items()):
+        cause = _cause(failure)
+        found = [str(cause)] if isinstance(cause, ShardReadError) else _SHARD_ERROR.findall(str(failure))
+        if not found:
+            continue
+        from gentrain.checkpoint import newest_good_checkpoint
+
+        choice = newest_good_checkpoint(run_dir)
+        resume = (f"continue from step {choice.step} ({choice.folder})" if choice.folder
+                  else "start from step 0 (no complete checkpoint was written)")
+        retried = (f" Ray Train restarted the workers {max_failures} times (checkpoint.max_failures): "
+                   "a shard that cannot be read fails the same way each time." if max_failures else "")
+        return f"worker {rank}: {found[-1].strip()}; then run the same command to {resume}.{retried}"
+    return None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from gentrain.tracking.logger import _first_line, _Sender, fail_fast_http
+from gentrain.tracking.logger import _Sender, fail_fast_http
+from gentrain.tracking.logger import short_reason as _reason
 from gentrain.tracking.spool import (
     MODEL_FILE, PENDING_FILE, _Spool, clear_final_status, pending_count, read_final_status,
     read_model, record_final_status,
@@ -113,15 +114,3 @@ def _log_recorded_model(uri: str, run_id: str, folder: Path) -> Exception | None
     with contextlib.suppress(OSError):
         (folder / MODEL_FILE).unlink()
     return None
-
-
-def _reason(error: BaseException) -> str:
-    """A client error in a few words: urllib3's text repeats the URL and the retry state."""
-    text = str(error)
-    for marker, reason in (("NewConnectionError", "connection refused"),
-                           ("ConnectTimeout", "connecting timed out"),
-                           ("ReadTimeout", "no answer in time"),
-                           ("Max retries exceeded", "no answer")):
-        if marker in text:
-            return reason
-    return _first_line(error)[:160]

@@ -66,6 +66,19 @@ def _first_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:300]
 
 
+def short_reason(error: BaseException) -> str:
+    """A client error in a few words ("connection refused"): urllib3's text repeats the
+    URL and the retry state, and cut to a line it ends mid-sentence."""
+    text = str(error)
+    for marker, reason in (("NewConnectionError", "connection refused"),
+                           ("ConnectTimeout", "connecting timed out"),
+                           ("ReadTimeout", "no answer in time"),
+                           ("Max retries exceeded", "no answer")):
+        if marker in text:
+            return reason
+    return _first_line(error)[:160]
+
+
 def _is_rejection(error: Exception) -> bool:
     """The server answered and refused these data: retrying would never succeed."""
     if isinstance(error, _Rejected):
@@ -182,7 +195,7 @@ class _Sender:
         if not self.offline:
             _log.warning("MLflow at %s unreachable (%s); training goes on, logs for run %s are "
                          "spooled to %s and retried in the background", self.uri,
-                         _first_line(error), self.run_id, self.spool.path)
+                         short_reason(error), self.run_id, self.spool.path)
         self.offline = True
         self.next_retry = time.monotonic() + self.backoff_s
         self.backoff_s = min(2 * self.backoff_s, _RETRY_MAX_S)

@@ -253,7 +253,7 @@ def log_trained_model(uri: str, run_id: str, spec, result=None) -> object | None
                 return None
             info = log_model_from_checkpoint(uri, run_id, checkpoint, register_as)
     except Exception as error:  # noqa: BLE001 - the training succeeded; say what is missing
-        from gentrain.tracking.ending import _reason
+        from gentrain.tracking.logger import short_reason as _reason
 
         spool = spool_dir_for(spec.run_dir)
         later = ""
