@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gentrain.samplers.ancestral import ancestral, inverse_cdf
 from gentrain_jobs.transformer.model import DecoderLM, KVCache
 
 
@@ -40,30 +41,25 @@ def filtered_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k
 
 def draw(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Tokens [B] by the inverse CDF: the first token whose cumulative probability exceeds u."""
-    cdf = probabilities.double().cumsum(-1)
-    scaled = uniforms.to(cdf)[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, scaled, right=True).squeeze(-1)
-    # u * total can round onto the last cumulative value: take the last token with mass.
-    last = (probabilities > 0).cumsum(-1).argmax(-1)
-    return torch.minimum(tokens, last)
+    return inverse_cdf(probabilities, uniforms)
 
 
 @torch.no_grad()
 def generate(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              use_cache: bool = True) -> torch.Tensor:
-    """prompt [n, P] (P >= 1) followed by `new_tokens` drawn tokens: int64 [n, P + new_tokens].
-    With the cache, each step runs the network on the one new token; without it, on the
-    whole sequence so far (the reference the cache must match)."""
+    """prompt [n, P] (P >= 1) followed by `new_tokens` drawn tokens: int64 [n, P + new_tokens],
+    by the platform's ancestral sampler (gentrain.samplers.ancestral). With the cache, each
+    step runs the network on the tokens it has not seen yet (the prompt, then one token);
+    without it, on the whole sequence so far (the reference the cache must match)."""
     device = next(model.parameters()).device
-    sequence = prompt.to(device)
     cache = KVCache() if use_cache else None
-    step_input = sequence
-    for _ in range(new_tokens):
-        logits = model(step_input, cache)[:, -1]
-        probabilities = filtered_probabilities(logits, temperature, top_k, top_p).cpu()
-        uniforms = torch.rand(len(sequence), generator=generator, dtype=torch.float64)
-        token = draw(probabilities, uniforms).to(device)[:, None]
-        sequence = torch.cat([sequence, token], dim=1)
-        step_input = token if use_cache else sequence
-    return sequence
+    seen = 0
+
+    def next_probabilities(sequence: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        logits = model(sequence[:, seen:] if use_cache else sequence, cache)[:, -1]
+        seen = sequence.shape[1]
+        return filtered_probabilities(logits, temperature, top_k, top_p)
+
+    return ancestral(next_probabilities, prompt.to(device), new_tokens, generator)
