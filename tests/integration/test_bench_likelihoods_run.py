@@ -57,5 +57,8 @@ def test_bench_likelihoods_trains_three_families_and_tables_their_eval_nll(tmp_p
     client = mlflow.MlflowClient(tracking)
     bench_run = client.get_run(result["mlflow_run_id"])
     assert client.get_experiment(bench_run.info.experiment_id).name == "gentrain-bench"
+    # its artifacts beside the database, as `gentrain run`'s are (not in ./mlruns of the cwd)
+    assert bench_run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert {a.path for a in client.list_artifacts(bench_run.info.run_id)} == {"likelihoods.txt", "likelihoods.json"}
     for family, row in rows.items():
         assert bench_run.data.metrics[f"{family}/nll_nats"] == pytest.approx(row["nll_nats"])
