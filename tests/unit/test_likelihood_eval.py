@@ -9,6 +9,7 @@ world size 1, no Ray), saved as `gentrain run` saves it.
 
 import json
 import math
+import tempfile
 
 import pytest
 
@@ -32,7 +33,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_gentrain_eval_nll_reports_the_declared_likelihoods_in_their_units(family, tmp_path, capsys):
+def test_gentrain_eval_nll_reports_the_declared_likelihoods_in_their_units(family, tmp_path, capsys, monkeypatch):
     units, rel = FAMILIES[family]
     assert get_job_type(family).likelihoods == units  # the declaration this test holds the report to
     spec = load_spec(f"{family}/debug", ["train.steps=3", "train.log_every=3", "train.schedule.warmup_steps=1",
@@ -44,8 +45,12 @@ def test_gentrain_eval_nll_reports_the_declared_likelihoods_in_their_units(famil
     capsys.readouterr()
 
     out = tmp_path / "report.json"
+    scratch = tmp_path / "scratch"  # where tempfile puts gentrain eval's temporary report copy
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert main(["eval", str(tmp_path / spec.name), "--metrics", "nll", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert not list(scratch.iterdir())  # no temporary folder left behind by each call
     assert json.loads(capsys.readouterr().out) == report  # what the user sees is the report
     likelihood = report["likelihood"]
     assert (report["job_type"], report["step"], likelihood["split"]) == (family, 3, "test")
