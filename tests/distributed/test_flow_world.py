@@ -1,7 +1,8 @@
 """The flow job type's ActNorm data-dependent initialisation at world size 2 (gloo): each
 rank draws a different first batch, and after the first step every rank holds the same
-statistics, those of the union of both ranks' batches, under DDP and DeepSpeed ZeRO 1
-and 3 (ZeRO-3 partitions parameters; the statistics are buffers, which it leaves whole).
+statistics, those of the union of both ranks' batches, under DDP, DeepSpeed ZeRO 1 and 3,
+Accelerate and FSDP2 (ZeRO-3 and FSDP2 shard parameters; the statistics are buffers, which
+both leave whole).
 A second step never initialises again, nor does a run restored from a checkpoint.
 """
 
@@ -14,7 +15,8 @@ from harness import run_world
 
 WORLD = 2
 SECTIONS = {"ddp": {"name": "ddp"}, "zero1": {"name": "deepspeed", "zero_stage": 1},
-            "zero3": {"name": "deepspeed", "zero_stage": 3}}
+            "zero3": {"name": "deepspeed", "zero_stage": 3}, "accelerate": {"name": "accelerate"},
+            "fsdp": {"name": "fsdp"}}
 
 
 def buffers(actnorms) -> list:

@@ -2,6 +2,7 @@
 Jacobians, ActNorm's data-dependent initialisation, bits/dim by hand, sampling, and that
 it learns through the engine."""
 
+import dataclasses
 import math
 
 import pytest
@@ -459,6 +460,20 @@ def test_real_specs_build_their_papers_networks_for_cifar10(name, architecture):
     else:  # 3 checkerboard + squeeze + 3 channel couplings (each with an ActNorm), then 4 checkerboard
         assert [len(level.layers) for level in model.levels] == [13, 8]
         assert model.top_shape == (6, 16, 16)
+
+
+@pytest.mark.parametrize("name,shape,levels,top_shape", [("flow/glow-imagenet32", (3, 32, 32), 3, (48, 4, 4)),
+                                                         ("flow/glow-imagenet64", (3, 64, 64), 4, (96, 4, 4))])
+def test_imagenet_specs_are_glows_l_levels_of_48_steps(name, shape, levels, top_shape):
+    """The openai/glow README's ImageNet commands: --n_level 3 (32x32) or 4 (64x64), --depth 48,
+    affine coupling, LU 1x1 convolutions, learned top prior, width 512. The structure is built
+    with narrow coupling networks (the width changes no layer count or shape)."""
+    config = job_config(load_spec(name))
+    assert (config.architecture, config.levels, config.steps_per_level, config.hidden) == ("glow", levels, 48, 512)
+    assert (config.coupling_scale, config.invconv, config.learned_prior, config.num_bits) == ("sigmoid", "lu", True, 8)
+    model = build(dataclasses.replace(config, hidden=4), DataInfo(shape))["flow"]
+    assert [len(level.layers) for level in model.levels] == [1 + 3 * 48] * levels
+    assert model.top_shape == top_shape
 
 
 def test_levels_that_do_not_fit_the_image_are_refused_naming_the_field():

@@ -306,7 +306,8 @@ def test_configuration_errors_name_the_field_and_the_fix():
 
 @pytest.mark.parametrize("name, shape, head, unit", [
     ("pixelcnn/mnist", (1, 28, 28), "bernoulli", "nats"), ("pixelcnn/cifar10", (3, 32, 32), "softmax", "bits/dim"),
-    ("pixelcnn/imagenet32", (3, 32, 32), "softmax", "bits/dim")])
+    ("pixelcnn/imagenet32", (3, 32, 32), "softmax", "bits/dim"),
+    ("pixelcnn/imagenet64", (3, 64, 64), "softmax", "bits/dim")])
 def test_real_specs_validate_and_build(name, shape, head, unit):
     from gentrain.registry import get_job_type, job_config
 

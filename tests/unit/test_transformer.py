@@ -254,6 +254,12 @@ def _parameters_of(name: str, vocab: int) -> int:
     return count_parameters(model), spec
 
 
+def test_small_spec_is_about_ten_million_parameters_on_bytes():
+    count, spec = _parameters_of("transformer/small", 256)
+    assert 9.5e6 < count < 11.5e6
+    assert spec.data.source == "builtin:tinytales"  # runs without a packed corpus
+
+
 def test_gpt2_small_spec_has_gpt2s_124m_parameters_on_its_bpe_vocabulary():
     count, spec = _parameters_of("transformer/gpt2-small", 50257)
     assert count == 124_439_808  # GPT-2 small as released (tied embeddings, learned positions)

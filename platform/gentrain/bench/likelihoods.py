@@ -136,14 +136,14 @@ def log_to_mlflow(result: dict, text: str, tracking_uri: str | None) -> str | No
     try:
         import mlflow
 
-        from gentrain.tracking import resolve_tracking_uri
+        from gentrain.tracking import open_run, resolve_tracking_uri
 
-        client = mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
-        run = client.create_run(experiment_id, run_name="likelihoods",
-                                tags={"gentrain.bench": "likelihoods", "gentrain.budget": str(result["budget"])})
-        run_id = run.info.run_id
+        uri = resolve_tracking_uri(tracking_uri)
+        # open_run creates the experiment as `gentrain run` does: with a local database, its
+        # artifacts go beside it (mlartifacts/), not into ./mlruns of wherever this was started.
+        run_id = open_run(uri, EXPERIMENT, "likelihoods",
+                          tags={"gentrain.bench": "likelihoods", "gentrain.budget": str(result["budget"])})
+        client = mlflow.MlflowClient(uri)
         for r in result["rows"]:
             for key in ("nll_nats", "steps", "run_seconds", "neg_elbo_nats"):
                 if key in r:

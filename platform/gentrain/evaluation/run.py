@@ -24,6 +24,7 @@ report as `eval/report-step-N.json` and the reference .npz under `eval/reference
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -99,7 +100,10 @@ def evaluate_checkpoint(request: EvalRequest) -> dict:
         samples, reference = sample_report(trained, index, request, sample_metrics)
         report["samples"] = samples
     path = _write_report(report, request.out, trained.step)
-    log_to_run(trained, report, path, reference)
+    try:
+        log_to_run(trained, report, path, reference)
+    finally:  # the temporary copy only carries the report's MLflow name into the run
+        shutil.rmtree(path.parent, ignore_errors=True)
     return report
 
 
