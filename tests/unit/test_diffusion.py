@@ -206,6 +206,35 @@ def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd(process, sampler
     assert metrics["nll_bound"] > metrics["ode_nll"]
 
 
+@pytest.mark.parametrize("target,schedule", [("x0", "cosine"), ("v", "linear")])
+def test_the_x0_and_v_targets_learn_the_2d_mixture(target, schedule):
+    """The same learning test for the other two parameterisations (trained on their own
+    targets, sampled through the eps the network's output converts to). Measured: x0 under
+    the cosine schedule MMD^2 0.0036, v under the linear one 0.0033, against 0.0020 between
+    held-out halves. x0 under the linear schedule reached only 0.0075 in this budget: an x0
+    loss weighs the eps error by (1 - alpha_bar) / alpha_bar, almost nothing at the low-noise
+    steps, which the linear schedule's many small-noise steps expose."""
+    generator = torch.Generator().manual_seed(0)
+    config = DiffusionConfig(timesteps=100, schedule=schedule, target=target, mlp_width=128, mlp_depth=3,
+                             ema_decay=0.99)
+    spec = from_dict({"job": {"type": "diffusion", "sampling": {"sampler": "ddpm"}}, "train": {
+        "steps": 1500, "optimizer": {"name": "adamw", "lr": 2e-3}, "schedule": {"name": "constant"}}})
+    engine = Engine(spec, config, data_info=DataInfo((2,), 0, "vector"), print_fn=None)
+
+    def batches():
+        while True:
+            yield {"x": _mixture(256, generator), "label": torch.zeros(256, dtype=torch.long)}
+
+    stream = batches()
+    for _ in range(spec.train.steps):
+        engine.optimizer_step(stream)
+    held_out = _mixture(2000, torch.Generator().manual_seed(1))
+    halves = mmd2(held_out[:1000], held_out[1000:])
+    ours = mmd2(engine.sample(1000, seed=2), held_out[:1000])
+    print(f"{target}: MMD^2 samples {ours:.5f}, held-out halves {halves:.5f}")
+    assert ours < 3 * halves
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_index("builtin:digits")
