@@ -132,6 +132,17 @@ def test_spec_changes_lists_nested_fields_and_caps_the_list():
     assert spec_changes(before, after, limit=1)[-1] == "and 2 more"
 
 
+def test_fields_added_since_a_checkpoint_was_written_are_not_changes():
+    """A checkpoint of an older gentrain lacks the fields added since: they take their
+    defaults, as the rerun's spec does, and only what the user changed is listed."""
+    spec = load_spec("ebm/debug", ["tracking.enabled=false"])
+    saved = spec.to_dict()
+    del saved["job"]["config"]["leapfrog_steps"], saved["eval"]["sampler_rates"]
+    assert spec_changes(saved, spec.to_dict()) == []
+    changed = load_spec("ebm/debug", ["tracking.enabled=false", "job.config.leapfrog_steps=7"])
+    assert spec_changes(saved, changed.to_dict()) == ["job.config.leapfrog_steps 5 -> 7"]
+
+
 def test_worker_console_shows_gentrain_lines_and_keeps_ray_chatter_for_a_failure():
     out, err = io.StringIO(), io.StringIO()
     console = WorkerConsole(out=out, err=err, redraw=False)

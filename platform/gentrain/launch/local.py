@@ -346,7 +346,7 @@ def spec_changes(before: dict | None, after: dict, ignore: tuple[str, ...] = (),
     """`path old -> new` for every field that differs between two spec dicts."""
     if not isinstance(before, dict):
         return []  # a checkpoint written before gentrain kept the spec in it
-    old, new = _flatten(before), _flatten(after)
+    old, new = _flatten(_with_todays_defaults(before)), _flatten(after)
     changed = [f"{key} {_short(old.get(key, '(unset)'))} -> {_short(new.get(key, '(unset)'))}"
                for key in sorted(set(old) | set(new))
                if old.get(key, _UNSET) != new.get(key, _UNSET) and not key.startswith(ignore)]
@@ -356,6 +356,20 @@ def spec_changes(before: dict | None, after: dict, ignore: tuple[str, ...] = (),
 
 
 _UNSET = object()
+
+
+def _with_todays_defaults(saved: dict) -> dict:
+    """A checkpoint's resolved spec read by this gentrain: fields added since it was written
+    take their defaults, as the run's own spec did, so an upgrade alone lists no change
+    (`job.config.leapfrog_steps (unset) -> 5`). A spec this gentrain no longer accepts is
+    compared as it was written."""
+    from gentrain.schema import SpecError
+    from gentrain.validation import from_dict
+
+    try:
+        return from_dict(saved, "the checkpoint's spec").to_dict()
+    except (SpecError, ValueError, TypeError):
+        return saved
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
