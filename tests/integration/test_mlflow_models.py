@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gentrain.data.index import default_cache_dir, load_index, resolve_builtin
-from gentrain.tracking import RunLogger, open_run
+from gentrain.tracking import RunLogger, open_run, using_tracking_uri
 from gentrain.tracking.lineage import (
     EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, git_state, log_datasets,
 )
@@ -181,7 +181,8 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
         assert np.allclose(scored[name].to_numpy(), values.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_uri, tmp_path, capsys):
+def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_uri, tmp_path, capsys,
+                                                    monkeypatch):
     import numpy as np
 
     import gentrain
@@ -201,6 +202,8 @@ def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_
     spool = spool_dir_for(spec.run_dir)
     assert spooled_runs(spool) == [run_id]
 
+    # As `gentrain sync` / `sample` / `eval` run: the server named by the environment.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     ending = sync_run(mlflow_server, run_id, spool)
     assert ending.marked and ending.sent == 1
     assert spooled_runs(spool) == []
@@ -208,7 +211,13 @@ def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_
     (output,) = client.get_run(run_id).outputs.model_outputs
     assert output.step == 2
     (version,) = client.search_model_versions("name='vae-synced'")
-    with mlflow.tracking._tracking_service.utils._use_tracking_uri(mlflow_server):
+    with using_tracking_uri(mlflow_server):
         model = mlflow.pyfunc.load_model(f"models:/vae-synced/{version.version}")
     expected = load_trained(spec.run_dir).sample(2, seed=1).numpy()
     assert np.array_equal(model.predict({"n": 2, "seed": 1}), expected)
+    # Logging the model and loading it by its URI leave $MLFLOW_TRACKING_URI as it was (MLflow's
+    # _use_tracking_uri unsets it): the run that `sample`/`eval` then log to is on that server.
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server
+    from_uri = load_trained(f"models:/vae-synced/{version.version}")
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server
+    assert np.array_equal(from_uri.sample(2, seed=1).numpy(), expected)
