@@ -100,6 +100,10 @@ def test_mlflow_holds_a_parent_run_and_one_child_per_trial_with_params_and_statu
         assert float(child.data.params["train.optimizer.lr"]) == lr  # the resolved spec, as `run` logs it
         assert child.data.params["name"] == row["trial"]
         assert (child.info.status, child.data.tags["gentrain.sweep.outcome"]) == expected[row["status"]]
+        if row["status"] == "completed":  # it ended by itself, as `gentrain run` does: its model
+            # logged (Tune's ASHA would stop it at its last evaluation, before that)
+            assert [output.step for output in child.outputs.model_outputs] == [STEPS]
+            assert child.data.metrics["run/attempt_seconds"] > 0
         if row["status"] != "failed":  # the evaluation that ranked it reached its run (a stopped
             # trial may have evaluated once more before its workers were ended)
             history = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval/elbo")}
