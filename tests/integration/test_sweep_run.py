@@ -124,6 +124,20 @@ def test_the_best_spec_is_written_out_and_runs_through_validation(sweep):
     assert data["train"]["steps"] == STEPS and data["scaling"]["num_workers"] == 1
 
 
+def test_the_best_spec_runs_and_trains_the_best_trial_again(sweep, mlflow_server):
+    """`gentrain run best.yaml`, the command the sweep prints: the same training as the best
+    trial (same seed, one worker), so the same eval/elbo at the end."""
+    workdir, _ = sweep
+    trained = gentrain(workdir, mlflow_server, "run", str(workdir / "runs" / "lr" / "best.yaml"))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert (workdir / "runs" / "lr-best" / f"step-{STEPS:08d}").is_dir()
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                filter_string="attributes.run_name = 'lr-best'")
+    history = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval/elbo")}
+    assert history[STEPS] == pytest.approx(float(rows(workdir)[GOOD]["eval/elbo"]), rel=1e-4)
+
+
 def test_an_interrupted_sweep_resumes_where_it_stopped_in_the_same_mlflow_runs(tmp_path, mlflow_server):
     """Ctrl-C while the second of two trials trains (one at a time): exit 130, the table and
     the `--resume` command; that command finishes the sweep without rerunning the first
