@@ -98,15 +98,14 @@ def _checkpoint_from_mlflow_model(uri: str) -> Path:
 
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from gentrain.tracking import default_tracking_uri, no_progress_bars
+    from gentrain.tracking import default_tracking_uri, no_progress_bars, using_tracking_uri
 
     tracking_uri = default_tracking_uri()
     folder = tempfile.mkdtemp(prefix="gentrain-mlflow-model-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     try:
-        with _use_tracking_uri(tracking_uri), no_progress_bars():
+        with using_tracking_uri(tracking_uri), no_progress_bars():
             local = Path(download_artifacts(artifact_uri=uri, dst_path=folder,
                                             tracking_uri=tracking_uri))
     except MlflowException as error:

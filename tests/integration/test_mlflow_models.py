@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gentrain.data.index import default_cache_dir, load_index, resolve_builtin
-from gentrain.tracking import RunLogger, open_run
+from gentrain.tracking import RunLogger, open_run, using_tracking_uri
 from gentrain.tracking.lineage import (
     EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, git_state, log_datasets,
 )
@@ -86,18 +86,21 @@ def test_system_metrics_reach_the_run_and_survive_an_outage(mlflow_server, dead_
     assert memory and all(point.value > 0 for point in memory)
 
 
+def run_command(workdir: Path, *extra: str) -> list[str]:
+    return [GENTRAIN, "run", "vae/debug", f"storage_path={workdir / 'runs'}", "train.schedule.warmup_steps=0",
+            "train.log_every=3", "checkpoint.every=6", "eval.every=0", "eval.num_samples=4",
+            "scaling.num_workers=1", "tracking.experiment=models-e2e", "tracking.system_metrics_interval=1",
+            "tracking.register_model=vae-e2e", *extra]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mlflow_server):
     """One tiny `gentrain run`, on one worker, that logs and registers its model."""
     workdir = tmp_path_factory.mktemp("mlflow-model")
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
     started = time.monotonic()
-    result = subprocess.run(
-        [GENTRAIN, "run", "vae/debug", f"storage_path={workdir / 'runs'}", "train.steps=6",
-         "train.schedule.warmup_steps=0", "train.log_every=3", "checkpoint.every=6", "eval.every=0",
-         "eval.num_samples=4", "scaling.num_workers=1", "tracking.experiment=models-e2e",
-         "tracking.system_metrics_interval=1", "tracking.register_model=vae-e2e"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(run_command(workdir, "train.steps=6"), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("models-e2e")
@@ -150,11 +153,23 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
                             env=env, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "['n', 'seed', 'data']" in loaded.stdout
-    # `gentrain sample` takes the model's URI too, and draws the same grid.
+    # `gentrain sample` and `gentrain eval` take the model's URI too; `sample` draws the same
+    # grid. Both log to the model's run on the server $MLFLOW_TRACKING_URI names (not to a
+    # ./mlflow.db of the folder they run in).
     from_uri = subprocess.run([GENTRAIN, "sample", "models:/vae-e2e/1", "--n", "6", "--seed", "3",
                                "--out", str(tmp_path / "cli-uri.png")],
-                              env=env, capture_output=True, text=True, timeout=120)
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert from_uri.returncode == 0, from_uri.stderr[-3000:]
+    assert f"logged to MLflow run {run.info.run_id} (samples/cli/)" in from_uri.stdout, from_uri.stderr[-3000:]
+    evaluated = subprocess.run([GENTRAIN, "eval", "models:/vae-e2e/1", "--metrics", "nll"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"to MLflow run {run.info.run_id} (eval/)" in evaluated.stderr, evaluated.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(mlflow_server)
+    assert [item.path for item in client.list_artifacts(run.info.run_id, "samples/cli")] == ["samples/cli/cli-uri.png"]
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "eval/test/elbo")] == [6]
+    assert "eval/report-step-00000006.json" in {item.path for item in client.list_artifacts(run.info.run_id, "eval")}
 
     import numpy as np
 
@@ -181,7 +196,8 @@ def test_the_logged_model_draws_what_gentrain_sample_draws(trained, mlflow_serve
         assert np.allclose(scored[name].to_numpy(), values.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_uri, tmp_path, capsys):
+def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_uri, tmp_path, capsys,
+                                                    monkeypatch):
     import numpy as np
 
     import gentrain
@@ -201,6 +217,8 @@ def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_
     spool = spool_dir_for(spec.run_dir)
     assert spooled_runs(spool) == [run_id]
 
+    # As `gentrain sync` / `sample` / `eval` run: the server named by the environment.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     ending = sync_run(mlflow_server, run_id, spool)
     assert ending.marked and ending.sent == 1
     assert spooled_runs(spool) == []
@@ -208,7 +226,45 @@ def test_a_model_the_server_missed_is_logged_by_sync(mlflow_server, dead_mlflow_
     (output,) = client.get_run(run_id).outputs.model_outputs
     assert output.step == 2
     (version,) = client.search_model_versions("name='vae-synced'")
-    with mlflow.tracking._tracking_service.utils._use_tracking_uri(mlflow_server):
+    with using_tracking_uri(mlflow_server):
         model = mlflow.pyfunc.load_model(f"models:/vae-synced/{version.version}")
     expected = load_trained(spec.run_dir).sample(2, seed=1).numpy()
     assert np.array_equal(model.predict({"n": 2, "seed": 1}), expected)
+    # Logging the model and loading it by its URI leave $MLFLOW_TRACKING_URI as it was (MLflow's
+    # _use_tracking_uri unsets it): the run that `sample`/`eval` then log to is on that server.
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server
+    from_uri = load_trained(f"models:/vae-synced/{version.version}")
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server
+    assert np.array_equal(from_uri.sample(2, seed=1).numpy(), expected)
+
+
+@pytest.mark.slow
+def test_a_rerun_counts_its_attempt_and_the_switches_turn_system_metrics_and_the_model_off(trained, mlflow_server):
+    """The fixture's run trained on to step 12 by the same command (train.steps raised), with
+    tracking.system_metrics=false and tracking.log_model=false: the same MLflow run, attempt 2,
+    the trained wall time summed over both attempts, no system metric point and no model from
+    this attempt."""
+    workdir, first, _, _ = trained
+    client = MlflowClient(mlflow_server)
+    rerun_started_ms = int(time.time() * 1000)
+    result = subprocess.run(run_command(workdir, "train.steps=12", "tracking.system_metrics=false",
+                                        "tracking.log_model=false"),
+                            cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert f"in MLflow run {first.info.run_id}" in result.stdout
+    run = client.get_run(first.info.run_id)
+    assert run.data.tags["gentrain.attempts"] == "2"
+    attempts = sorted((point.step, point.value) for point in
+                      client.get_metric_history(run.info.run_id, "run/attempt_seconds"))
+    assert [step for step, _ in attempts] == [1, 2] and all(seconds > 0 for _, seconds in attempts)
+    (total,) = [point for point in client.get_metric_history(run.info.run_id, "run/wall_seconds_total")
+                if point.step == 2]
+    assert total.value == pytest.approx(sum(seconds for _, seconds in attempts), rel=1e-6)
+    # MLflow's duration spans both attempts and the time between them.
+    assert (run.info.end_time - run.info.start_time) / 1000 > total.value
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(point.timestamp < rerun_started_ms for point in cpu)
+    assert [output.step for output in run.outputs.model_outputs] == [6]
+    assert "mlflow model:" not in result.stdout
+    assert len(client.search_model_versions("name='vae-e2e'")) == 1

@@ -100,6 +100,10 @@ def test_mlflow_holds_a_parent_run_and_one_child_per_trial_with_params_and_statu
         assert float(child.data.params["train.optimizer.lr"]) == lr  # the resolved spec, as `run` logs it
         assert child.data.params["name"] == row["trial"]
         assert (child.info.status, child.data.tags["gentrain.sweep.outcome"]) == expected[row["status"]]
+        if row["status"] == "completed":  # it ended by itself, as `gentrain run` does: its model
+            # logged (Tune's ASHA would stop it at its last evaluation, before that)
+            assert [output.step for output in child.outputs.model_outputs] == [STEPS]
+            assert child.data.metrics["run/attempt_seconds"] > 0
         if row["status"] != "failed":  # the evaluation that ranked it reached its run (a stopped
             # trial may have evaluated once more before its workers were ended)
             history = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval/elbo")}
@@ -118,3 +122,79 @@ def test_the_best_spec_is_written_out_and_runs_through_validation(sweep):
     data = read_yaml(best)
     assert data["train"]["optimizer"]["lr"] == GOOD and data["name"] == "lr-best"
     assert data["train"]["steps"] == STEPS and data["scaling"]["num_workers"] == 1
+
+
+def test_the_best_spec_runs_and_trains_the_best_trial_again(sweep, mlflow_server):
+    """`gentrain run best.yaml`, the command the sweep prints: the same training as the best
+    trial (same seed, one worker), so the same eval/elbo at the end."""
+    workdir, _ = sweep
+    trained = gentrain(workdir, mlflow_server, "run", str(workdir / "runs" / "lr" / "best.yaml"))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert (workdir / "runs" / "lr-best" / f"step-{STEPS:08d}").is_dir()
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                filter_string="attributes.run_name = 'lr-best'")
+    history = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval/elbo")}
+    assert history[STEPS] == pytest.approx(float(rows(workdir)[GOOD]["eval/elbo"]), rel=1e-4)
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped_in_the_same_mlflow_runs(tmp_path, mlflow_server):
+    """Ctrl-C while the second of two trials trains (one at a time): exit 130, the table and
+    the `--resume` command; that command finishes the sweep without rerunning the first
+    trial, the second in its own MLflow run (from its checkpoint when it had one), under
+    the same parent."""
+    import re
+    import signal
+    import threading
+
+    paths = [str(ROOT / "platform"), str(ROOT / "jobs"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    command = [sys.executable, "-m", "gentrain.cli", "sweep", "vae/debug", f"storage_path={tmp_path / 'runs'}",
+               "tracking.experiment=sweep-resume", "train.steps=60", "scaling.num_workers=1",
+               "train.schedule.warmup_steps=0", "train.log_every=10", "eval.every=30", "eval.max_batches=2",
+               "eval.num_samples=8", "checkpoint.every=30", "--param", "train.optimizer.lr=grid(3e-3,1e-3)",
+               "--metric", "eval/elbo", "--mode", "max", "--scheduler", "fifo", "--max-concurrent", "1",
+               "--name", "resumable"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines: list[str] = []
+    second_evaluated = threading.Event()
+
+    def read() -> None:
+        second = None
+        for line in process.stdout:
+            lines.append(line)
+            started = re.search(r"trial (\w+) started", line)
+            if started and "completed at step" in "".join(lines):
+                second = started[1]
+            if second and "eval at step 30" in line:
+                second_evaluated.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert second_evaluated.wait(timeout=480), "".join(lines)[-5000:]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=180) == 130, "".join(lines)[-5000:]
+    reader.join(timeout=30)
+    first_out = "".join(lines)
+    first, second = re.findall(r"trial (\w+) started", first_out)
+    assert re.search(rf"{second} .* interrupted", first_out) and "--resume" in first_out
+    had_checkpoint = (tmp_path / "runs" / "resumable" / second / f"step-{30:08d}").is_dir()
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-5000:]
+    assert f"trial {first} started" not in out and f"trial {second} started" in out
+    assert f"trial {second} completed at step 60/60" in out and "2 trials (2 completed)" in out
+    if had_checkpoint:
+        assert f"continuing {second} from step 30" in out, out[-5000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("gentrain.sweep.role") == "parent"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted((run.data.tags["gentrain.sweep.trial"], run.info.status) for run in children) == sorted(
+        [(first, "FINISHED"), (second, "FINISHED")])
+    (second_run,) = [run for run in children if run.data.tags["gentrain.sweep.trial"] == second]
+    assert second_run.data.tags["gentrain.attempts"] == "2"

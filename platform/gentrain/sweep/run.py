@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from gentrain.schema import SpecError
 from gentrain.spec import JobSpec, apply_overrides, read_yaml
 from gentrain.spec_checks import name_problems
@@ -262,7 +264,7 @@ def _resources_text(need: dict[str, float]) -> str:
 
 
 def _scheduler(request: SweepRequest, spec: JobSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if request.scheduler == "fifo":
         return FIFOScheduler()
@@ -272,8 +274,21 @@ def _scheduler(request: SweepRequest, spec: JobSpec):
               f"{max(1, spec.train.steps // 8)})", file=sys.stderr, flush=True)
     # time = optimizer steps: a rung is an evaluation at grace_period * factor^k steps.
     grace = min(spec.eval.every or spec.train.steps, spec.train.steps)
-    return ASHAScheduler(time_attr="step", max_t=spec.train.steps, grace_period=grace,
-                         reduction_factor=request.reduction_factor)
+    return _LastEvaluationContinues(time_attr="step", max_t=spec.train.steps, grace_period=grace,
+                                    reduction_factor=request.reduction_factor)
+
+
+class _LastEvaluationContinues(ASHAScheduler):
+    """ASHA that lets a trial's evaluation at train.steps pass: Tune's ASHA stops a trial as
+    soon as it reports max_t, which ends its actor while its `gentrain run` finishes up (the
+    model logged to its MLflow run, the attempt's wall time), so even the best trial's run had
+    no model. Its training is over there either way; it ends by itself seconds later, and
+    on_trial_complete records it at the last rung."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def _pinned(base: dict, uri: str | None) -> dict:

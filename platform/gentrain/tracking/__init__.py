@@ -67,6 +67,25 @@ def no_progress_bars():
             os.environ[name] = previous
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI set to `uri` for the calls inside (the fluent API,
+    Model.log and download_artifacts read only that), then put back as it was, including
+    $MLFLOW_TRACKING_URI: MLflow's own _use_tracking_uri unsets that variable on the way
+    out, so a later default_tracking_uri() in the same process would fall back to ./mlflow.db."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI if set, else an absolute SQLite file ./mlflow.db."""
     from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()

@@ -194,10 +194,9 @@ def log_model_from_checkpoint(uri: str, run_id: str, checkpoint: str | Path,
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from gentrain.inference import load_trained
-    from gentrain.tracking import no_progress_bars
+    from gentrain.tracking import no_progress_bars, using_tracking_uri
 
     client = MlflowClient(tracking_uri=uri)
     with tempfile.TemporaryDirectory(prefix="gentrain-model-") as scratch:
@@ -212,7 +211,7 @@ def log_model_from_checkpoint(uri: str, run_id: str, checkpoint: str | Path,
                                             name=MODEL_NAME, source_run_id=run_id, tags=tags,
                                             model_type=trained.spec.job.type)
         try:
-            with _use_tracking_uri(uri), no_progress_bars(), warnings.catch_warnings():
+            with using_tracking_uri(uri), no_progress_bars(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
                 return Model.log(
                     None, mlflow.pyfunc, name=MODEL_NAME, run_id=run_id, model_id=logged.model_id,
