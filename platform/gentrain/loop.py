@@ -113,6 +113,12 @@ def report_checkpoint(engine: Engine) -> None:
         engine.save(directory)
         has_files = any(os.scandir(directory))
         checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
+        tracking = engine.spec.tracking
+        # Rank 0 (the one with a logger) has model.pt and gentrain.json here. The last step's
+        # model is the driver's to log when tracking.log_model is on.
+        if engine.logger and tracking.log_model_checkpoints and not (
+                tracking.log_model and engine.step >= engine.spec.train.steps):
+            engine.logger.log_checkpoint_model(directory)
         ray.train.report({"step": engine.step, "stopped_at_time_budget": engine.stopped_at_time_budget},
                          checkpoint=checkpoint,
                          checkpoint_dir_name=step_dir_name(engine.step))

@@ -176,6 +176,9 @@ class TrackingSection:
     log_model: bool = True
     # Also register it in the Model Registry under this name (a new version per run).
     register_model: str | None = None
+    # Also log every checkpoint's weights as an MLflow model of the run at its step (rank 0,
+    # in the background; not registered). Off by default: each is a copy of model.pt.
+    log_model_checkpoints: bool = False
 
 
 @dataclass

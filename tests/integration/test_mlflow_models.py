@@ -268,3 +268,26 @@ def test_a_rerun_counts_its_attempt_and_the_switches_turn_system_metrics_and_the
     assert [output.step for output in run.outputs.model_outputs] == [6]
     assert "mlflow model:" not in result.stdout
     assert len(client.search_model_versions("name='vae-e2e'")) == 1
+
+
+@pytest.mark.slow
+def test_every_checkpoint_becomes_a_model_on_request(tmp_path, mlflow_server):
+    """tracking.log_model_checkpoints=true: each checkpoint before the last is logged by rank 0
+    as a model of the run at its step, in the background; the last is the driver's model at
+    the end, the only one registered."""
+    result = subprocess.run(run_command(tmp_path, "train.steps=9", "checkpoint.every=3",
+                                        "tracking.experiment=ckpt-models", "tracking.register_model=vae-ckpt",
+                                        "tracking.log_model_checkpoints=true"),
+                            cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("ckpt-models").experiment_id])
+    assert sorted(output.step for output in run.outputs.model_outputs) == [3, 6, 9]
+    assert len(client.search_model_versions("name='vae-ckpt'")) == 1
+    early = next(output for output in run.outputs.model_outputs if output.step == 3)
+    assert client.get_logged_model(early.model_id).tags["gentrain.step"] == "3"
+    with using_tracking_uri(mlflow_server):
+        assert mlflow.pyfunc.load_model("models:/vae-ckpt/1").metadata.metadata["gentrain_step"] == 9
+        images = mlflow.pyfunc.load_model(f"models:/{early.model_id}").predict({"n": 2, "seed": 0})
+    assert len(images) == 2

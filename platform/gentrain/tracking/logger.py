@@ -211,7 +211,7 @@ class _Sender:
                     return done, error
                 _log.warning("MLflow at %s rejected %s for run %s, dropped: %s", self.uri,
                              unit["op"], self.run_id, _first_line(error))
-            if unit["op"] == "artifact":
+            if unit["op"] in ("artifact", "model"):
                 shutil.rmtree(Path(unit["local"]).parent, ignore_errors=True)
             done = consumed
         return done, None
@@ -242,6 +242,10 @@ class _Sender:
             self.client.set_tag(self.run_id, unit["key"], unit["value"])
         elif not os.path.exists(unit["local"]):
             raise _Rejected(f"its staged copy {unit['local']} is gone")
+        elif unit["op"] == "model":
+            from gentrain.tracking.model import log_model_from_checkpoint
+
+            log_model_from_checkpoint(self.uri, self.run_id, unit["local"])
         else:
             self.client.log_artifact(self.run_id, unit["local"], unit["artifact_path"])
 
@@ -362,6 +366,18 @@ class RunLogger:
         else:
             shutil.copy2(source, staged)
         self._inbox.put({"op": "artifact", "local": str(staged), "artifact_path": artifact_path})
+
+    @_never_raises
+    def log_checkpoint_model(self, checkpoint: str | os.PathLike) -> None:
+        """The checkpoint folder's weights and spec (model.pt, gentrain.json: copied now, the
+        folder may go) logged as an MLflow model of the run at its step, in the background
+        like everything else (`tracking.log_model_checkpoints`)."""
+        if not self._accepting("log_checkpoint_model"):
+            return
+        from gentrain.tracking.model import model_folder
+
+        staged = model_folder(checkpoint, self._staging_dir() / "checkpoint")
+        self._inbox.put({"op": "model", "local": str(staged)})
 
     @_never_raises
     def log_text(self, text: str, artifact_file: str) -> None:
