@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from gentrain.checkpoint import (MODEL_FILE, checkpoint_problem, file_manifest, newest_good_checkpoint, read_meta,
-                                 step_dir_name, write_meta)
+from gentrain.checkpoint import (checkpoint_problem, file_manifest, newest_good_checkpoint, read_meta, step_dir_name,
+                                 write_meta)
 from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
@@ -40,7 +40,6 @@ from gentrain.registry import DataInfo, JobType, SampleRequest, get_job_type, jo
 from gentrain.spec import JobSpec
 from gentrain.strategies import StepSettings, make_strategy
 from gentrain.strategies.limits import nonfinite_problem
-from gentrain.strategies.portable import PORTABLE_FILE
 from gentrain.timeline import mark
 
 
@@ -366,17 +365,10 @@ class Engine:
         skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
         exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
         check_weights(exported, self.step, lambda flag: self.strategy.all_reduce(flag, op="sum"))
-        self.strategy.save(directory, self.rank)
-        # The strategy-neutral optimizer state (a collective under ZeRO): what a resume on
-        # another world size or strategy reads (gentrain.strategies.portable).
-        portable = self.strategy.portable_state()
-        if self.rank == 0:
-            if portable is not None:  # None: a layout gentrain cannot gather (same-setup resume only)
-                torch.save(portable, os.path.join(directory, PORTABLE_FILE))
-            # Plain fp32 weights of every network: sampling, eval and scoring load these
-            # without knowing the strategy that trained them.
-            torch.save({"networks": exported, "ema": self.strategy.ema.state_dict()},
-                       os.path.join(directory, MODEL_FILE))
+        # This rank's share, and on rank 0 the strategy-neutral state (portable_state.pt)
+        # and the plain fp32 weights and EMA (model.pt) that sampling, eval and scoring load
+        # without knowing the strategy (a collective under ZeRO).
+        self.strategy.write_checkpoint(directory, self.rank, exported)
         self.strategy.barrier()  # ranks sharing a folder: every share is written before it is hashed
         # Each rank may write into its own folder (Ray merges them into step-N): the
         # metadata lists every rank's files, hashed where they were written.

@@ -93,7 +93,7 @@ def run_resume(rank: int, world: int, strategy_section: dict, steps: int, direct
     train(straight, spec, rank, world, 0, 2 * steps)
     first = build_strategy(spec)
     train(first, spec, rank, world, 0, steps)
-    first.save(directory, rank)
+    first.write_checkpoint(directory, rank)
     first.barrier()
     resumed = build_strategy(spec)
     resumed.load(directory)

@@ -200,7 +200,7 @@ def _main_world(rank: int, world: int, directory: str) -> dict:
     out["straight"] = train_vae(vae_strategy(spec), spec, rank, world, 0, STEPS)
     first_half = vae_strategy(spec)
     train_vae(first_half, spec, rank, world, 0, RESUME_AT)
-    first_half.save(directory, rank)
+    first_half.write_checkpoint(directory, rank)
     first_half.barrier()
     out["cpu"] = accelerate_on_cpu()
     return out

@@ -176,7 +176,7 @@ def resume(rank: int, world: int, directory: str, cases: list[str], precision: s
         train(first, device, 0, half)
         folder = os.path.join(directory, f"{label}-{precision}")
         os.makedirs(folder, exist_ok=True)
-        first.save(folder, rank)
+        first.write_checkpoint(folder, rank)
         first.barrier()
         first = None
         gc.collect()

@@ -274,13 +274,32 @@ class Strategy(ABC):
                     module.train(was_training[name])
 
     # -- checkpoints ------------------------------------------------------------
+    def write_checkpoint(self, directory: str, rank: int, exported: dict | None = None) -> None:
+        """The training state a checkpoint folder holds, all of what `load` reads: this rank's
+        share (`save`) and, on rank 0, the strategy-neutral optimizer and schedule state
+        (portable_state.pt: what a resume on another world size or strategy reads) and the
+        plain fp32 weights and EMA (model.pt: what sampling, eval and scoring load without
+        the strategy). `exported`: `export_state_dicts()` if the caller has it already.
+        A collective under ZeRO."""
+        from gentrain.checkpoint import MODEL_FILE
+        from gentrain.strategies.portable import PORTABLE_FILE
+
+        exported = self.export_state_dicts() if exported is None else exported
+        self.save(directory, rank)
+        portable = self.portable_state()
+        if rank == 0:
+            if portable is not None:  # None: a layout gentrain cannot gather (same-setup resume only)
+                torch.save(portable, os.path.join(directory, PORTABLE_FILE))
+            torch.save({"networks": exported, "ema": self.ema.state_dict()}, os.path.join(directory, MODEL_FILE))
+
     @abstractmethod
     def save(self, directory: str, rank: int) -> None:
-        """Write this rank's share of the training state into `directory`."""
+        """Write this rank's share of the training state into `directory` (its part of
+        `write_checkpoint`, which writes the rest)."""
 
     @abstractmethod
     def load(self, directory: str) -> None:
-        """Restore what `save` wrote (all ranks read)."""
+        """Restore what `write_checkpoint` wrote (all ranks read)."""
 
     @abstractmethod
     def portable_state(self) -> dict:
