@@ -107,14 +107,13 @@ def build(config: FlowConfig, data: DataInfo) -> dict[str, torch.nn.Module]:
         raise ValueError(f"job.config.levels: {config.levels} {config.architecture} levels squeeze "
                          f"{config.squeezes()} times, so height and width must divide by {side}; "
                          f"the data are {height}x{width}: lower job.config.levels")
-    dequantizer = None
-    if config.dequantization == "variational":
-        dequantizer = VariationalDequantizer(tuple(data.shape), config.num_levels, config.dequantizer_hidden,
-                                             config.dequantizer_steps)
-    return {"flow": Flow(tuple(data.shape), config.architecture, config.levels, config.steps_per_level,
-                         config.hidden, config.blocks, config.scale, config.invconv == "lu",
-                         config.learned_prior, config.actnorm, config.input_map, config.logit_alpha,
-                         dequantizer)}
+    model = Flow(tuple(data.shape), config.architecture, config.levels, config.steps_per_level,
+                 config.hidden, config.blocks, config.scale, config.invconv == "lu",
+                 config.learned_prior, config.actnorm, config.input_map, config.logit_alpha)
+    if config.dequantization == "variational":  # built last: the flow starts as a uniform run's would
+        model.dequantizer = VariationalDequantizer(tuple(data.shape), config.num_levels,
+                                                   config.dequantizer_hidden, config.dequantizer_steps)
+    return {"flow": model}
 
 
 def bound_log_density(model, config: FlowConfig, x: torch.Tensor,

@@ -77,11 +77,12 @@ class Flow(nn.Module):
     def __init__(self, shape: tuple[int, int, int], architecture: str = "glow", levels: int = 3,
                  steps: int = 32, hidden: int = 512, blocks: int = 8, scale: str = "sigmoid",
                  lu: bool = True, learned_prior: bool = True, actnorm: bool = True,
-                 preprocess: str = "center", logit_alpha: float = 0.05,
-                 dequantizer: VariationalDequantizer | None = None):
+                 preprocess: str = "center", logit_alpha: float = 0.05):
         super().__init__()
         self.shape = tuple(shape)
-        self.dequantizer = dequantizer  # None: uniform dequantization, done by the caller
+        # None: uniform dequantization, done by the caller; the job type's `build` attaches a
+        # VariationalDequantizer after the flow's layers (so they draw the same initial weights)
+        self.dequantizer: VariationalDequantizer | None = None
         self.preprocess, self.alpha = preprocess, logit_alpha
         channels, height, width = shape
         net = "resnet" if architecture == "realnvp" else "cnn"
