@@ -15,6 +15,11 @@ preprocessing's Jacobian (RealNVP's logit with alpha, or Glow's shift by -1/2), 
 latents. A factored-out half and the top latent are N(0, I), or, with `learned_prior`,
 Gaussians whose mean and log-std come from a zero convolution of the kept half (Glow's
 split prior) and learned per-channel values (Glow's `learntop`).
+
+With a variational dequantizer (dequantizer.py), `forward(image=x, noise=eps)` draws
+u ~ q(u | x) from the noise, y = (k + u) / L, and returns log p(y) - log q(u | x): training
+and evaluation go through the module's own call, so DDP, DeepSpeed (ZeRO-3's hooks) and
+FSDP see and train q's parameters with the flow's.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gentrain_jobs.flow.dequantizer import VariationalDequantizer
 from gentrain_jobs.flow.layers import (ActNorm, AffineCoupling, InvConv1x1, Squeeze, ZeroConv, fp32,
                                        gaussian_log_prob, wide)
+from gentrain_jobs.flow.objective import dequantize
 
 
 class Split(nn.Module):
@@ -73,6 +80,9 @@ class Flow(nn.Module):
                  preprocess: str = "center", logit_alpha: float = 0.05):
         super().__init__()
         self.shape = tuple(shape)
+        # None: uniform dequantization, done by the caller; the job type's `build` attaches a
+        # VariationalDequantizer after the flow's layers (so they draw the same initial weights)
+        self.dequantizer: VariationalDequantizer | None = None
         self.preprocess, self.alpha = preprocess, logit_alpha
         channels, height, width = shape
         net = "resnet" if architecture == "realnvp" else "cnn"
@@ -138,8 +148,23 @@ class Flow(nn.Module):
                 wide(self.top_log_std).expand(like.shape[0], *self.top_shape))
 
     # -- density ---------------------------------------------------------------------------
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """log p(y) in nats per sample (a density on [0, 1]^D) and the latents [z_1, ..., z_top]."""
+    def forward(self, y: torch.Tensor | None = None, *, image: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """log p(y) in nats per sample (a density on [0, 1]^D) and the latents [z_1, ..., z_top].
+
+        Variational dequantization: `image` (in [0, 1]) and the dequantizer's logistic `noise`
+        in place of y give log p(y) - log q(u | image) with u drawn from the noise and
+        y = dequantize(image, u), and y's latents."""
+        if image is None:
+            return self._log_density(y)
+        if self.dequantizer is None:
+            raise ValueError("Flow(image=..., noise=...) needs a variational dequantizer "
+                             "(job.config.dequantization: variational); uniform: call Flow(y)")
+        u, log_q = self.dequantizer(image, noise)
+        log_density, latents = self._log_density(dequantize(image, u, self.dequantizer.num_levels))
+        return log_density - log_q, latents
+
+    def _log_density(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with fp32(y):
             x, total = self._to_flow(wide(y))
         latents = []
