@@ -120,7 +120,7 @@ def test_each_network_gets_its_own_lr_and_betas():
 
 
 def test_supports_every_strategy_and_precision():
-    assert set(JOB.supports.strategies) == {"ddp", "deepspeed", "accelerate"}
+    assert set(JOB.supports.strategies) == {"ddp", "deepspeed", "accelerate", "fsdp"}
     assert set(JOB.supports.precisions) == {"fp32", "bf16", "fp16"}
 
 
