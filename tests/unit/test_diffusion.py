@@ -166,13 +166,8 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 1.0) -> float:
     return float(kernel(a, a) + kernel(b, b) - 2 * kernel(a, b))
 
 
-@pytest.mark.parametrize("process,sampler", [("cosine", "ddpm"), ("ve", "pc")])
-def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd(process, sampler):
-    """cosine: the VP chain, ancestral samples; ve: geometric sigmas 0.01..10 (the largest
-    distance between two data points is about 8), the VE SDE's predictor-corrector."""
-    generator = torch.Generator().manual_seed(0)
-    config = DiffusionConfig(timesteps=100, schedule=process, sigma_max=10.0, mlp_width=128, mlp_depth=3,
-                             ema_decay=0.99)
+def _trained_on_mixture(config: DiffusionConfig, sampler: str, generator: torch.Generator) -> Engine:
+    """1500 steps of batch 256 from the 2-D mixture (drawn from `generator`)."""
     spec = from_dict({"job": {"type": "diffusion", "sampling": {"sampler": sampler}}, "train": {
         "steps": 1500, "optimizer": {"name": "adamw", "lr": 2e-3}, "schedule": {"name": "constant"}}})
     engine = Engine(spec, config, data_info=DataInfo((2,), 0, "vector"), print_fn=None)
@@ -184,6 +179,17 @@ def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd(process, sampler
     stream = batches()
     for _ in range(spec.train.steps):
         engine.optimizer_step(stream)
+    return engine
+
+
+@pytest.mark.parametrize("process,sampler", [("cosine", "ddpm"), ("ve", "pc")])
+def test_learns_a_2d_mixture_samples_match_held_out_data_by_mmd(process, sampler):
+    """cosine: the VP chain, ancestral samples; ve: geometric sigmas 0.01..10 (the largest
+    distance between two data points is about 8), the VE SDE's predictor-corrector."""
+    generator = torch.Generator().manual_seed(0)
+    config = DiffusionConfig(timesteps=100, schedule=process, sigma_max=10.0, mlp_width=128, mlp_depth=3,
+                             ema_decay=0.99)
+    engine = _trained_on_mixture(config, sampler, generator)
     held_out = _mixture(2000, torch.Generator().manual_seed(1))
     halves = mmd2(held_out[:1000], held_out[1000:])
     samples = engine.sample(1000, seed=2)
@@ -217,17 +223,7 @@ def test_the_x0_and_v_targets_learn_the_2d_mixture(target, schedule):
     generator = torch.Generator().manual_seed(0)
     config = DiffusionConfig(timesteps=100, schedule=schedule, target=target, mlp_width=128, mlp_depth=3,
                              ema_decay=0.99)
-    spec = from_dict({"job": {"type": "diffusion", "sampling": {"sampler": "ddpm"}}, "train": {
-        "steps": 1500, "optimizer": {"name": "adamw", "lr": 2e-3}, "schedule": {"name": "constant"}}})
-    engine = Engine(spec, config, data_info=DataInfo((2,), 0, "vector"), print_fn=None)
-
-    def batches():
-        while True:
-            yield {"x": _mixture(256, generator), "label": torch.zeros(256, dtype=torch.long)}
-
-    stream = batches()
-    for _ in range(spec.train.steps):
-        engine.optimizer_step(stream)
+    engine = _trained_on_mixture(config, "ddpm", generator)
     held_out = _mixture(2000, torch.Generator().manual_seed(1))
     halves = mmd2(held_out[:1000], held_out[1000:])
     ours = mmd2(engine.sample(1000, seed=2), held_out[:1000])
