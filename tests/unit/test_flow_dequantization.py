@@ -18,16 +18,7 @@ from gentrain_jobs.flow import FlowConfig, FlowSampler, build, evaluate, reconst
 from gentrain_jobs.flow.dequantizer import MARGIN, VariationalDequantizer, logistic_log_prob, logistic_noise
 from gentrain_jobs.flow.model import Flow
 from gentrain_jobs.flow.objective import bits_per_dim, dequantize, levels, quantize
-
-
-def perturb(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Every parameter off its initial value (zero convolutions make q's couplings the
-    identity at first, which would make the Jacobian check trivial)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
+from test_flow import perturb  # every parameter off its initial value (q's couplings start as the identity)
 
 
 def images(shape, num_levels: int = 256, seed: int = 0) -> torch.Tensor:
