@@ -30,7 +30,14 @@ from gentrain.timeline import mark
 from gentrain.validation import ValidatedJob
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
+TRAIN_METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray Train's Prometheus metrics
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API goes, before any auto-detection
+DASHBOARD_ENV = "GENTRAIN_RAY_DASHBOARD"  # 1: the embedded Ray starts its dashboard
+
+
+def dashboard_wanted() -> bool:
+    """Whether the embedded Ray starts its dashboard ($GENTRAIN_RAY_DASHBOARD=1; off by default)."""
+    return os.environ.get(DASHBOARD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -126,22 +133,33 @@ def init_ray(spec: JobSpec) -> None:
         return
     # Embedded: never attach to another Ray on this machine by accident.
     # One node that is this machine: nothing can be preempted, and Ray Train's preemption
-    # watcher would be one more process (2-4 s of a laptop's cores) per run. Ray's workers
-    # inherit this environment; a value the user set wins.
+    # watcher would be one more process (2-4 s of a laptop's cores) per run. Nothing scrapes
+    # Ray Train's Prometheus metrics without a dashboard either. Ray's workers inherit this
+    # environment; a value the user set wins.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    os.environ.setdefault(TRAIN_METRICS_ENV, "0")
     cpus_per_worker = spec.scaling.resources_per_worker.get("CPU", 1)
     num_cpus = max(os.cpu_count() or 1, int(spec.scaling.num_workers * cpus_per_worker + 0.999))
     # Token auth guards this machine-local cluster too; saying so on every run is noise.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # The dashboard stays on: without it Ray Train's state queries fail noisily. Those
-    # queries (the placement-group cleaner's) find their cluster by auto-detection, which
-    # fails as soon as a second Ray runs on the machine; pin them to this run's dashboard
-    # in every worker. Not RAY_ADDRESS: the driver would then join that address on its
-    # next run in this process (cluster_address), and it is unknown before ray.init.
+    if not dashboard_wanted():
+        # No dashboard: its start competes with the workers' for the cores (about 3 s of
+        # the time to the first step on 2 cores). Its one user in a run, Ray Train's
+        # placement-group cleaner, is left out with it (launch.trainer.GentrainTrainer).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        console.install()
+        return
+    # GENTRAIN_RAY_DASHBOARD=1: the dashboard on, for a user who watches the run there.
+    # Ray Train's state queries (the placement-group cleaner's) find their cluster by
+    # auto-detection, which fails as soon as a second Ray runs on the machine; pin them to
+    # this run's dashboard in every worker. Not RAY_ADDRESS: the driver would then join
+    # that address on its next run in this process (cluster_address), and it is unknown
+    # before ray.init.
     dashboard_port = _free_port()
     ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, logging_level="WARNING",
              runtime_env={"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{dashboard_port}"}})
+    print(f"[gentrain] Ray dashboard: http://127.0.0.1:{dashboard_port}", flush=True)
     console.install()
 
 

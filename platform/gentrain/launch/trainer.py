@@ -10,9 +10,29 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from gentrain.launch.failures import FailureReporter
+from gentrain.launch.raystate import state_api_available
 from gentrain.loop import train_loop_per_worker
 from gentrain.spec import JobSpec
 from gentrain.validation import ValidatedJob
+
+
+class GentrainTrainer(TorchTrainer):
+    """TorchTrainer without the components a Ray without a dashboard cannot use.
+
+    Ray Train always starts a placement-group cleaner: a detached actor that asks the
+    state API (the dashboard) every second whether the controller lives, to free the
+    run's placement groups should it die without doing so. Without a dashboard (the
+    embedded Ray of `gentrain run`) every query fails and is logged, and the cleaner can
+    free nothing; the embedded Ray ends with the driver anyway. On a Ray with a dashboard
+    (a cluster, GENTRAIN_RAY_DASHBOARD=1) nothing changes."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()  # Ray 2.60's (pinned in pyproject)
+        if state_api_available():
+            return callbacks
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -36,7 +56,7 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
         callbacks=[FailureReporter(spec.checkpoint.max_failures), *callbacks],  # one line per failure
     )
-    return TorchTrainer(
+    return GentrainTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
                            "announced": list(announced), "run_started_ms": run_started_ms,
