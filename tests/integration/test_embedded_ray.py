@@ -36,6 +36,13 @@ class StateProbe:
         return os.environ.get(API_SERVER_ENV), get_address_for_submission_client(None)
 
 
+@ray.remote(num_cpus=0)
+def state_api_seen_from_a_worker() -> bool:
+    from gentrain.launch.raystate import state_api_available
+
+    return state_api_available()  # a sweep's trial builds its trainer in a worker
+
+
 def _cleaner_in(tmp_path) -> bool:
     job = load_job("vae/debug", [f"storage_path={tmp_path}"])
     trainer = build_trainer(job, run_id=None, tracking_uri=None)
@@ -56,6 +63,7 @@ def test_the_default_embedded_ray_has_no_dashboard_and_no_state_queries(embedded
     init_ray(load_spec("vae/debug", [f"storage_path={tmp_path}"]))
     assert not ray._private.worker.get_dashboard_url()  # noqa: SLF001
     assert not _cleaner_in(tmp_path)
+    assert not ray.get(state_api_seen_from_a_worker.remote())
     assert console.current() is not None  # Ray's prefixed printer replaced
     assert cluster_address() is None  # the driver's RAY_ADDRESS untouched: the next run embeds again
 
@@ -67,5 +75,6 @@ def test_with_the_dashboard_workers_find_their_own_embedded_ray(embedded, monkey
     pinned, resolved = ray.get(StateProbe.remote().where.remote())
     assert pinned == resolved == f"http://{dashboard}"
     assert _cleaner_in(tmp_path)  # Ray Train's own set, unchanged
+    assert ray.get(state_api_seen_from_a_worker.remote())
     assert console.current() is not None
     assert cluster_address() is None

@@ -10,4 +10,9 @@ def state_api_available() -> bool:
 
     if not ray.is_initialized():
         return False
-    return bool(ray._private.worker.get_dashboard_url())  # noqa: SLF001 - no public accessor
+    try:
+        # What the dashboard wrote into the cluster's store as it started ("" without one);
+        # a worker's own idea of the address is a default, whether or not one runs.
+        return bool(ray._private.services.get_webui_url_from_internal_kv())  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - an unknown answer: keep Ray Train's own components
+        return True
