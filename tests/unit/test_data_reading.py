@@ -305,3 +305,37 @@ def test_tar_samples_group_adjacent_files_by_key_as_webdataset_does():
 def test_tar_samples_refuse_a_repeated_entry():
     with pytest.raises(ValueError, match="two 'png' files"):
         list(tar_samples(io.BytesIO(_tar_bytes([("0001.png", b"a"), ("0001.PNG", b"b")])), "shard.tar"))
+
+
+class _Unseekable(io.RawIOBase):
+    """A pipe's view of bytes: read only, no seek (curl's stdout)."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        chunk = self._data.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_tar_samples_read_a_file_a_stream_and_a_compressed_tar_alike(tmp_path):
+    """A local uncompressed tar is read with random access, a pipe or a gzip-compressed tar
+    as a stream: the same samples, and a tar cut short is an error either way."""
+    import gzip
+
+    files = [(f"{i:04d}.{entry}", f"{entry}{i}".encode()) for i in range(5) for entry in ("png", "cls")]
+    data = _tar_bytes(files)
+    (tmp_path / "shard.tar").write_bytes(data)
+    with open(tmp_path / "shard.tar", "rb") as local:
+        expected = list(tar_samples(local, "shard.tar"))
+    assert [s["png"] for s in expected] == [f"png{i}".encode() for i in range(5)]
+    assert list(tar_samples(_Unseekable(data), "shard.tar")) == expected
+    assert list(tar_samples(io.BytesIO(gzip.compress(data)), "shard.tar")) == expected
+    cut = data[:512 * 5 + 100]  # inside the third file's data
+    for stream in (io.BytesIO(cut), _Unseekable(cut)):
+        with pytest.raises(tarfile.ReadError):
+            list(tar_samples(stream, "shard.tar"))
