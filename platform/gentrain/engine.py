@@ -114,14 +114,14 @@ class Engine:
         return self._index
 
     def _optimizers(self, modules):
-        section = self.spec.train.optimizer
+        section, strategy = self.spec.train.optimizer, self.spec.strategy.name
         if self.job.optimizers is not None:
             def build(params, lr=None, betas=None):  # the spec's optimizer, per-network lr/betas
                 changes = {k: v for k, v in (("lr", lr), ("betas", betas)) if v is not None}
-                return make_optimizer(params, dataclasses.replace(section, **changes))
+                return make_optimizer(params, dataclasses.replace(section, **changes), strategy)
 
             return self.job.optimizers(self.config, modules, build)
-        return {name: make_optimizer(module.parameters(), section)
+        return {name: make_optimizer(module.parameters(), section, strategy)
                 for name, module in modules.items() if any(True for _ in module.parameters())}
 
     # -- training -------------------------------------------------------------------

@@ -74,6 +74,9 @@ class OptimizerSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     momentum: float = field(default=0.9, metadata=bounds(ge=0))
+    # How torch runs the update (gentrain.optim.implementation_kwargs): auto = fused under
+    # ddp and accelerate, torch's own choice under deepspeed and fsdp.
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

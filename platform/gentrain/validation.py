@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gentrain.optim import implementation_problem
 from gentrain.paths import is_remote
 from gentrain.redaction import describe
 from gentrain.registry import UnknownJobType, get_job_type, job_types
@@ -117,6 +118,7 @@ def strategy_problems(spec: JobSpec) -> list[str]:
     if strategy.name == "accelerate":
         problems.append(fsdp_problem(strategy.accelerate_mode, spec.scaling.use_gpu))
     problems.append(nonfinite_problem(spec.train.nonfinite, spec.run_dir))
+    problems.append(implementation_problem(spec.train.optimizer, strategy.name))
     problems = [problem for problem in problems if problem]
     if strategy.name == "deepspeed" and strategy.deepspeed_config:
         from gentrain.strategies.base import StepSettings

@@ -346,8 +346,13 @@ class Strategy(ABC):
             return state
         for name in self.names:
             self.unwrap(name).load_state_dict(state["modules"][name])
+        from gentrain.strategies.portable import with_own_implementation
+
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            saved = state["optimizers"][name]
+            optimizer.load_state_dict({**saved, "param_groups": [
+                {**with_own_implementation(group, own), "params": group["params"]}
+                for group, own in zip(saved["param_groups"], optimizer.param_groups)]})
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.ema.load_state_dict(state.get("ema", {}))

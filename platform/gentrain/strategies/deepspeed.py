@@ -376,7 +376,7 @@ class DeepSpeedStrategy(Strategy):
         """Full weights and per-name optimizer state sharded into this world's ZeRO partitions."""
         import deepspeed
         from gentrain.strategies.base import read_portable
-        from gentrain.strategies.portable import check_groups, load_named_optimizer_state
+        from gentrain.strategies.portable import check_groups, load_named_optimizer_state, with_own_implementation
 
         weights, portable = read_portable(directory, torch.device("cpu"))
         for name, module in self._plain.items():
@@ -420,7 +420,7 @@ class DeepSpeedStrategy(Strategy):
                         for key, value in scalars.items():
                             inner.state[flat][key] = value.clone() if torch.is_tensor(value) else value
                 for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
-                    group.update({key: value for key, value in saved_group.items() if key != "params"})
+                    group.update(with_own_implementation(saved_group, group))
             engine.lr_scheduler.load_state_dict(portable["schedulers"][name])
 
     def load(self, directory):

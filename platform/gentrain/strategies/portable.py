@@ -18,6 +18,18 @@ import torch
 from torch import nn
 
 PORTABLE_FILE = "portable_state.pt"
+# How torch runs an update, not what it computes (train.optimizer.implementation): a loaded
+# checkpoint's groups keep the running optimizer's own choice.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def with_own_implementation(saved_group: dict, own_group: dict) -> dict:
+    """A checkpoint's hyperparameters of one group (no "params"), with `own_group`'s
+    implementation switches: a run written fused continues under the implementation this
+    run chose, and the other way round."""
+    values = {key: value for key, value in saved_group.items() if key != "params"}
+    values.update({key: own_group[key] for key in IMPLEMENTATION_KEYS if key in own_group})
+    return values
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:
@@ -56,8 +68,8 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Modu
     device_state = {index[name]: dict(state) for name, state in portable["state"].items()}
     optimizer.load_state_dict({
         "state": device_state,
-        "param_groups": [{**saved, "params": [index[n] for n in ours]}
-                         for saved, ours in zip(_hyper_only(portable), groups)],
+        "param_groups": [{**with_own_implementation(saved, own), "params": [index[n] for n in ours]}
+                         for saved, own, ours in zip(portable["param_groups"], optimizer.param_groups, groups)],
     })
 
 
@@ -67,10 +79,6 @@ def check_groups(groups: list[list[str]], portable: dict, network: str) -> None:
         raise ValueError(
             f"network {network!r}: the checkpoint's optimizer holds parameter groups {_show(saved)}, this "
             f"run's optimizer {_show(groups)}; continue with the job type and job.* settings that wrote it")
-
-
-def _hyper_only(portable: dict) -> list[dict]:
-    return [{key: value for key, value in group.items() if key != "params"} for group in portable["param_groups"]]
 
 
 def _name(names: dict[int, str], param, module) -> str:
