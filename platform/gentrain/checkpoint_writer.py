@@ -41,16 +41,27 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint written in the background failed; raised on the training thread."""
 
 
-def host_copy(value: Any) -> Any:
+def host_copy(value: Any, tensors: bool = True) -> Any:
     """`value` with every tensor copied to CPU memory (a new tensor even when it is on the CPU
-    already) and every container copied, so later steps cannot change it."""
+    already) and every container copied, so later steps cannot change it. `tensors=False`:
+    the containers and other values only, for a state whose tensors are private copies already
+    (the portable state: gentrain.strategies.portable clones what it gathers)."""
     if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=True) if tensors else value
     if isinstance(value, dict):
-        return type(value)((key, host_copy(item)) for key, item in value.items())
+        return type(value)((key, host_copy(item, tensors)) for key, item in value.items())
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(host_copy(item) for item in value)
+        return type(value)(host_copy(item, tensors) for item in value)
     return copy.deepcopy(value)
+
+
+def snapshot_files(files: dict[str, Any]) -> dict[str, Any]:
+    """A strategy's `checkpoint_files` made private: copied to host memory, but for the
+    portable state's tensors, which are copies already (the optimizer moments are most of
+    a checkpoint: copying them twice is most of the time the loop waits)."""
+    from gentrain.strategies.portable import PORTABLE_FILE
+
+    return {name: host_copy(state, tensors=name != PORTABLE_FILE) for name, state in files.items()}
 
 
 @dataclass

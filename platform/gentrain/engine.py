@@ -28,7 +28,7 @@ import torch
 
 from gentrain.checkpoint import (checkpoint_problem, file_manifest, newest_good_checkpoint, read_meta, step_dir_name,
                                  write_meta)
-from gentrain.checkpoint_writer import CheckpointWriter, Snapshot, gather_manifests, host_copy
+from gentrain.checkpoint_writer import CheckpointWriter, Snapshot, gather_manifests, snapshot_files
 from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
@@ -392,7 +392,7 @@ class Engine:
             raise ValueError(f"checkpoint.asynchronous: strategy {strategy_label(dataclasses.asdict(self.spec.strategy))} "
                              "writes its checkpoint files itself; set checkpoint.asynchronous=false")
         writer = self.checkpoint_writer
-        return Snapshot(host_copy(files), self._checkpoint_meta(skipped) if self.rank == 0 else None, self.step,
+        return Snapshot(snapshot_files(files), self._checkpoint_meta(skipped) if self.rank == 0 else None, self.step,
                         self.stopped_at_time_budget, self.world_size, writer.group if writer else None)
 
     def save_in_background(self, deliver: Callable[[Snapshot], None]) -> None:

@@ -328,7 +328,8 @@ class Strategy(ABC):
     @abstractmethod
     def portable_state(self) -> dict:
         """The strategy-neutral optimizer and schedule state (gentrain.strategies.portable),
-        full on rank 0 (a collective under ZeRO; other ranks may return anything)."""
+        full on rank 0 (a collective under ZeRO; other ranks may return anything). Its tensors
+        are private CPU copies (checkpoint.asynchronous writes them without copying again)."""
 
     @abstractmethod
     def load_portable(self, directory: str) -> None:
