@@ -180,7 +180,7 @@ class Engine:
                 self._evaluate_in_fit()
             if self.step % spec.checkpoint.every == 0 or last:
                 save(self)
-                if self.logger:
+                if self.logger and self.checkpoint_writer is None:  # a background one: once written
                     self.logger.set_tag("gentrain.last_checkpoint_step", str(self.step))
             if last:
                 break
@@ -389,8 +389,9 @@ class Engine:
         skipped, exported = self._checkpoint_start()
         files = self.strategy.checkpoint_files(self.rank, exported)
         if files is None:
-            raise ValueError(f"checkpoint.asynchronous: strategy {strategy_label(dataclasses.asdict(self.spec.strategy))} "
-                             "writes its checkpoint files itself; set checkpoint.asynchronous=false")
+            label = strategy_label(dataclasses.asdict(self.spec.strategy))
+            raise ValueError(f"checkpoint.asynchronous: strategy {label} writes its checkpoint files itself "
+                             "(no snapshot to write in the background); set checkpoint.asynchronous=false")
         writer = self.checkpoint_writer
         return Snapshot(snapshot_files(files), self._checkpoint_meta(skipped) if self.rank == 0 else None, self.step,
                         self.stopped_at_time_budget, self.world_size, writer.group if writer else None)
@@ -404,7 +405,13 @@ class Engine:
             raise ValueError("save_in_background needs checkpoint.asynchronous=true")
         writer.wait()
         snapshot = self.snapshot()
-        writer.start(snapshot.step, lambda: deliver(snapshot))
+
+        def write() -> None:
+            deliver(snapshot)
+            if self.logger:  # the tag fit sets after a synchronous save, once the folder is complete
+                self.logger.set_tag("gentrain.last_checkpoint_step", str(snapshot.step))
+
+        writer.start(snapshot.step, write)
 
     def wait_for_checkpoint(self) -> None:
         """Block until a checkpoint being written in the background is complete; raise its

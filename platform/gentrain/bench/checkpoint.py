@@ -17,9 +17,10 @@ then, between barriers, every rank times
   checkpoint written in the background (`Engine.save_in_background`, as `fit` does):
   *blocked*, the seconds the training loop waits (the host copy of the state; no write
   is in flight before it), and *total*, until the folder is complete with its manifest,
-  once with the loop idle and once with the loop training meanwhile; *loop cost*: with
-  training meanwhile, the seconds the steps run during the write took beyond as many
-  steps without one (the background write shares the CPU with training), plus blocked.
+  with the loop idle; *loop cost*: the seconds that enough steps to cover the write took
+  with the write in flight beyond as many steps without one, timed alternately three
+  times (the median difference): what the loop really loses, blocked time included, as
+  the background write shares the CPU with training.
 
 A synchronous save blocks the loop for all of its seconds. The reported seconds are the
 slowest rank's; the bytes are the folder's total on disk.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -118,33 +120,38 @@ def _checkpoint_rank(rank: int, world_size: int, strategy: str, sizes, work: str
     return results
 
 
-def _background_save(engine, batches, directory: str, step_s: float) -> dict:
+def _background_save(engine, batches, directory: str, step_s: float, rounds: int = 3) -> dict:
     """The asynchronous columns (see the module docstring); every rank alike."""
-    def write_into(folder):
-        return lambda snapshot: snapshot.write(folder)
+    def save_into(folder: str) -> None:
+        engine.save_in_background(lambda snapshot: snapshot.write(folder))
 
     torch.distributed.barrier()
     start = time.perf_counter()
-    engine.save_in_background(write_into(directory + "-idle"))
+    save_into(directory + "-idle")
     blocked = time.perf_counter() - start
     engine.wait_for_checkpoint()
     torch.distributed.barrier()
     total = time.perf_counter() - start
-    # Enough steps to cover the write (rank 0's count: the steps are collectives).
+    # Enough steps to cover the write (rank 0's count: the steps are collectives), timed
+    # with and without a write in flight, alternately: the median of the differences.
     steps = from_rank_zero(max(1, math.ceil(total / step_s)), engine.world_size)
-    torch.distributed.barrier()
-    start = time.perf_counter()
-    engine.save_in_background(write_into(directory + "-training"))
-    for _ in range(steps):
-        engine.optimizer_step(batches)
-    engine.wait_for_checkpoint()
-    torch.distributed.barrier()
-    training_total = time.perf_counter() - start
-    for suffix in ("-idle", "-training"):
-        if engine.rank == 0:
+    costs, with_write = [], []
+    for _ in range(rounds):
+        without = _timed(lambda: [engine.optimizer_step(batches) for _ in range(steps)])
+
+        def steps_during_a_write():
+            save_into(directory + "-training")
+            for _ in range(steps):
+                engine.optimizer_step(batches)
+            engine.wait_for_checkpoint()
+
+        with_write.append(_timed(steps_during_a_write))
+        costs.append(with_write[-1] - without)
+    if engine.rank == 0:
+        for suffix in ("-idle", "-training"):
             shutil.rmtree(directory + suffix, ignore_errors=True)
-    return {"async_blocked_s": blocked, "async_total_s": total, "async_training_total_s": training_total,
-            "async_loop_cost_s": max(0.0, training_total - steps * step_s), "overlapped_steps": steps}
+    return {"async_blocked_s": blocked, "async_total_s": total, "async_training_total_s": statistics.median(with_write),
+            "async_loop_cost_s": statistics.median(costs), "overlapped_steps": steps}
 
 
 def _timed(action) -> float:
