@@ -5,8 +5,8 @@ bit for bit where the uninterrupted run ends.
     .venv/bin/python -m pytest -q tests/distributed/test_async_checkpoint_world.py
 
 Each rank drives gentrain's Engine (vae/debug on the built-in digits, 6 steps, a checkpoint
-every 2) through `fit`, the loop the Ray worker runs: the writer's manifest gather and
-barrier run on its own process group while the training thread's collectives go on.
+every 2; ddp, accelerate and fsdp) through `fit`, the loop the Ray worker runs: the writer's
+manifest gather and barrier run on its own process group while training's collectives go on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from harness import run_world
 
 STEPS = 6
 EVERY = 2
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "accelerate", "fsdp")
 
 
 def _engine(rank: int, world: int, storage: str, name: str, strategy: str, asynchronous: bool) -> Engine:
