@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scaling.add_argument("--json", default="bench-scaling.json", help="where to write results")
     bench_scaling.set_defaults(handler=cmd_bench_scaling)
     bench_checkpoint = bench_kinds.add_parser(
-        "checkpoint", help="checkpoint save and restore seconds against model size: ddp, ZeRO-2, ZeRO-3 (gloo)")
+        "checkpoint", help="checkpoint save and restore seconds against model size: ddp, ZeRO-2, ZeRO-3 (gloo); "
+                           "with the seconds a save blocks the loop, synchronous and checkpoint.asynchronous")
     bench_checkpoint.add_argument("--sizes", type=_sizes, default=None, metavar="DxL[,DxL...]",
                                   help="transformer d_model x layers (default 256x2,512x4,768x4)")
     bench_checkpoint.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",

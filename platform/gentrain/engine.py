@@ -28,6 +28,7 @@ import torch
 
 from gentrain.checkpoint import (checkpoint_problem, file_manifest, newest_good_checkpoint, read_meta, step_dir_name,
                                  write_meta)
+from gentrain.checkpoint_writer import CheckpointWriter, Snapshot, gather_manifests, snapshot_files
 from gentrain.context import StepContext
 from gentrain.data.augment import Augmentation
 from gentrain.data.index import load_index
@@ -81,6 +82,8 @@ class Engine:
         self._mark("model_built")
         self.strategy.setup(modules, self._optimizers(modules))
         self._mark("strategy_ready")
+        # checkpoint.asynchronous: the thread that writes snapshots (gentrain.checkpoint_writer)
+        self.checkpoint_writer = CheckpointWriter(world_size) if spec.checkpoint.asynchronous else None
         self.ctx = StepContext(self.strategy, self.config, spec.train.steps)
         self.step = 0  # optimizer steps done
         self.batches_consumed = 0  # per rank, micro-batches included (each world counts its own)
@@ -129,10 +132,12 @@ class Engine:
         """Train to spec.train.steps (or train.max_time) from where the engine stands: progress every
         train.log_every steps, evaluation at the start, every eval.every steps and at the
         end, a checkpoint every checkpoint.every steps and at the end through `save`
-        (default: self.save into <run dir>/step-N/). Under train.nonfinite=rollback a fresh run
-        first saves its initial state (step-0), and a non-finite step rolls back (roll_back)."""
+        (default: save_into_run_dir, <run dir>/step-N/; in the background under
+        checkpoint.asynchronous, the last one complete before fit returns). Under
+        train.nonfinite=rollback a fresh run first saves its initial state (step-0), and a
+        non-finite step rolls back (roll_back)."""
         spec = self.spec
-        save = save or (lambda engine: engine.save(os.path.join(spec.run_dir, step_dir_name(engine.step))))
+        save = save or save_into_run_dir
         if self.step >= spec.train.steps:
             self.print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
             return
@@ -157,6 +162,8 @@ class Engine:
                 window = Window()
                 continue
             window.add(metrics, *self.step_timing)
+            if self.checkpoint_writer is not None:
+                self.checkpoint_writer.raise_if_failed()  # a background write that failed stops the run
             if first:
                 first = False
                 self._mark("first_step", step=self.step, data_wait=self.step_timing[0])
@@ -173,13 +180,14 @@ class Engine:
                 self._evaluate_in_fit()
             if self.step % spec.checkpoint.every == 0 or last:
                 save(self)
-                if self.logger:
+                if self.logger and self.checkpoint_writer is None:  # a background one: once written
                     self.logger.set_tag("gentrain.last_checkpoint_step", str(self.step))
             if last:
                 break
         if self.logger and self.stopped_at_time_budget:
             self.logger.set_tag("gentrain.stopped_at_time_budget", str(self.step))
-        self._evaluate_in_fit()
+        self._evaluate_in_fit()  # overlaps the last checkpoint's background write
+        self.wait_for_checkpoint()  # the final folder is complete before fit returns
 
     def _evaluate_in_fit(self) -> None:
         metrics = self.evaluate()
@@ -293,6 +301,7 @@ class Engine:
         does, once train.nonfinite_max_rollbacks are made or no good checkpoint is left.
         Returns the folder restored; the caller draws its batches again (train_batches)."""
         train = self.spec.train
+        self.wait_for_checkpoint()  # the newest folder may still be being written
         if self.rollbacks >= train.nonfinite_max_rollbacks:
             facts = self.strategy.nonfinite_facts(error.finding.network, self.rollbacks)
             raise NonFiniteError(stop_message(error.finding, error.done, facts))
@@ -362,9 +371,7 @@ class Engine:
         rank's files (size and sha256 of what was written). A collective."""
         directory = str(directory)
         os.makedirs(directory, exist_ok=True)
-        skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
-        exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
-        check_weights(exported, self.step, lambda flag: self.strategy.all_reduce(flag, op="sum"))
+        skipped, exported = self._checkpoint_start()
         # This rank's share, and on rank 0 the strategy-neutral state (portable_state.pt)
         # and the plain fp32 weights and EMA (model.pt) that sampling, eval and scoring load
         # without knowing the strategy (a collective under ZeRO).
@@ -373,10 +380,55 @@ class Engine:
         # Each rank may write into its own folder (Ray merges them into step-N): the
         # metadata lists every rank's files, hashed where they were written.
         manifest = gather_manifests(file_manifest(directory), self.world_size)
-        if self.rank != 0:
-            return
-        write_meta(directory, {
-            "files": manifest,
+        if self.rank == 0:
+            write_meta(directory, {"files": manifest, **self._checkpoint_meta(skipped)})
+
+    def snapshot(self) -> Snapshot:
+        """What `save` would write now, copied to host memory, for a write in the background
+        (checkpoint.asynchronous; gentrain.checkpoint_writer). A collective."""
+        skipped, exported = self._checkpoint_start()
+        files = self.strategy.checkpoint_files(self.rank, exported)
+        if files is None:
+            label = strategy_label(dataclasses.asdict(self.spec.strategy))
+            raise ValueError(f"checkpoint.asynchronous: strategy {label} writes its checkpoint files itself "
+                             "(no snapshot to write in the background); set checkpoint.asynchronous=false")
+        writer = self.checkpoint_writer
+        return Snapshot(snapshot_files(files), self._checkpoint_meta(skipped) if self.rank == 0 else None, self.step,
+                        self.stopped_at_time_budget, self.world_size, writer.group if writer else None)
+
+    def save_in_background(self, deliver: Callable[[Snapshot], None]) -> None:
+        """checkpoint.asynchronous: wait for the previous checkpoint's write, take a snapshot
+        of the state now and run `deliver(snapshot)` (which writes it: Snapshot.write) on the
+        writer's thread; training goes on meanwhile. A collective."""
+        writer = self.checkpoint_writer
+        if writer is None:
+            raise ValueError("save_in_background needs checkpoint.asynchronous=true")
+        writer.wait()
+        snapshot = self.snapshot()
+
+        def write() -> None:
+            deliver(snapshot)
+            if self.logger:  # the tag fit sets after a synchronous save, once the folder is complete
+                self.logger.set_tag("gentrain.last_checkpoint_step", str(snapshot.step))
+
+        writer.start(snapshot.step, write)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a checkpoint being written in the background is complete; raise its
+        error (CheckpointWriteError). Nothing to do for synchronous saves."""
+        if self.checkpoint_writer is not None:
+            self.checkpoint_writer.wait()
+
+    def _checkpoint_start(self) -> tuple[int, dict]:
+        """data/skipped_samples and the exported fp32 weights, checked finite (collectives)."""
+        skipped = self.skipped_samples() if self.spec.data.on_error == "skip" else 0
+        exported = self.strategy.export_state_dicts()  # a collective under ZeRO-3
+        check_weights(exported, self.step, lambda flag: self.strategy.all_reduce(flag, op="sum"))
+        return skipped, exported
+
+    def _checkpoint_meta(self, skipped: int) -> dict:
+        """gentrain.json of a checkpoint of the state now, but for the manifest ("files")."""
+        return {
             "step": self.step,
             "batches_consumed": self.batches_consumed,
             # None: batches fed by the caller, not drawn from the data pipeline
@@ -391,7 +443,7 @@ class Engine:
             "job_type": self.spec.job.type,
             "spec": self.spec.to_dict(),
             "time": time.time(),
-        })
+        }
 
     def restore(self, directory: str | os.PathLike, verified: bool = False) -> dict:
         """Load what `save` wrote (every rank reads); the next step continues exactly.
@@ -474,6 +526,15 @@ class Engine:
             mark(event, **fields)
 
 
+def save_into_run_dir(engine: Engine) -> None:
+    """fit's default save: <run dir>/step-N/, written in the background under checkpoint.asynchronous."""
+    run_dir = engine.spec.run_dir
+    if engine.checkpoint_writer is None:
+        engine.save(os.path.join(run_dir, step_dir_name(engine.step)))
+    else:
+        engine.save_in_background(lambda snapshot: snapshot.write(os.path.join(run_dir, snapshot.dir_name)))
+
+
 def build_modules(job: JobType, config, data_info: DataInfo, seed: int,
                   grad_checkpointing: bool = False) -> dict[str, torch.nn.Module]:
     """The job type's networks with the run's initial weights: seeded, so every rank starts
@@ -527,21 +588,6 @@ def from_rank_zero(value, world_size: int):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def gather_manifests(manifest: dict, world_size: int) -> dict:
-    """Every rank's file manifest merged (rank 0's entry wins a name two ranks wrote)."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_initialized():
-        return manifest
-
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, manifest)
-    merged: dict = {}
-    for rank_manifest in reversed(gathered):
-        merged.update(rank_manifest)
-    return merged
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -70,6 +70,7 @@ def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_
             # Every rank raises it at the same step (an all-reduced decision). Raised to Ray
             # Train it would be retried up to checkpoint.max_failures times and fail the same
             # way: the ranks end here instead and the driver raises it (gentrain.nonfinite).
+            engine.wait_for_checkpoint()  # every rank stopped at the same step: the last folder completes
             if not can_hand_over(spec.run_dir):
                 raise
             if rank == 0:
@@ -109,20 +110,15 @@ def restore(engine: Engine, spec: JobSpec, announced: tuple[str, ...] = ()) -> N
 
 
 def report_checkpoint(engine: Engine) -> None:
-    """Save into a temporary folder and hand it to Ray Train as step-N (every rank reports)."""
+    """Save into a temporary folder and hand it to Ray Train as step-N (every rank reports).
+    checkpoint.asynchronous: the state is copied now and the same happens on the engine's
+    checkpoint thread (gentrain.checkpoint_writer) while training goes on."""
+    if engine.checkpoint_writer is not None:
+        engine.save_in_background(lambda snapshot: _write_and_report(engine, snapshot))
+        return
     with tempfile.TemporaryDirectory() as directory:
         engine.save(directory)
-        has_files = any(os.scandir(directory))
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
-        tracking = engine.spec.tracking
-        # Rank 0 (the one with a logger) has model.pt and gentrain.json here. The last step's
-        # model is the driver's to log when tracking.log_model is on.
-        if engine.logger and tracking.log_model_checkpoints and not (
-                tracking.log_model and engine.step >= engine.spec.train.steps):
-            engine.logger.log_checkpoint_model(directory)
-        ray.train.report({"step": engine.step, "stopped_at_time_budget": engine.stopped_at_time_budget},
-                         checkpoint=checkpoint,
-                         checkpoint_dir_name=step_dir_name(engine.step))
+        _hand_to_ray(engine, directory, engine.step, engine.stopped_at_time_budget)
     # Each rank's report returns once its own files are copied into storage; after this
     # barrier every rank's are, so step-N is complete on disk before training goes on
     # (and a worker killed from here on leaves a folder the next start can verify and use,
@@ -130,9 +126,33 @@ def report_checkpoint(engine: Engine) -> None:
     engine.strategy.barrier()
 
 
+def _write_and_report(engine: Engine, snapshot) -> None:
+    """report_checkpoint's work for a snapshot, on the checkpoint thread: the barrier (over the
+    writer's own group) closes step-N on every rank before the next save may start."""
+    with tempfile.TemporaryDirectory() as directory:
+        snapshot.write(directory)
+        _hand_to_ray(engine, directory, snapshot.step, snapshot.stopped_at_time_budget)
+    snapshot.barrier()
+
+
+def _hand_to_ray(engine: Engine, directory: str, step: int, stopped_at_time_budget: bool) -> None:
+    has_files = any(os.scandir(directory))
+    checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
+    tracking = engine.spec.tracking
+    # Rank 0 (the one with a logger) has model.pt and gentrain.json here. The last step's
+    # model is the driver's to log when tracking.log_model is on.
+    if engine.logger and tracking.log_model_checkpoints and not (
+            tracking.log_model and step >= engine.spec.train.steps):
+        engine.logger.log_checkpoint_model(directory)
+    ray.train.report({"step": step, "stopped_at_time_budget": stopped_at_time_budget},
+                     checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
+
+
 def report_evaluation(engine: Engine, metrics: dict) -> None:
     """An evaluation's metrics, the latest train/* and the step, reported to Ray Train without
-    a checkpoint (every rank reports; Ray Train hands rank 0's to its callbacks)."""
+    a checkpoint (every rank reports; Ray Train hands rank 0's to its callbacks). A checkpoint
+    being reported in the background is waited for first: reports go to Ray in order."""
+    engine.wait_for_checkpoint()
     values = {"step": engine.step, EVALUATION_MARK: 1}
     values.update(engine.last_train_metrics)
     values.update(metrics)

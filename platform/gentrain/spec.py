@@ -189,6 +189,11 @@ class CheckpointSection:
     every: int = field(default=100, metadata=bounds(ge=1))
     keep: int = field(default=3, metadata=bounds(ge=1))
     max_failures: int = field(default=0, metadata=bounds(ge=-1, help="-1 retries forever"))
+    # Write each checkpoint in the background: the state is copied to host memory at the
+    # step, then written, hashed and handed to Ray Train while training goes on (one at a
+    # time; the last is complete before the run ends). ddp, accelerate and fsdp; not
+    # deepspeed, whose engine writes its ZeRO shards itself (gentrain.checkpoint_writer).
+    asynchronous: bool = False
 
 
 @dataclass
@@ -259,6 +264,11 @@ def field_rules(spec: JobSpec) -> list[str]:
     if strategy.accelerate_mode != "ddp" and strategy.name != "accelerate":
         problems.append(f"strategy.accelerate_mode: only applies to strategy.name=accelerate "
                         f"(got {strategy.name!r})")
+    if spec.checkpoint.asynchronous and strategy.name == "deepspeed":
+        problems.append("checkpoint.asynchronous: true is not available with strategy.name=deepspeed: its "
+                        "engine writes the ZeRO shards from the live partitions itself (save_checkpoint), so "
+                        "there is no host copy to write in the background; set checkpoint.asynchronous=false, "
+                        "or use strategy.name=ddp, accelerate or fsdp")
     max_time = duration_problem(spec.train.max_time, "train.max_time")
     if max_time:
         problems.append(max_time)

@@ -186,6 +186,10 @@ class AccelerateStrategy(Strategy):
             self._save_replica(os.path.join(directory, STATE_FILE),
                                scaler.state_dict() if scaler is not None else None)
 
+    def checkpoint_files(self, rank, exported):
+        scaler = self._accelerator.scaler
+        return self._replica_files(rank, exported, STATE_FILE, scaler.state_dict() if scaler is not None else None)
+
     def portable_state(self):
         return self._portable_replica(self._optimizers, self._schedulers)
 

@@ -53,6 +53,11 @@ def read_portable(directory: str, device: torch.device) -> tuple[dict, dict]:
     return weights, torch.load(path, map_location="cpu", weights_only=True)
 
 
+def replica_state(scaler_state) -> dict:
+    """A replicated strategy's own file (ddp_state.pt, accelerate_state.pt): the loss scaler only."""
+    return {"scaler": scaler_state}
+
+
 def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -281,16 +286,35 @@ class Strategy(ABC):
         plain fp32 weights and EMA (model.pt: what sampling, eval and scoring load without
         the strategy). `exported`: `export_state_dicts()` if the caller has it already.
         A collective under ZeRO."""
+        exported = self.export_state_dicts() if exported is None else exported
+        files = self.checkpoint_files(rank, exported)
+        if files is None:  # the strategy writes its share itself
+            self.save(directory, rank)
+            files = self._neutral_files(rank, exported)
+        for name, state in files.items():
+            torch.save(state, os.path.join(directory, name))
+
+    def checkpoint_files(self, rank: int, exported: dict) -> dict[str, Any] | None:
+        """Everything `write_checkpoint` writes on this rank, as {file name: object to
+        torch.save}, without writing it: what checkpoint.asynchronous copies to host memory
+        at the step and writes in the background. None: the strategy writes its share
+        itself, from its live state (DeepSpeed's engine); it then has no asynchronous form.
+        The objects may share memory with the training state: copy before training on."""
+        return None
+
+    def _neutral_files(self, rank: int, exported: dict) -> dict[str, Any]:
+        """portable_state.pt and model.pt, on rank 0 (`portable_state` is a collective under ZeRO)."""
         from gentrain.checkpoint import MODEL_FILE
         from gentrain.strategies.portable import PORTABLE_FILE
 
-        exported = self.export_state_dicts() if exported is None else exported
-        self.save(directory, rank)
         portable = self.portable_state()
-        if rank == 0:
-            if portable is not None:  # None: a layout gentrain cannot gather (same-setup resume only)
-                torch.save(portable, os.path.join(directory, PORTABLE_FILE))
-            torch.save({"networks": exported, "ema": self.ema.state_dict()}, os.path.join(directory, MODEL_FILE))
+        if rank != 0:
+            return {}
+        files = {}
+        if portable is not None:  # None: a layout gentrain cannot gather (same-setup resume only)
+            files[PORTABLE_FILE] = portable
+        files[MODEL_FILE] = {"networks": exported, "ema": self.ema.state_dict()}
+        return files
 
     @abstractmethod
     def save(self, directory: str, rank: int) -> None:
@@ -304,7 +328,8 @@ class Strategy(ABC):
     @abstractmethod
     def portable_state(self) -> dict:
         """The strategy-neutral optimizer and schedule state (gentrain.strategies.portable),
-        full on rank 0 (a collective under ZeRO; other ranks may return anything)."""
+        full on rank 0 (a collective under ZeRO; other ranks may return anything). Its tensors
+        are private CPU copies (checkpoint.asynchronous writes them without copying again)."""
 
     @abstractmethod
     def load_portable(self, directory: str) -> None:
@@ -334,7 +359,14 @@ class Strategy(ABC):
         Weights, EMA, optimizer moments and schedules are in model.pt and portable_state.pt,
         which the engine writes beside it, and are read back from there: one copy of each
         (a full copy here made a checkpoint about a third larger)."""
-        torch.save({"scaler": scaler_state}, path)
+        torch.save(replica_state(scaler_state), path)
+
+    def _replica_files(self, rank: int, exported: dict, state_file: str, scaler_state) -> dict[str, Any]:
+        """A replicated strategy's `checkpoint_files`: the neutral pair and, on rank 0, its own file."""
+        files = self._neutral_files(rank, exported)
+        if rank == 0:
+            files[state_file] = replica_state(scaler_state)
+        return files
 
     def _load_replica(self, path: str, optimizers: dict, schedulers: dict) -> dict:
         """Restore what `_save_replica` wrote and the state beside it (every rank reads);

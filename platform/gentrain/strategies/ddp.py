@@ -101,6 +101,9 @@ class DDPStrategy(Strategy):
         if rank == 0:  # replicas are identical: one copy is enough
             self._save_replica(os.path.join(directory, STATE_FILE), self._scaler.state_dict())
 
+    def checkpoint_files(self, rank, exported):
+        return self._replica_files(rank, exported, STATE_FILE, self._scaler.state_dict())
+
     def portable_state(self):
         return self._portable_replica(self._optimizers, self._schedulers)
 

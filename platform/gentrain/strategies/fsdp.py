@@ -193,6 +193,9 @@ class FSDPStrategy(Strategy):
             scheduler.load_state_dict(portable["schedulers"][name])
         self.ema.load_state_dict(weights.get("ema", {}))
 
+    def checkpoint_files(self, rank, exported):
+        return self._neutral_files(rank, exported)  # gathered whole on the training thread
+
     def save(self, directory, rank):
         pass  # model.pt and portable_state.pt (the engine writes both) are the whole state
 
