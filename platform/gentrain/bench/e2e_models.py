@@ -33,7 +33,7 @@ What the cifar10-vae's gentrain side overrides in the shipped spec, on both gent
 Its spec kind scales the spec's periodic work to the run, in the debug spec's proportions:
 a checkpoint every third of the run (3 per run: 19.1M parameters plus AdamW's two moments,
 about 230 MB each) and an evaluation at its middle (eval.every = steps / 2: held-out ELBO,
-IWAE-8 and active units over the 200 test images, a 64-sample grid, the reconstructions,
+IWAE-8 and active units over the 200 test images, 100 per rank, a 64-sample grid, the reconstructions,
 traversals and interpolations), besides the evaluations at the start and the end that
 every gentrain run makes.
 """
@@ -50,6 +50,10 @@ SYNTHETIC_TRAIN = 2000
 SYNTHETIC_TEST = 200
 SYNTHETIC_SEED = 0
 SYNTHETIC_NAME = "cifar10-synthetic"
+# Two test shards, so each of the 2 ranks evaluates its own 100 images (evaluation reads
+# whole shards per rank: one shard would leave all of it to rank 0); a real CIFAR-10 pack's
+# 10,000 test images at 512 a shard are 20 shards.
+SYNTHETIC_PER_SHARD = 100
 # The coarse colour field each synthetic image is smoothed up from (side, in pixels).
 _COARSE_SIDE = 4
 
@@ -120,7 +124,7 @@ def write_synthetic(folder: Path, train: int = SYNTHETIC_TRAIN, test: int = SYNT
         np.savez(npz, x_train=images[:train], y_train=np.zeros(train, dtype=np.int64),
                  x_test=images[train:], y_test=np.zeros(test, dtype=np.int64))
     packed = folder / SYNTHETIC_NAME
-    pack_source(str(npz), packed, progress=False)  # an existing pack of the same bytes is kept
+    pack_source(str(npz), packed, per_shard=SYNTHETIC_PER_SHARD, progress=False)  # a finished pack is kept
     return npz, packed
 
 
