@@ -14,6 +14,7 @@
     gentrain bench memory
     gentrain bench likelihoods --budget 60s
     gentrain bench e2e --rounds 3
+    gentrain bench e2e --model cifar10-vae
     gentrain submit vae/debug storage_path=/shared/runs --address http://HEAD:8265
     gentrain status JOB | gentrain logs JOB --follow | gentrain stop JOB | gentrain jobs
 """
@@ -221,11 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_features.add_argument("--json", default="bench-features.json", help="where to write results")
     bench_features.set_defaults(handler=cmd_bench_features)
     bench_e2e = bench_kinds.add_parser(
-        "e2e", help="`gentrain run vae/debug` vs a plain Ray Train script: steps/s, wall time, time to first step")
+        "e2e", help="`gentrain run` vs a plain Ray Train script: steps/s, wall time, time to first step")
+    bench_e2e.add_argument("--model", choices=("debug-vae", "cifar10-vae"), default="debug-vae",
+                           help="debug-vae: vae/debug on the digits (default); cifar10-vae: vae/cifar10's "
+                                "19M-parameter VAE on CPU, on a synthetic CIFAR-sized set")
     bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    bench_e2e.add_argument("--steps", type=int, default=300, help="train.steps of every run (default 300)")
+    bench_e2e.add_argument("--steps", type=int, default=None,
+                           help="train.steps of every run (default: debug-vae 300, cifar10-vae 60)")
     bench_e2e.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    bench_e2e.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    bench_e2e.add_argument("--batch-size", type=int, default=None,
+                           help="per worker (default: debug-vae 32, cifar10-vae 50)")
     bench_e2e.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
     bench_e2e.add_argument("--json", default="bench-e2e.json", help="where to write results")
     bench_e2e.set_defaults(handler=cmd_bench_e2e)
@@ -505,7 +511,7 @@ def cmd_bench_e2e(args) -> int:
     from gentrain.bench.e2e import run_e2e_bench
 
     run_e2e_bench(rounds=args.rounds, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
-                  json_path=args.json, keep=args.keep)
+                  json_path=args.json, keep=args.keep, model=args.model)
     return 0
 
 

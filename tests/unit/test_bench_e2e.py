@@ -1,9 +1,13 @@
-"""`gentrain bench e2e`'s reading of the timeline marks (the runs themselves are too slow
-for the suite: `gentrain bench e2e --rounds 1 --steps 60` is the manual smoke run)."""
+"""`gentrain bench e2e`'s reading of the timeline marks, and what its models give each side:
+the cifar10-vae's synthetic set as gentrain reads it is the plain script's tensor. Nothing
+here is timed: the runs themselves are too slow for the suite (`gentrain bench e2e --rounds
+1 --steps 60` and `--model cifar10-vae --rounds 1 --steps 30` are the manual smoke runs)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from gentrain.bench import e2e
 from gentrain.timeline import TIMELINE_ENV, mark, read
@@ -55,3 +59,70 @@ def test_rows_are_per_round_speed_ratios():
     table = e2e.format_table({"rows": e2e._rows(runs), "breakdown": [], "machine": {"cpu_count": 2},
                               "settings": {"rounds": 2, "steps": 75, "workers": 2, "batch_size": 32}})
     assert "0.95x" in table and "1.00 to 2.00" in table
+
+
+def test_every_cli_model_is_a_bench_model():
+    from gentrain.bench.e2e_models import MODELS
+    from gentrain.cli import build_parser
+
+    bench = next(a for a in build_parser()._actions if a.dest == "command").choices["bench"]
+    e2e_parser = next(a for a in bench._actions if a.dest == "bench_command").choices["e2e"]
+    assert set(next(a for a in e2e_parser._actions if a.dest == "model").choices) == set(MODELS)
+
+
+def test_synthetic_images_are_seeded_and_smooth():
+    from gentrain.bench.e2e_models import synthetic_images
+
+    images = synthetic_images(8, seed=3)
+    assert images.dtype == np.uint8 and images.shape == (8, 32, 32, 3)
+    assert np.array_equal(images, synthetic_images(8, seed=3))
+    assert not np.array_equal(images, synthetic_images(8, seed=4))
+    # Neighbouring pixels are close (uniform noise would differ by about 85 on average).
+    neighbours = np.abs(np.diff(images.astype(np.int16), axis=2)).mean()
+    assert neighbours < 15
+    assert images.std() > 40  # and the images are not flat
+
+
+def test_cifar10_vae_gentrain_trains_on_the_images_the_baseline_holds(tmp_path):
+    """The packed synthetic set, read by gentrain's Engine under the bench's overrides, is the
+    baseline's in-memory tensor: over one epoch the same images, value for value, in the
+    same shape and scale (the order is each side's own shuffle)."""
+    from gentrain.bench.baseline_ray_train import load_images
+    from gentrain.bench.e2e_models import CPU_OVERRIDES, write_synthetic
+    from gentrain.engine import Engine
+    from gentrain.validation import load_spec
+
+    npz, packed = write_synthetic(tmp_path, train=100, test=20)
+    baseline = load_images("cifar10-vae", data=str(npz))
+    assert baseline.shape == (100, 3, 32, 32) and baseline.dtype == torch.float32
+    spec = load_spec("vae/cifar10", [f"data.source={packed}", *CPU_OVERRIDES, "train.batch_size=25",
+                                     "train.steps=10", "tracking.enabled=false", f"storage_path={tmp_path}"])
+    assert not spec.data.augment.flip and spec.eval.metrics == []
+    engine = Engine(spec, rank=0, world_size=1, print_fn=None)
+    batches = engine.train_batches()
+    epoch = [next(batches)["image"] for _ in range(engine.per_epoch(1))]
+    assert all(batch.shape == (25, 3, 32, 32) and batch.dtype == torch.float32 for batch in epoch)
+
+    def ordered(images):
+        return sorted(bytes(image.numpy().tobytes()) for image in images)
+
+    assert ordered(torch.cat(epoch)) == ordered(baseline)
+
+
+def test_cifar10_vae_commands_give_both_sides_the_same_run(tmp_path):
+    from gentrain.bench.e2e_models import MODELS, Prepared
+
+    model = MODELS["cifar10-vae"]
+    prepared = Prepared(2000, ("data.source=/d", "strategy.precision=fp32"), ("--data", "/d.npz"))
+    baseline = e2e._command("baseline", 0, tmp_path, 60, 2, 50, model, prepared)
+    assert baseline[baseline.index("--model") + 1] == "cifar10-vae"
+    assert baseline[baseline.index("--data") + 1] == "/d.npz"
+    assert baseline[baseline.index("--lr") + 1] == "0.001" and baseline[baseline.index("--log-every") + 1] == "5"
+    plain = e2e._command("gentrain_plain", 0, tmp_path, 60, 2, 50, model, prepared)
+    spec_kind = e2e._command("gentrain_spec", 0, tmp_path, 60, 2, 50, model, prepared)
+    for command in (plain, spec_kind):
+        assert "vae/cifar10" in command and "data.source=/d" in command and "train.log_every=5" in command
+    assert plain[-2:] == ["eval.every=0", "checkpoint.every=60"]
+    assert spec_kind[-2:] == ["checkpoint.every=20", "eval.every=30"]
+    debug = e2e._command("gentrain_spec", 0, tmp_path, 300, 2, 32, MODELS["debug-vae"], Prepared(1617, (), ()))
+    assert "vae/debug" in debug and not any(arg.startswith(("eval.every", "checkpoint.every")) for arg in debug)

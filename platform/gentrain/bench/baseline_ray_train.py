@@ -1,14 +1,25 @@
-"""The plain Ray Train V2 script `gentrain bench e2e` measures `gentrain run vae/debug` against.
+"""The plain Ray Train V2 script `gentrain bench e2e` measures `gentrain run` against.
 
     python platform/gentrain/bench/baseline_ray_train.py --steps 300 --workers 2 --batch-size 32
+    python platform/gentrain/bench/baseline_ray_train.py --model cifar10-vae --data cifar10-synthetic.npz \
+        --steps 60 --batch-size 50 --lr 1e-3 --log-every 5
 
-What a user would write by hand for the debug VAE: the same network (the VAE job type's
-ConvVAE, built through the registry exactly as gentrain builds it) and the same loss
-(the negative Bernoulli ELBO, beta 1), scikit-learn's 8x8 digits held in memory as one
-tensor (scaled to [0, 1] as gentrain packs them), a shuffled disjoint share per rank each
-epoch, DistributedDataParallel (gloo), AdamW and gradient clipping at 1.0; nothing else (no
-schedule, evaluation, checkpoints or tracking). Ray starts as a plain script starts it
-(`ray.init(address="local")`, Ray's defaults).
+What a user would write by hand: the data held in memory as one tensor, a shuffled
+disjoint share per rank each epoch, DistributedDataParallel (gloo), AdamW and gradient
+clipping at 1.0; nothing else (no schedule, evaluation, checkpoints or tracking). Ray
+starts as a plain script starts it (`ray.init(address="local")`, Ray's defaults). The
+network is the VAE job type's ConvVAE, built through the registry exactly as gentrain
+builds it, so both sides train the same weights:
+
+- debug-vae (vae/debug): scikit-learn's 8x8 digits (scaled to [0, 1] as gentrain packs
+  them), latent 8, channels [32, 64]; the loss written here by hand: the negative
+  Bernoulli ELBO, beta 1.
+- cifar10-vae (vae/cifar10's network): the x_train images of an .npz (--data; the bench's
+  synthetic set), uint8 divided by 255 as gentrain's pipeline scales them; latent 128,
+  channels [128, 256, 512, 1024], discretized-logistic likelihood. The ELBO is written
+  here by hand; its per-pixel discretized-logistic log-probability is the job type's own
+  function (gentrain_jobs.vae.likelihoods.discretized_logistic_log_prob), as a user would
+  copy PixelCNN++'s, so both sides compute the same mathematics.
 
 With GENTRAIN_TIMELINE set it appends the same marks a gentrain run does
 (gentrain.timeline's format): the bench reads the time to the first step and the
@@ -32,11 +43,48 @@ def _mark(event: str, **fields) -> None:
                                   "pid": os.getpid(), **fields}) + "\n")
 
 
+# The VAE job type's config of each model (what vae/debug.yaml and vae/cifar10.yaml set).
+NETWORKS = {
+    "debug-vae": ({"latent_dim": 8, "channels": [32, 64], "likelihood": "bernoulli"}, (1, 8, 8)),
+    "cifar10-vae": ({"latent_dim": 128, "channels": [128, 256, 512, 1024], "likelihood": "logistic"}, (3, 32, 32)),
+}
+
+
+def load_images(model: str, samples: int | None = None, data: str | None = None):
+    """The training images as one float tensor [N, C, H, W] in [0, 1]."""
+    import numpy as np
+    import torch
+
+    if model == "debug-vae":
+        from sklearn.datasets import load_digits
+
+        images = torch.tensor(load_digits().images[:samples], dtype=torch.float32)
+        return (images * (255.0 / 16.0)).round().div(255.0).unsqueeze(1)  # [N, 1, 8, 8]
+    if data is None:
+        raise SystemExit(f"--model {model} needs --data: an .npz holding x_train, uint8 [N, H, W, C]")
+    with np.load(data) as archive:
+        pixels = archive["x_train"]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255.0)
+
+
+def negative_elbo(output, x, likelihood: str):
+    """The batch mean of -(log p(x|z) - KL(q(z|x) || N(0, I))), beta 1."""
+    import torch.nn.functional as F
+
+    decoded, mean, log_var, log_scale = output
+    if likelihood == "bernoulli":
+        reconstruction = -F.binary_cross_entropy_with_logits(decoded, x, reduction="none").flatten(1).sum(1)
+    else:
+        from gentrain_jobs.vae.likelihoods import discretized_logistic_log_prob
+
+        reconstruction = discretized_logistic_log_prob(x, decoded, log_scale).flatten(1).sum(1)
+    kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+    return (kl - reconstruction).mean()
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
 
     from gentrain.registry import DataInfo, get_job_type
 
@@ -44,14 +92,14 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         _mark("worker_start")
-    images = torch.tensor(load_digits().images[:config["samples"]], dtype=torch.float32)
-    images = (images * (255.0 / 16.0)).round().div(255.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
+    images = load_images(config["model"], config["samples"], config["data"])
     if rank == 0:
         _mark("dataset_open")
     job = get_job_type("vae")
-    vae_config = job.parse_config({"latent_dim": 8, "channels": [32, 64], "likelihood": "bernoulli"}, [])
+    network, shape = NETWORKS[config["model"]]
+    vae_config = job.parse_config(network, [])
     torch.manual_seed(config["seed"])
-    model = job.build(vae_config, DataInfo((1, 8, 8)))["vae"]
+    model = job.build(vae_config, DataInfo(shape))["vae"]
     if rank == 0:
         _mark("model_built")
     model = ray.train.torch.prepare_model(model)  # DistributedDataParallel
@@ -73,10 +121,7 @@ def train_loop(config: dict) -> None:
     stream = batches()
     for step in range(1, steps + 1):
         x = next(stream)
-        decoded, mean, log_var, _ = model(x)
-        reconstruction = F.binary_cross_entropy_with_logits(decoded, x, reduction="none").flatten(1).sum(1)
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
-        loss = (reconstruction + kl).mean()
+        loss = negative_elbo(model(x), x, vae_config.likelihood)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,10 +136,13 @@ def train_loop(config: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(NETWORKS), default="debug-vae")
+    parser.add_argument("--data", default=None, help="cifar10-vae: an .npz with x_train, uint8 [N, H, W, C]")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=1797, help="digits held in memory (the train split's size)")
+    parser.add_argument("--samples", type=int, default=1797,
+                        help="debug-vae: digits held in memory (the train split's size)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
@@ -110,7 +158,8 @@ def main() -> None:
     storage = args.storage or tempfile.mkdtemp(prefix="baseline-ray-train-")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"steps": args.steps, "batch_size": args.batch_size, "samples": args.samples,
+        train_loop_config={"model": args.model, "data": args.data and os.path.abspath(args.data),
+                           "steps": args.steps, "batch_size": args.batch_size, "samples": args.samples,
                            "lr": args.lr, "log_every": args.log_every, "seed": args.seed},
         scaling_config=ScalingConfig(num_workers=args.workers),
         run_config=RunConfig(name="baseline", storage_path=os.path.abspath(storage)),

@@ -1,17 +1,29 @@
-"""End to end: `gentrain run vae/debug` against a plain Ray Train V2 script, side by side.
+"""End to end: `gentrain run` against a plain Ray Train V2 script, side by side.
 
-    gentrain bench e2e                          # 3 rounds of 300 steps, 2 workers
+    gentrain bench e2e                          # vae/debug: 3 rounds of 300 steps, 2 workers
     gentrain bench e2e --rounds 5 --json bench-e2e.json
+    gentrain bench e2e --model cifar10-vae      # vae/cifar10's network on CPU: 3 rounds of 60 steps
 
-Each round runs, one after the other and each as its own process (as a user starts them):
+--model picks what both sides train (bench/e2e_models.py): debug-vae (the default,
+vae/debug on the digits) or cifar10-vae (the 19.1M-parameter VAE of vae/cifar10.yaml at
+batch 50 per worker, on a fixed synthetic CIFAR-sized set that the bench packs with
+gentrain's own packing before any timed run). Each round runs, one after the other and
+each as its own process (as a user starts them):
 
 - baseline: bench/baseline_ray_train.py, the same network, loss, batch size, optimizer
-  and gradient clipping, digits in memory, DDP, nothing else;
-- gentrain (no eval/ckpt): `gentrain run vae/debug eval.every=0 checkpoint.every=STEPS`
+  and gradient clipping, the data in memory, DDP, nothing else;
+- gentrain (no eval/ckpt): `gentrain run SPEC eval.every=0 checkpoint.every=STEPS`
   (the evaluations at the start and end and the final checkpoint stay: they are outside
   the steady span);
-- gentrain (debug spec): `gentrain run vae/debug` as shipped (eval every 150, checkpoints
-  every 100).
+- gentrain (spec): debug-vae runs `gentrain run vae/debug` as shipped (eval every 150,
+  checkpoints every 100); cifar10-vae scales vae/cifar10's periodic work to the run
+  (a checkpoint every third of it, an evaluation at its middle, no Inception metrics:
+  e2e_models.py says why, and what else the CPU needs overridden). At its default 60
+  steps (progress every 5) the steady span, steps 20 to 60, holds the checkpoints after
+  steps 20 and 40 (about 230 MB each: weights and AdamW's moments) and the evaluation
+  at step 30; the vae/cifar10 spec itself evaluates every 10,000 and checkpoints every
+  5,000 of 50,000 steps, so this row shows periodic work at a far larger share of the
+  run than the real spec gives it.
 
 The order rotates from round to round (every kind runs first, second and third once in
 three rounds), so a change of the machine's load hits every side, and a run never
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,12 +57,13 @@ import time
 from pathlib import Path
 
 from gentrain.bench.common import publish, timestamp
+from gentrain.bench.e2e_models import MODELS, E2EModel, Prepared
 from gentrain.timeline import TIMELINE_ENV, read
 
 BASELINE_SCRIPT = Path(__file__).with_name("baseline_ray_train.py")
 KINDS = ("baseline", "gentrain_plain", "gentrain_spec")
 LABELS = {"baseline": "plain Ray Train", "gentrain_plain": "gentrain (no eval/ckpt)",
-          "gentrain_spec": "gentrain (debug spec)"}
+          "gentrain_spec": "gentrain (spec)"}
 # The phases before the first step, in the order the marks are written; a side lacking a
 # mark leaves its phase out (its time falls into the next phase it has).
 PHASES = [
@@ -69,54 +83,70 @@ PHASES = [
 ]
 
 
-def run_e2e_bench(rounds: int = 3, steps: int = 300, workers: int = 2, batch_size: int = 32,
-                  json_path: str | None = "bench-e2e.json", keep: str | None = None) -> dict:
-    from gentrain.data.index import default_cache_dir, load_index, resolve_builtin
-
-    # Pack the digits once, before any timed run (a first `gentrain run` would do it).
-    index = load_index(resolve_builtin("builtin:digits", default_cache_dir()))
-    samples = index.total("train")
+def run_e2e_bench(rounds: int = 3, steps: int | None = None, workers: int = 2, batch_size: int | None = None,
+                  json_path: str | None = "bench-e2e.json", keep: str | None = None,
+                  model: str = "debug-vae") -> dict:
+    """`steps` and `batch_size` default to the model's (debug-vae: 300 and 32; cifar10-vae: 60 and 50)."""
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    chosen = MODELS[model]
+    steps = steps or chosen.steps
+    batch_size = batch_size or chosen.batch_size
     folder = Path(keep or tempfile.mkdtemp(prefix="gentrain-bench-e2e-"))
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"rounds": rounds, "steps": steps, "workers": workers, "batch_size": batch_size,
-                "train_samples": samples, "statistic": "median over rounds of per-round values and ratios"}
+    prepared = chosen.prepare(folder)  # data packed before any timed run
+    settings = {"model": model, "spec": chosen.spec, "rounds": rounds, "steps": steps, "workers": workers,
+                "batch_size": batch_size, "log_every": chosen.log_every, "train_samples": prepared.train_samples,
+                "spec_kind_overrides": list(chosen.periodic(steps)),
+                "statistic": "median over rounds of per-round values and ratios"}
     runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     for number in range(rounds):
         order = KINDS[number % len(KINDS):] + KINDS[:number % len(KINDS)]
         for kind in order:
-            record = _run(kind, number, folder, steps, workers, batch_size, samples)
+            command = _command(kind, number, folder, steps, workers, batch_size, chosen, prepared)
+            record = _run(kind, number, folder, steps, command)
             runs[kind].append(record)
             _log(f"round {number + 1}/{rounds} {LABELS[kind]:<24} " + _summary(record))
     result = {
         "benchmark": "e2e",
-        "command": f"gentrain bench e2e --rounds {rounds} --steps {steps} --workers {workers}",
+        "model": model,
+        "command": f"gentrain bench e2e --model {model} --rounds {rounds} --steps {steps} --workers {workers} "
+                   f"--batch-size {batch_size}",
         "timestamp": timestamp(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count()},
         "settings": settings,
-        "rows": _rows(runs),
+        "rows": _rows(runs, chosen.spec_label),
         "breakdown": _breakdown(runs),
         "runs": runs,
     }
-    return publish(result, format_table, json_path, _log)
+    if keep is None:  # logs and timelines stay; checkpoints and models go (cifar10-vae: about 1 GB a round)
+        for name in ("runs", "baseline", "mlartifacts"):
+            shutil.rmtree(folder / name, ignore_errors=True)
+    publish(result, format_table, json_path, _log)
+    _log(f"the runs' logs are in {folder}")
+    return result
 
 
 def _command(kind: str, number: int, folder: Path, steps: int, workers: int, batch_size: int,
-             samples: int) -> list[str]:
+             model: E2EModel, prepared: Prepared) -> list[str]:
     if kind == "baseline":
-        return [sys.executable, str(BASELINE_SCRIPT), "--steps", str(steps), "--workers", str(workers),
-                "--batch-size", str(batch_size), "--samples", str(samples),
+        return [sys.executable, str(BASELINE_SCRIPT), "--model", model.name, "--steps", str(steps),
+                "--workers", str(workers), "--batch-size", str(batch_size), "--lr", str(model.lr),
+                "--log-every", str(model.log_every), *prepared.baseline_args,
                 "--storage", str(folder / "baseline")]
-    command = [sys.executable, "-m", "gentrain.cli", "run", "vae/debug", f"name=e2e-{kind}-{number}",
+    command = [sys.executable, "-m", "gentrain.cli", "run", model.spec, f"name=e2e-{kind}-{number}",
                f"storage_path={folder / 'runs'}", f"train.steps={steps}", f"train.batch_size={batch_size}",
-               f"scaling.num_workers={workers}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]
+               f"train.log_every={model.log_every}", f"scaling.num_workers={workers}",
+               f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", *prepared.gentrain_overrides]
     if kind == "gentrain_plain":
         command += ["eval.every=0", f"checkpoint.every={steps}"]
+    else:
+        command += list(model.periodic(steps))
     return command
 
 
-def _run(kind: str, number: int, folder: Path, steps: int, workers: int, batch_size: int,
-         samples: int) -> dict:
+def _run(kind: str, number: int, folder: Path, steps: int, command: list[str]) -> dict:
     timeline = folder / f"{kind}-{number}.timeline.jsonl"
     timeline.unlink(missing_ok=True)
     log = folder / f"{kind}-{number}.log"
@@ -126,8 +156,7 @@ def _run(kind: str, number: int, folder: Path, steps: int, workers: int, batch_s
     started = time.time()
     with open(log, "w", encoding="utf-8") as out:
         # Its own session: what its Ray starts can be waited for before the next run.
-        process = subprocess.Popen(_command(kind, number, folder, steps, workers, batch_size, samples),
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env,
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env,
                                    start_new_session=True)
         code = process.wait()
     wall = time.time() - started
@@ -204,14 +233,15 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _rows(runs: dict[str, list[dict]]) -> list[dict]:
+def _rows(runs: dict[str, list[dict]], spec_label: str = "debug spec") -> list[dict]:
+    """The table's rows; `spec_label` names the spec kind's periodic evaluation and checkpoints."""
     base = runs["baseline"]
     rows = []
     measures = [("steady steps/s, no eval/ckpt", "steady_steps_per_s", "gentrain_plain", True),
                 ("steps/s from the first progress step, no eval/ckpt", "whole_steps_per_s", "gentrain_plain", True),
-                ("steady steps/s, debug spec's eval/ckpt", "steady_steps_per_s", "gentrain_spec", True),
+                (f"steady steps/s, {spec_label}'s eval/ckpt", "steady_steps_per_s", "gentrain_spec", True),
                 ("steps per rank-0 CPU s, no eval/ckpt", "steady_steps_per_cpu_s", "gentrain_plain", True),
-                ("whole run wall s (debug spec)", "wall_s", "gentrain_spec", False),
+                (f"whole run wall s ({spec_label})", "wall_s", "gentrain_spec", False),
                 ("whole run wall s (no eval/ckpt)", "wall_s", "gentrain_plain", False),
                 ("time to first step s", "first_step_s", "gentrain_spec", False)]
     for label, key, kind, rate in measures:
@@ -238,24 +268,31 @@ def _breakdown(runs: dict[str, list[dict]]) -> list[dict]:
 
 def format_table(result: dict) -> str:
     def number(value, digits=1):
-        return "-" if value is None else f"{value:.{digits}f}"
+        if value is None:
+            return "-"
+        return f"{value:.{max(digits, 2 if abs(value) < 10 else 1)}f}"  # cifar10-vae: under 1 step/s
 
-    lines = [f"{'':<42} {'plain Ray Train':>15} {'gentrain run':>13} {'ratio':>7}"]
+    width = 52
+    lines = [f"{'':<{width}} {'plain Ray Train':>15} {'gentrain run':>13} {'ratio':>7}"]
     for row in result["rows"]:
         if "min" in row:
-            lines.append(f"{row['measure']:<42} {row['min']:.2f} to {row['max']:.2f}")
+            lines.append(f"{row['measure']:<{width}} {row['min']:.2f} to {row['max']:.2f}")
             continue
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        lines.append(f"{row['measure']:<42} {number(row['baseline']):>15} {number(row['gentrain']):>13} {ratio:>7}")
+        lines.append(f"{row['measure']:<{width}} {number(row['baseline']):>15} {number(row['gentrain']):>13} "
+                     f"{ratio:>7}")
     lines.append("ratio: speed of gentrain relative to the plain script (above 1: gentrain faster), "
                  "median of the per-round ratios")
     lines.append("")
-    lines.append(f"{'time to first step, by phase (s)':<50} {'plain Ray Train':>15} {'gentrain run':>13}")
+    lines.append(f"{'time to first step, by phase (s)':<{width}} {'plain Ray Train':>15} {'gentrain run':>13}")
     for entry in result["breakdown"]:
-        lines.append(f"{entry['phase']:<50} {number(entry['baseline'], 2):>15} {number(entry['gentrain_spec'], 2):>13}")
+        lines.append(f"{entry['phase']:<{width}} {number(entry['baseline'], 2):>15} "
+                     f"{number(entry['gentrain_spec'], 2):>13}")
     settings = result["settings"]
-    lines.append(f"{settings['rounds']} alternating rounds of {settings['steps']} steps, {settings['workers']} "
-                 f"workers, batch {settings['batch_size']} per worker; {result['machine']['cpu_count']} CPUs")
+    model = settings.get("model", "debug-vae")
+    lines.append(f"{model} ({settings.get('spec', 'vae/debug')}): {settings['rounds']} alternating rounds of "
+                 f"{settings['steps']} steps, {settings['workers']} workers, batch {settings['batch_size']} per "
+                 f"worker; {result['machine']['cpu_count']} CPUs")
     return "\n".join(lines)
 
 
