@@ -55,6 +55,36 @@ def gentrain_run(storage: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
+def kill_a_worker_at_step_4_and_finish(reference: Path, storage: Path, *extra: str) -> None:
+    """Start `gentrain run` with checkpoint.max_failures=1, SIGKILL a train worker the moment
+    step-4 is complete on disk (its report may not have reached Ray's controller yet), and
+    check the restarted workers continue from step 4 or later, never from the start, and
+    the run ends with `reference`'s weights."""
+    import signal
+
+    from gentrain.checkpoint import checkpoint_problem
+    from processes import train_workers
+
+    run = subprocess.Popen(**command(storage, *extra, "checkpoint.max_failures=1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = storage / NAME / step_dir_name(4)
+    deadline = time.monotonic() + 240
+    while checkpoint_problem(first) is not None:
+        assert run.poll() is None, run.stdout.read()[-6000:]
+        assert time.monotonic() < deadline, "step-4 never became a complete checkpoint"
+        time.sleep(0.02)
+    victims = train_workers(run.pid)
+    assert victims, "no RayTrainWorker process found to kill"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output[-6000:]
+    resumed = re.findall(r"\[gentrain\] resumed from step (\d+) \((.*?)\)", output)
+    assert resumed, f"killed {victims[-1].pid} but no restart:\n{output[-6000:]}"
+    step, folder = int(resumed[0][0]), Path(resumed[0][1])
+    assert step >= 4 and folder == storage / NAME / step_dir_name(step), output[-6000:]
+    assert_same_weights(reference, storage / NAME)
+
+
 def weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     saved = torch.load(run_dir / step_dir_name(step) / MODEL_FILE, map_location="cpu", weights_only=True)
     return {f"{network}.{key}": value for network, state in saved["networks"].items()

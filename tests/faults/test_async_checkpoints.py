@@ -10,18 +10,11 @@ Two runs besides it: about 1.5 minutes on 2 idle cores.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from gentrain.checkpoint import RAY_SNAPSHOT_FILE, checkpoint_problem, step_dir_name, step_folders
-from processes import train_workers
-from runs import NAME, STEPS, assert_same_weights, command, gentrain_run
+from runs import NAME, STEPS, assert_same_weights, gentrain_run, kill_a_worker_at_step_4_and_finish
 
 pytestmark = pytest.mark.slow
 ASYNC = "checkpoint.asynchronous=true"
@@ -43,22 +36,4 @@ def test_a_worker_killed_while_checkpoints_are_written_in_the_background_resumes
     """SIGKILL of a worker the moment step-4 is complete on disk: step-6 may be half-written
     then; the restarted workers continue from a verified folder (step 4 or later) and end
     with the reference weights."""
-    storage = tmp_path / "runs"
-    run = subprocess.Popen(**command(storage, ASYNC, "checkpoint.max_failures=1"),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = storage / NAME / step_dir_name(4)
-    deadline = time.monotonic() + 240
-    while checkpoint_problem(first) is not None:
-        assert run.poll() is None, run.stdout.read()[-6000:]
-        assert time.monotonic() < deadline, "step-4 never became a complete checkpoint"
-        time.sleep(0.02)
-    victims = train_workers(run.pid)
-    assert victims, "no RayTrainWorker process found to kill"
-    os.kill(victims[-1].pid, signal.SIGKILL)
-    output, _ = run.communicate(timeout=300)
-    assert run.returncode == 0, output[-6000:]
-    resumed = re.findall(r"\[gentrain\] resumed from step (\d+) \((.*?)\)", output)
-    assert resumed, f"killed {victims[-1].pid} but no restart:\n{output[-6000:]}"
-    step, folder = int(resumed[0][0]), Path(resumed[0][1])
-    assert step >= 4 and folder == storage / NAME / step_dir_name(step), output[-6000:]
-    assert_same_weights(reference, storage / NAME)
+    kill_a_worker_at_step_4_and_finish(reference, tmp_path / "runs", ASYNC)
