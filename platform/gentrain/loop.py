@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 
 import ray.train
 import torch
@@ -164,39 +163,10 @@ def _device(spec: JobSpec) -> torch.device:
 
 
 def _run_logger(spec: JobSpec, run_id: str | None, tracking_uri: str | None):
-    """Rank 0's MLflow logger (None when tracking is off), built on a thread (StartingLogger)."""
+    """Rank 0's MLflow logger (None when tracking is off)."""
     if not (run_id and tracking_uri):
         return None
+    from gentrain.tracking import RunLogger, spool_dir_for
 
-    def build():
-        from gentrain.tracking import RunLogger, spool_dir_for
-
-        # The folder the driver and `gentrain sync` look in for what was not sent.
-        return RunLogger(tracking_uri, run_id, spool_dir=spool_dir_for(spec.run_dir))
-
-    return StartingLogger(build)
-
-
-class StartingLogger:
-    """A logger built on a thread; every attribute waits for it (and raises what building
-    it raised). Importing MLflow and opening the run cost rank 0 about 0.7 s of a core,
-    which then overlaps the model build and the DDP setup, where rank 0 mostly waits for
-    the other ranks; the first use is the evaluation at the start."""
-
-    def __init__(self, build):
-        self._built: dict = {}
-        self._thread = threading.Thread(target=self._build, args=(build,), daemon=True,
-                                        name="gentrain-logger-start")
-        self._thread.start()
-
-    def _build(self, build) -> None:
-        try:
-            self._built["logger"] = build()
-        except BaseException as error:  # noqa: BLE001 - raised where the logger is first used
-            self._built["error"] = error
-
-    def __getattr__(self, name: str):
-        self._thread.join()
-        if "error" in self._built:
-            raise self._built["error"]
-        return getattr(self._built["logger"], name)
+    # The folder the driver and `gentrain sync` look in for what was not sent.
+    return RunLogger(tracking_uri, run_id, spool_dir=spool_dir_for(spec.run_dir))

@@ -126,33 +126,3 @@ def test_a_normal_close_says_nothing_about_spooled_records(sqlite_uri, tmp_path,
     assert run_logger.close(timeout=30) is True
     assert not [record for record in caplog.records if "spooled" in record.getMessage()]
 
-
-def test_the_workers_logger_is_built_on_a_thread_and_its_first_use_waits_for_it():
-    """gentrain.loop.StartingLogger: attributes come from the built logger once it is
-    there; an error in building it is raised at the first use, not lost."""
-    import threading
-
-    from gentrain.loop import StartingLogger
-
-    release, calls = threading.Event(), []
-
-    class Built:
-        def log_metrics(self, metrics, step):
-            calls.append((metrics, step))
-
-    def build():
-        release.wait(5)
-        return Built()
-
-    starting = StartingLogger(build)
-    assert starting._thread.is_alive()  # still building: the caller went on
-    release.set()
-    starting.log_metrics({"a": 1.0}, step=3)
-    assert calls == [({"a": 1.0}, 3)]
-
-    def broken():
-        raise OSError("spool folder not writable")
-
-    failing = StartingLogger(broken)
-    with pytest.raises(OSError, match="spool folder not writable"):
-        failing.log_metrics({"a": 1.0}, step=1)

@@ -98,9 +98,16 @@ class SystemMetrics:
         self._monitors: list = []
 
     def start(self) -> "SystemMetrics":
-        """Start sampling on a thread, which also sets the monitors up: importing them (MLflow's)
-        costs a worker most of a second, which would otherwise delay its first step."""
-        self._thread = threading.Thread(target=self._run, daemon=True, name="gentrain-system-metrics")
+        try:
+            self._monitors = _monitors(self.torch_gpu)
+            for monitor in self._monitors:  # psutil's first CPU reading is always 0: prime it
+                monitor.collect_metrics()
+                monitor.clear_metrics()
+        except Exception:  # noqa: BLE001 - system metrics are never worth a run
+            _log.warning("system metrics are off for this run: their monitors failed to start",
+                         exc_info=True)
+            return self
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="gentrain-system-metrics")
         self._thread.start()
         return self
 
@@ -110,20 +117,9 @@ class SystemMetrics:
         self._stop.set()
         self._thread.join(timeout=10)
         self._thread = None
-        if self._monitors:
-            self._sample()  # the last stretch, so a run shorter than the interval has a point
+        self._sample()  # the last stretch, so a run shorter than the interval has a point
 
-    def _run(self) -> None:
-        try:
-            monitors = _monitors(self.torch_gpu)
-            for monitor in monitors:  # psutil's first CPU reading is always 0: prime it
-                monitor.collect_metrics()
-                monitor.clear_metrics()
-        except Exception:  # noqa: BLE001 - system metrics are never worth a run
-            _log.warning("system metrics are off for this run: their monitors failed to start",
-                         exc_info=True)
-            return
-        self._monitors = monitors
+    def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
