@@ -31,6 +31,8 @@ from gentrain.validation import ValidatedJob
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch
 TRAIN_METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray Train's Prometheus metrics
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls the workers
+EMBEDDED_HEALTH_CHECK_S = "0.5"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API goes, before any auto-detection
 DASHBOARD_ENV = "GENTRAIN_RAY_DASHBOARD"  # 1: the embedded Ray starts its dashboard
 
@@ -138,6 +140,10 @@ def init_ray(spec: JobSpec) -> None:
     # environment; a value the user set wins.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     os.environ.setdefault(TRAIN_METRICS_ENV, "0")
+    # A worker's report (every checkpoint) returns when Ray Train's controller next polls
+    # the workers: every 2 s by default, so a checkpoint cost up to 2 s of waiting. A poll
+    # is a few milliseconds of a worker's time.
+    os.environ.setdefault(HEALTH_CHECK_ENV, EMBEDDED_HEALTH_CHECK_S)
     cpus_per_worker = spec.scaling.resources_per_worker.get("CPU", 1)
     num_cpus = max(os.cpu_count() or 1, int(spec.scaling.num_workers * cpus_per_worker + 0.999))
     # Token auth guards this machine-local cluster too; saying so on every run is noise.
