@@ -198,7 +198,7 @@ class CheckpointSection:
 
 @dataclass
 class EvalSection:
-    every: int = field(default=0, metadata=bounds(ge=0, help="0 evaluates only at the end"))
+    every: int = field(default=0, metadata=bounds(ge=0, help="0: only at step 0 and at the end"))
     num_samples: int = field(default=64, metadata=bounds(ge=1))
     max_batches: int = field(default=20, metadata=bounds(ge=1))
     # Sample metrics at every evaluation (gentrain.evaluation.periodic): fid, kid, is, pr.
