@@ -126,3 +126,19 @@ def test_cifar10_vae_commands_give_both_sides_the_same_run(tmp_path):
     assert spec_kind[-2:] == ["checkpoint.every=20", "eval.every=30"]
     debug = e2e._command("gentrain_spec", 0, tmp_path, 300, 2, 32, MODELS["debug-vae"], Prepared(1617, (), ()))
     assert "vae/debug" in debug and not any(arg.startswith(("eval.every", "checkpoint.every")) for arg in debug)
+
+
+def test_the_plain_scripts_discretized_logistic_is_the_job_types():
+    """The baseline writes the pixel likelihood by hand (the platform never imports a
+    family); it is the VAE job type's, value for value, the edge bins and tiny bins too."""
+    import torch
+
+    from gentrain.bench.baseline_ray_train import discretized_logistic_log_prob as by_hand
+    from gentrain_jobs.vae.likelihoods import discretized_logistic_log_prob as job_types
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), generator=generator).float() / 255.0
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # both edge bins
+    mean = torch.rand(x.shape, generator=generator) * 1.2 - 0.1
+    log_scale = torch.empty(x.shape).uniform_(-9.0, 0.0, generator=generator)  # tiny to wide bins
+    torch.testing.assert_close(by_hand(x, mean, log_scale), job_types(x, mean, log_scale), rtol=0, atol=0)

@@ -16,10 +16,10 @@ builds it, so both sides train the same weights:
   Bernoulli ELBO, beta 1.
 - cifar10-vae (vae/cifar10's network): the x_train images of an .npz (--data; the bench's
   synthetic set), uint8 divided by 255 as gentrain's pipeline scales them; latent 128,
-  channels [128, 256, 512, 1024], discretized-logistic likelihood. The ELBO is written
-  here by hand; its per-pixel discretized-logistic log-probability is the job type's own
-  function (gentrain_jobs.vae.likelihoods.discretized_logistic_log_prob), as a user would
-  copy PixelCNN++'s, so both sides compute the same mathematics.
+  channels [128, 256, 512, 1024], discretized-logistic likelihood. The ELBO and the
+  per-pixel discretized-logistic log-probability are written here by hand, PixelCNN++'s
+  way, the same mathematics as the job type's (gentrain_jobs/vae/likelihoods.py), which
+  the platform never imports.
 
 With GENTRAIN_TIMELINE set it appends the same marks a gentrain run does
 (gentrain.timeline's format): the bench reads the time to the first step and the
@@ -67,6 +67,28 @@ def load_images(model: str, samples: int | None = None, data: str | None = None)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255.0)
 
 
+def discretized_logistic_log_prob(x, mean, log_scale):
+    """log P(x) per pixel for x on the 8-bit grid {0, 1/255, ..., 1}, PixelCNN++'s way: the
+    logistic's mass over the pixel's bin, the edge bins open to infinity, the density at
+    the centre where a bin's mass is too small to take its log."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    half = 0.5 / 255.0
+    x = torch.round(x * 255.0) / 255.0
+    centred, inv_scale = x - mean, torch.exp(-log_scale)
+    upper, lower = inv_scale * (centred + half), inv_scale * (centred - half)
+    log_cdf_upper = upper - F.softplus(upper)
+    log_survival_lower = -F.softplus(lower)
+    mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+    middle = inv_scale * centred
+    log_density = middle - log_scale - 2.0 * F.softplus(middle)
+    interior = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_density + math.log(2 * half))
+    return torch.where(x < half, log_cdf_upper, torch.where(x > 1.0 - half, log_survival_lower, interior))
+
+
 def negative_elbo(output, x, likelihood: str):
     """The batch mean of -(log p(x|z) - KL(q(z|x) || N(0, I))), beta 1."""
     import torch.nn.functional as F
@@ -75,8 +97,6 @@ def negative_elbo(output, x, likelihood: str):
     if likelihood == "bernoulli":
         reconstruction = -F.binary_cross_entropy_with_logits(decoded, x, reduction="none").flatten(1).sum(1)
     else:
-        from gentrain_jobs.vae.likelihoods import discretized_logistic_log_prob
-
         reconstruction = discretized_logistic_log_prob(x, decoded, log_scale).flatten(1).sum(1)
     kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
     return (kl - reconstruction).mean()
