@@ -125,4 +125,3 @@ def test_a_normal_close_says_nothing_about_spooled_records(sqlite_uri, tmp_path,
     run_logger.log_metrics({"loss": 1.0}, step=0)
     assert run_logger.close(timeout=30) is True
     assert not [record for record in caplog.records if "spooled" in record.getMessage()]
-
