@@ -299,7 +299,9 @@ def cmd_run(args) -> int:
         _report_ray_failure(lines=0 if isinstance(exc, TrainingFailedError) else 30)
         if not isinstance(exc, TrainingFailedError):
             raise
-        print(f"error: training {spec.name} failed: {exc}\n"
+        retried = (f" (Ray Train restarted the workers {spec.checkpoint.max_failures} times: "
+                   "checkpoint.max_failures)" if spec.checkpoint.max_failures > 0 else "")
+        print(f"error: training {spec.name} failed{retried}: {exc}\n"
               f"Checkpoints written before the failure are kept in {spec.run_dir}; "
               "fix the cause and run the same command to continue from the latest.",
               file=sys.stderr)

@@ -252,8 +252,7 @@ def test_a_worker_death_with_no_restart_left_is_one_paragraph(restartable_mlflow
     print(output[-1500:])
     assert returncode == 1, output[-6000:]
     assert "Traceback" not in output and "A worker died or was killed" not in output, output[-6000:]
-    assert re.search(rf"\[gentrain\] worker \d \(pid {victim}\) died .*; not restarted "
-                     r"\(checkpoint.max_failures=0\)", output), output[-6000:]
+    assert "[gentrain] worker" not in output and "not restarted" not in output, output[-6000:]
     error = next(line for line in output.splitlines() if line.startswith("error: "))
     good = re.search(rf"error: training {NAME} failed: worker \d \(pid {victim}\) died \(.*\), no restarts "
                      r"allowed \(checkpoint.max_failures=0\)\. Run the same command to continue from step "

@@ -43,9 +43,8 @@ def test_one_line_per_failure_counted_against_max_failures(capsys):
         "[gentrain] worker 0 (pid 4343) died (killed by a signal such as SIGKILL, by the OOM killer, "
         "or crashed); restarting the workers from the newest good checkpoint (failure 2 of 2 allowed "
         "by checkpoint.max_failures)",
-        "[gentrain] worker 1 failed (ValueError: bad input); not restarted (all 2 restarts of "
-        "checkpoint.max_failures used)",
-    ]
+    ]  # the third failure, with no restart left, is the driver's error to say (the run's last line)
+    assert reporter.failures == 3
 
 
 def test_no_restarts_allowed_and_a_preemption_is_not_counted(capsys):
@@ -53,7 +52,7 @@ def test_no_restarts_allowed_and_a_preemption_is_not_counted(capsys):
     reporter.after_exception(None, {0: RayActorError(error_msg="node preempted", preempted=True)})
     assert capsys.readouterr().out == "" and reporter.failures == 0
     reporter.after_exception(None, {1: dead_worker(7)})
-    assert capsys.readouterr().out.endswith("; not restarted (checkpoint.max_failures=0)\n")
+    assert capsys.readouterr().out == "" and reporter.failures == 1  # the driver's error says it
     assert describe(3, OSError("no pid here")) == "worker 3 failed (OSError: no pid here)"
 
 

@@ -6,8 +6,9 @@ When a Ray Train worker dies (SIGKILL, the OOM killer, a crash), Ray's raylet pu
 own, whether to restart the workers. Neither says it in the user's terms. Here:
 
 - `FailureReporter`, a Ray Train callback that runs in the controller, prints one marked
-  line per failure (the rank, the pid, what happened, and whether the workers restart,
-  counted against `checkpoint.max_failures`); the workers' `resumed from step N
+  line per failure that restarts the workers (the rank, the pid, what happened, counted
+  against `checkpoint.max_failures`; with no restart left it prints nothing: the driver's
+  error, the run's last line, says it); the workers' `resumed from step N
   (<folder>)` line that follows names the checkpoint they chose (gentrain.checkpoint).
   This line does not guess it: when it prints, a surviving rank may still be copying a
   folder into storage, so only the restarted workers know which folder is newest and good;
@@ -57,7 +58,7 @@ def _cause(error: BaseException) -> BaseException:
 
 
 class FailureReporter(UserCallback):
-    """Runs in Ray Train's controller: one line per worker-group failure. Counts the way
+    """Runs in Ray Train's controller: one line per worker-group restart. Counts the way
     Ray Train's default failure policy does (every worker-group failure; a preemption is
     not charged, and no preemption happens on the embedded one-node Ray)."""
 
@@ -81,11 +82,9 @@ class FailureReporter(UserCallback):
         if self.max_failures < 0 or self.failures <= self.max_failures:
             worker_print(f"{what}; restarting the workers from the newest good checkpoint "
                          f"(failure {self.failures} of {limit} allowed by checkpoint.max_failures)")
-        elif self.max_failures == 0:
-            worker_print(f"{what}; not restarted (checkpoint.max_failures=0)")
-        else:
-            worker_print(f"{what}; not restarted (all {self.max_failures} restarts of "
-                         "checkpoint.max_failures used)")
+        # With no restart left the driver's error says it, as the run's last line. A line from
+        # here would reach the console through Ray's log monitor, which polls: it could come
+        # after the driver's error.
 
 
 def death_failure(error: BaseException, max_failures: int, run_dir: str) -> str | None:

@@ -54,7 +54,7 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
         storage_path=spec.storage_path,
         failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-        callbacks=[FailureReporter(spec.checkpoint.max_failures), *callbacks],  # one line per failure
+        callbacks=[FailureReporter(spec.checkpoint.max_failures), *callbacks],  # one line per restart
     )
     return GentrainTrainer(
         train_loop_per_worker,
