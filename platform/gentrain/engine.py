@@ -130,8 +130,8 @@ class Engine:
     # -- training -------------------------------------------------------------------
     def fit(self, save: Callable[["Engine"], None] | None = None) -> None:
         """Train to spec.train.steps (or train.max_time) from where the engine stands: progress every
-        train.log_every steps, evaluation at the start, every eval.every steps and at the
-        end, a checkpoint every checkpoint.every steps and at the end through `save`
+        train.log_every steps, evaluation at the start (eval.at_start), every eval.every steps
+        and at the end, a checkpoint every checkpoint.every steps and at the end through `save`
         (default: save_into_run_dir, <run dir>/step-N/; in the background under
         checkpoint.asynchronous, the last one complete before fit returns). Under
         train.nonfinite=rollback a fresh run first saves its initial state (step-0), and a
@@ -142,8 +142,9 @@ class Engine:
             self.print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
             return
         if not self.resumed:
-            self._evaluate_in_fit()
-            self._mark("initial_evaluation_done")
+            if spec.eval.at_start:
+                self._evaluate_in_fit()
+                self._mark("initial_evaluation_done")
             if spec.train.nonfinite == "rollback" and self.step == 0:
                 save(self)  # the initial state: what a rollback before the first checkpoint restores
         batches = self.train_batches()

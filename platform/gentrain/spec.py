@@ -198,7 +198,11 @@ class CheckpointSection:
 
 @dataclass
 class EvalSection:
-    every: int = field(default=0, metadata=bounds(ge=0, help="0: only at step 0 and at the end"))
+    every: int = field(default=0, metadata=bounds(ge=0, help="0: only at the start (eval.at_start) and at the end"))
+    # The evaluation before the first step of a fresh run: the untrained baseline of every
+    # metric and a sample grid. false: the first step comes sooner (vae/cifar10 on 2 CPUs:
+    # 8 s sooner); the evaluations every eval.every steps and at the end stay.
+    at_start: bool = True
     num_samples: int = field(default=64, metadata=bounds(ge=1))
     max_batches: int = field(default=20, metadata=bounds(ge=1))
     # Sample metrics at every evaluation (gentrain.evaluation.periodic): fid, kid, is, pr.

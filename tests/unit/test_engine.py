@@ -118,3 +118,16 @@ def test_time_budget_is_checked_and_named(value):
         gentrain.load("vae/debug", [f"train.max_time={value}"])
     assert gentrain.load("vae/debug", ["train.max_time=1.5m"]).train.max_seconds == 90.0
     assert gentrain.load("vae/debug", ["train.max_time=90"]).train.max_seconds == 90.0
+
+
+def test_no_evaluation_at_the_start_when_asked(spec, capsys):
+    """eval.at_start=false: no evaluation (nor its grid) before the first step; the one at
+    the end stays."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, at_start=False))
+    Engine(spec).fit()
+    evaluations = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("eval at")]
+    assert evaluations == [f"eval at step {STEPS}"]
+    assert sorted(path.name for path in (Path(spec.run_dir) / "samples").glob("*.png")) == [f"{step_dir_name(STEPS)}.png"]
+
