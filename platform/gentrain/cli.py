@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="per worker (default: debug-vae 32, cifar10-vae 50)")
     bench_e2e.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
     bench_e2e.add_argument("--json", default="bench-e2e.json", help="where to write results")
+    bench_e2e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="a spec override for both gentrain runs, after the bench's own (repeatable; "
+                                "e.g. tracking.enabled=false); the plain script is unchanged")
     bench_e2e.set_defaults(handler=cmd_bench_e2e)
     return parser
 
@@ -513,7 +516,7 @@ def cmd_bench_e2e(args) -> int:
     from gentrain.bench.e2e import run_e2e_bench
 
     run_e2e_bench(rounds=args.rounds, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
-                  json_path=args.json, keep=args.keep, model=args.model)
+                  json_path=args.json, keep=args.keep, model=args.model, overrides=tuple(args.overrides))
     return 0
 
 

@@ -143,3 +143,17 @@ def test_the_plain_scripts_discretized_logistic_is_the_job_types():
     mean = torch.rand(x.shape, generator=generator) * 1.2 - 0.1
     log_scale = torch.empty(x.shape).uniform_(-9.0, 0.0, generator=generator)  # tiny to wide bins
     torch.testing.assert_close(by_hand(x, mean, log_scale), job_types(x, mean, log_scale), rtol=0, atol=0)
+
+
+def test_set_overrides_go_last_on_both_gentrain_runs_and_the_no_eval_run_skips_the_start_evaluation(tmp_path):
+    from gentrain.bench.e2e_models import MODELS, Prepared
+
+    prepared, model = Prepared(100, ("data.cache_mb=0",), ("--digits",)), MODELS["debug-vae"]
+    extra = ("tracking.enabled=false", "eval.every=7")
+    plain, spec, baseline = (e2e._command(kind, 0, tmp_path, 60, 2, 32, model, prepared, extra)
+                             for kind in ("gentrain_plain", "gentrain_spec", "baseline"))
+    assert plain[-2:] == spec[-2:] == list(extra) and "eval.every=0" in plain  # the later key wins
+    assert "eval.at_start=false" in plain and "eval.at_start=false" not in spec
+    assert not set(extra) & set(baseline)
+    with pytest.raises(Exception, match="eval.at_star: unknown key"):
+        e2e.run_e2e_bench(rounds=1, steps=3, keep=str(tmp_path), overrides=("eval.at_star=1",))

@@ -2,6 +2,7 @@
 
     gentrain bench e2e                          # vae/debug: 3 rounds of 300 steps, 2 workers
     gentrain bench e2e --rounds 5 --json bench-e2e.json
+    gentrain bench e2e --set tracking.enabled=false   # both gentrain runs without MLflow
     gentrain bench e2e --model cifar10-vae      # vae/cifar10's network on CPU: 3 rounds of 60 steps
 
 --model picks what both sides train (bench/e2e_models.py): debug-vae (the default,
@@ -85,11 +86,16 @@ PHASES = [
 
 def run_e2e_bench(rounds: int = 3, steps: int | None = None, workers: int = 2, batch_size: int | None = None,
                   json_path: str | None = "bench-e2e.json", keep: str | None = None,
-                  model: str = "debug-vae") -> dict:
-    """`steps` and `batch_size` default to the model's (debug-vae: 300 and 32; cifar10-vae: 60 and 50)."""
+                  model: str = "debug-vae", overrides: tuple[str, ...] = ()) -> dict:
+    """`steps` and `batch_size` default to the model's (debug-vae: 300 and 32; cifar10-vae: 60 and 50).
+    `overrides` (`--set`) go last on both gentrain runs' command lines, so they win."""
     if model not in MODELS:
         raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
     chosen = MODELS[model]
+    if overrides:  # a wrong key fails now, not after the first timed run
+        from gentrain.validation import load_spec
+
+        load_spec(chosen.spec, list(overrides))
     steps = steps or chosen.steps
     batch_size = batch_size or chosen.batch_size
     folder = Path(keep or tempfile.mkdtemp(prefix="gentrain-bench-e2e-"))
@@ -97,13 +103,13 @@ def run_e2e_bench(rounds: int = 3, steps: int | None = None, workers: int = 2, b
     prepared = chosen.prepare(folder)  # data packed before any timed run
     settings = {"model": model, "spec": chosen.spec, "rounds": rounds, "steps": steps, "workers": workers,
                 "batch_size": batch_size, "log_every": chosen.log_every, "train_samples": prepared.train_samples,
-                "spec_kind_overrides": list(chosen.periodic(steps)),
+                "spec_kind_overrides": list(chosen.periodic(steps)), "overrides": list(overrides),
                 "statistic": "median over rounds of per-round values and ratios"}
     runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     for number in range(rounds):
         order = KINDS[number % len(KINDS):] + KINDS[:number % len(KINDS)]
         for kind in order:
-            command = _command(kind, number, folder, steps, workers, batch_size, chosen, prepared)
+            command = _command(kind, number, folder, steps, workers, batch_size, chosen, prepared, overrides)
             record = _run(kind, number, folder, steps, command)
             runs[kind].append(record)
             _log(f"round {number + 1}/{rounds} {LABELS[kind]:<24} " + _summary(record))
@@ -111,7 +117,7 @@ def run_e2e_bench(rounds: int = 3, steps: int | None = None, workers: int = 2, b
         "benchmark": "e2e",
         "model": model,
         "command": f"gentrain bench e2e --model {model} --rounds {rounds} --steps {steps} --workers {workers} "
-                   f"--batch-size {batch_size}",
+                   f"--batch-size {batch_size}" + "".join(f" --set {item}" for item in overrides),
         "timestamp": timestamp(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count()},
@@ -129,7 +135,7 @@ def run_e2e_bench(rounds: int = 3, steps: int | None = None, workers: int = 2, b
 
 
 def _command(kind: str, number: int, folder: Path, steps: int, workers: int, batch_size: int,
-             model: E2EModel, prepared: Prepared) -> list[str]:
+             model: E2EModel, prepared: Prepared, overrides: tuple[str, ...] = ()) -> list[str]:
     if kind == "baseline":
         return [sys.executable, str(BASELINE_SCRIPT), "--model", model.name, "--steps", str(steps),
                 "--workers", str(workers), "--batch-size", str(batch_size), "--lr", str(model.lr),
@@ -143,7 +149,7 @@ def _command(kind: str, number: int, folder: Path, steps: int, workers: int, bat
         command += ["eval.at_start=false", "eval.every=0", f"checkpoint.every={steps}"]
     else:
         command += list(model.periodic(steps))
-    return command
+    return command + list(overrides)
 
 
 def _run(kind: str, number: int, folder: Path, steps: int, command: list[str]) -> dict:
@@ -295,6 +301,8 @@ def format_table(result: dict) -> str:
     lines.append(f"{model} ({settings.get('spec', 'vae/debug')}): {settings['rounds']} alternating rounds of "
                  f"{settings['steps']} steps, {settings['workers']} workers, batch {settings['batch_size']} per "
                  f"worker; {result['machine']['cpu_count']} CPUs")
+    if settings.get("overrides"):
+        lines.append(f"both gentrain runs with: {' '.join(settings['overrides'])}")
     return "\n".join(lines)
 
 
