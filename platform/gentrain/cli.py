@@ -278,6 +278,9 @@ def cmd_run(args) -> int:
     job = load_job(args.spec, args.overrides)
     mark("job_validated")
     spec = job.spec
+    from gentrain.launch.console import route_worker_logs
+
+    route_worker_logs()  # the driver sends rank 0's MLflow records: its warnings marked as the workers' are
     try:
         summary = run(job)
     except NonFiniteError as exc:  # deterministic: reported as it is, without Ray's log lines

@@ -33,7 +33,8 @@ def train_loop_per_worker(config: dict) -> None:
     run_worker(job.spec, config.get("run_id"), config.get("tracking_uri"), job.config,
                announced=tuple(config.get("announced", ())),
                run_started_ms=config.get("run_started_ms"),
-               report_evaluations=bool(config.get("report_evaluations")))
+               report_evaluations=bool(config.get("report_evaluations")),
+               tracking_handoff=bool(config.get("tracking_handoff")))
 
 
 EVALUATION_MARK = "gentrain/evaluation"  # in the reports report_evaluation makes
@@ -41,15 +42,16 @@ EVALUATION_MARK = "gentrain/evaluation"  # in the reports report_evaluation make
 
 def run_worker(spec: JobSpec, run_id: str | None, tracking_uri: str | None, job_config=None,
                announced: tuple[str, ...] = (), run_started_ms: int | None = None,
-               report_evaluations: bool = False) -> None:
+               report_evaluations: bool = False, tracking_handoff: bool = False) -> None:
     """Build this rank's engine, continue from Ray Train's checkpoint if any, train to the end.
     `report_evaluations`: every evaluation's metrics also go to Ray Train (report_evaluation),
-    for a sweep's trial (gentrain.sweep)."""
+    for a sweep's trial (gentrain.sweep). `tracking_handoff`: rank 0's MLflow records go to
+    the driver, which sends them (gentrain.tracking.relay)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     if rank == 0:
         mark("worker_start")
-    logger = _run_logger(spec, run_id, tracking_uri) if rank == 0 else None
+    logger = _run_logger(spec, run_id, tracking_uri, tracking_handoff) if rank == 0 else None
     monitor = None
     if logger and spec.tracking.system_metrics:
         from gentrain.tracking.system import SystemMetrics
@@ -162,11 +164,13 @@ def _device(spec: JobSpec) -> torch.device:
     return ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
 
 
-def _run_logger(spec: JobSpec, run_id: str | None, tracking_uri: str | None):
-    """Rank 0's MLflow logger (None when tracking is off)."""
+def _run_logger(spec: JobSpec, run_id: str | None, tracking_uri: str | None, handoff: bool = False):
+    """Rank 0's MLflow logger (None when tracking is off). With `handoff` it imports no
+    MLflow: the driver sends what it writes."""
     if not (run_id and tracking_uri):
         return None
-    from gentrain.tracking import RunLogger, spool_dir_for
+    from gentrain.tracking.logger import RunLogger
+    from gentrain.tracking.spool import spool_dir_for
 
     # The folder the driver and `gentrain sync` look in for what was not sent.
-    return RunLogger(tracking_uri, run_id, spool_dir=spool_dir_for(spec.run_dir))
+    return RunLogger(tracking_uri, run_id, spool_dir=spool_dir_for(spec.run_dir), handoff=handoff)

@@ -43,11 +43,13 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | None,
                   announced: tuple[str, ...] = (), run_started_ms: int | None = None,
-                  callbacks: tuple = (), report_evaluations: bool = False) -> TorchTrainer:
+                  callbacks: tuple = (), report_evaluations: bool = False,
+                  handoff: bool = False) -> TorchTrainer:
     """`announced`: the checkpoint rejections the driver has printed already (the workers
     print the others: a folder cut short during this run). `callbacks`: more Ray Train
     callbacks; `report_evaluations`: every evaluation's metrics are reported to Ray Train
-    too (a sweep's trial: gentrain.sweep.trial)."""
+    too (a sweep's trial: gentrain.sweep.trial). `handoff`: rank 0 hands its MLflow records
+    to the driver's Relay (gentrain.tracking.relay) instead of sending them itself."""
     spec = job.spec
     run_config = RunConfig(
         name=spec.name,
@@ -60,7 +62,7 @@ def build_trainer(job: ValidatedJob, run_id: str | None, tracking_uri: str | Non
         train_loop_per_worker,
         train_loop_config={"job": job, "run_id": run_id, "tracking_uri": tracking_uri,
                            "announced": list(announced), "run_started_ms": run_started_ms,
-                           "report_evaluations": report_evaluations},
+                           "report_evaluations": report_evaluations, "tracking_handoff": handoff},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config,

@@ -17,7 +17,8 @@ stall nor crash training; a later RunLogger for the same run sends what was spoo
     run_logger.close()
 
 This module holds the driver's side; RunLogger lives in gentrain.tracking.logger and is
-re-exported here.
+re-exported here. MLflow is imported where it is used, not here: a Ray Train worker that
+hands its records to the driver (RunLogger(handoff=True)) never imports it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
 from gentrain.tracking._limits import _PARAM_VALUE_LIMIT, _PARAMS_PER_BATCH, _TAG_VALUE_LIMIT
 from gentrain.tracking.ending import Ending as Ending, end_run as end_run  # re-exported
@@ -45,6 +42,9 @@ from gentrain.tracking.lineage import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from gentrain.tracking.spool import PENDING_FILE, _Spool
 from gentrain.tracking.spool import clear_final_status as clear_final_status
 from gentrain.tracking.spool import spool_dir_for as spool_dir_for, spooled_runs as spooled_runs
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 _log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def _local_artifact_location(uri: str) -> str | None:
 def open_run(uri: str, experiment: str, run_name: str, run_id: str | None = None,
              tags: Mapping[str, Any] | None = None) -> str:
     """Continue `run_id` (status RUNNING again) if it exists, else start a new run; its id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
     local_db = _sqlite_path(uri)
     if local_db is not None:
         Path(local_db[0]).parent.mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
@@ -164,6 +167,8 @@ def open_run(uri: str, experiment: str, run_name: str, run_id: str | None = None
 
 
 def _existing_run(client: MlflowClient, uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
@@ -178,6 +183,8 @@ def _existing_run(client: MlflowClient, uri: str, run_id: str) -> bool:
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -201,6 +208,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
 
 def finish_run(uri: str, run_id: str, status: str) -> None:
     """Mark the run terminated with `status`: FINISHED, FAILED or KILLED."""
+    from mlflow import MlflowClient
+
     if status not in RUN_STATUSES:
         raise ValueError(f"finish_run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
     MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
@@ -230,6 +239,9 @@ def log_params_flat(uri: str, run_id: str, nested: Mapping[str, Any] | Any) -> N
     the new value is logged as tag `gentrain.changed_param.<key>`, and one warning names
     the changed keys.
     """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
     client = MlflowClient(tracking_uri=uri)
     logged = client.get_run(run_id).data.params
     flat = flatten_params(nested)
@@ -248,6 +260,9 @@ def log_params_flat(uri: str, run_id: str, nested: Mapping[str, Any] | Any) -> N
 
 def run_url(uri: str, run_id: str) -> str:
     """Where a human finds the run: a UI link for servers, the `mlflow ui` command for SQLite."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         base = uri.rstrip("/")
@@ -278,6 +293,8 @@ class Attempt:
 
 def begin_attempt(uri: str, run_id: str) -> Attempt:
     """Count this start in the run's `gentrain.attempts` tag (the driver, at open)."""
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     try:
@@ -294,6 +311,9 @@ def end_attempt(uri: str, run_id: str, attempt: Attempt, spool_dir: str | None) 
     sum over attempts (`run/wall_seconds_total`): MLflow's run duration spans every rerun
     and the time between them. Through the spool folder that end_run sends next, so a
     server that is away loses nothing; never raises."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
     seconds = time.time() - attempt.started
     now_ms = int(time.time() * 1000)
     items = [[ATTEMPT_METRIC, seconds, now_ms, attempt.number],

@@ -17,12 +17,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 from gentrain.tracking.logger import _Sender, fail_fast_http
 from gentrain.tracking.logger import short_reason as _reason
 from gentrain.tracking.spool import (
-    MODEL_FILE, PENDING_FILE, _Spool, clear_final_status, pending_count, read_final_status,
+    MODEL_FILE, PENDING_FILE, _Spool, absorb_handoff, clear_final_status, pending_count, read_final_status,
     read_model, record_final_status,
 )
 
@@ -48,6 +46,8 @@ def end_run(uri: str, run_id: str, status: str, spool_dir: str | None) -> Ending
     fail_fast_http()
     if spool_dir is None:  # remote storage: no folder of ours to keep the status in
         try:
+            from mlflow import MlflowClient
+
             MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
             return Ending(run_id, status, marked=True)
         except Exception as error:  # noqa: BLE001 - any client failure: the run stays as it is
@@ -72,6 +72,8 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = 
     folder = Path(spool_dir) / run_id
     final = read_final_status(folder)
     status = status or (final.get("status") if final else None)
+    with contextlib.suppress(OSError):  # what a killed driver had not taken from rank 0
+        absorb_handoff(folder)
     sender = _Sender(uri, run_id, None, _Spool(folder / PENDING_FILE, uri))
     before = pending_count(folder)
     try:
@@ -82,6 +84,8 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = 
         error = _log_recorded_model(uri, run_id, folder)
     if error is None and status:
         try:
+            from mlflow import MlflowClient
+
             MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
         except Exception as failure:  # noqa: BLE001
             error = failure

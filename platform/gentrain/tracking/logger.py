@@ -3,6 +3,12 @@
 Calls only enqueue. A background thread (_Sender) batches and sends, retries with backoff
 while the server is away and meanwhile spools to disk (_Spool); a later RunLogger for the
 same run sends what was spooled first. Import it as `from gentrain.tracking import RunLogger`.
+
+With `handoff=True` (rank 0 of a run whose driver shares its run folder: the embedded Ray)
+the thread (_Handoff) writes each batch to a file of the run's spool folder instead, and
+the driver's Relay (gentrain.tracking.relay) sends them through the driver's own logger:
+MLflow is imported once, by the driver, which has the run open already. This module
+imports MLflow only where it sends.
 """
 
 from __future__ import annotations
@@ -25,12 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-
 from gentrain.tracking._limits import _KEY_LIMIT, _METRICS_PER_BATCH, _TAG_VALUE_LIMIT
-from gentrain.tracking.spool import PENDING_FILE, _Spool, _units
+from gentrain.tracking.spool import HANDOFF_DIR, PENDING_FILE, _Spool, _units, write_handoff
 
 # The package's logger, as before the split: records keep the name "gentrain.tracking".
 _log = logging.getLogger("gentrain.tracking")
@@ -83,6 +85,8 @@ def _is_rejection(error: Exception) -> bool:
     """The server answered and refused these data: retrying would never succeed."""
     if isinstance(error, _Rejected):
         return True
+    from mlflow.exceptions import MlflowException
+
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         # 401/403 are a credentials problem to fix while the spool keeps the data;
@@ -107,7 +111,7 @@ class _Sender:
 
     def __init__(self, uri: str, run_id: str, inbox: queue.SimpleQueue, spool: _Spool):
         self.uri, self.run_id, self.inbox, self.spool = uri, run_id, inbox, spool
-        self.client: MlflowClient | None = None
+        self.client = None  # an MlflowClient from the first contact
         self.offline = False
         self.backoff_s = _RETRY_MIN_S
         self.next_retry = 0.0  # a spool left by an earlier logger is replayed at once
@@ -145,18 +149,15 @@ class _Sender:
 
     def _take(self) -> tuple[list[dict], list[_Flush]]:
         wait = max(0.0, self.next_retry - time.monotonic()) if self.spool.exists() else None
-        try:
-            taken = [self.inbox.get(timeout=wait)]
-        except queue.Empty:
-            return [], []
-        deadline = time.monotonic() + _LINGER_S
-        while not isinstance(taken[-1], _Flush):
-            try:
-                taken.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return ([item for item in taken if isinstance(item, dict)],
-                [item for item in taken if isinstance(item, _Flush)])
+        return _take(self.inbox, wait)
+
+    def unsent(self) -> bool:
+        """Records of this run wait on disk."""
+        return self.spool.exists()
+
+    @property
+    def where(self) -> Path:
+        return self.spool.path
 
     def _deliver(self, records: list[dict], force: bool) -> None:
         if self.spool.exists():
@@ -223,6 +224,8 @@ class _Sender:
         time (the GIL) in the first steps. A failure is left to the first send, which
         spools and retries as it always does."""
         try:
+            from mlflow import MlflowClient
+
             self.client = MlflowClient(tracking_uri=self.uri)
             self._read_highest_steps()
         except Exception:  # noqa: BLE001 - unreachable now: the sends find out and spool
@@ -235,6 +238,8 @@ class _Sender:
 
     def _send_unit(self, unit: dict) -> None:
         if self.client is None:
+            from mlflow import MlflowClient
+
             self.client = MlflowClient(tracking_uri=self.uri)
         if unit["op"] == "metrics":
             self._send_metrics(unit["items"])
@@ -251,6 +256,8 @@ class _Sender:
 
 
     def _send_metrics(self, items: list[list]) -> None:
+        from mlflow.entities import Metric
+
         if self.highest_step is None:
             self._read_highest_steps()
         highest = dict(self.highest_step)
@@ -271,6 +278,49 @@ class _Sender:
             _log.info("run %s: points at steps MLflow already has (logged before a restart) "
                       "are not logged again", self.run_id)
         self.repeats_dropped += count
+
+
+def _take(inbox: queue.SimpleQueue, wait: float | None) -> tuple[list[dict], list[_Flush]]:
+    """The next batch: what comes within _LINGER_S of the first item (waited for up to
+    `wait` s; None: until one comes), up to and with the first flush marker."""
+    try:
+        taken = [inbox.get(timeout=wait)]
+    except queue.Empty:
+        return [], []
+    deadline = time.monotonic() + _LINGER_S
+    while not isinstance(taken[-1], _Flush):
+        try:
+            taken.append(inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    return ([item for item in taken if isinstance(item, dict)],
+            [item for item in taken if isinstance(item, _Flush)])
+
+
+class _Handoff:
+    """The background thread of a handoff RunLogger: each batch becomes one file in
+    `<spool>/<run_id>/handoff/`, written whole (a reader never sees half of one), for the
+    driver's Relay to send. No MLflow here."""
+
+    def __init__(self, run_id: str, inbox: queue.SimpleQueue, folder: Path):
+        self.run_id, self.inbox, self.folder = run_id, inbox, folder
+        self.where = folder  # what close() names when the thread does not finish in time
+
+    def run(self) -> None:
+        while True:
+            records, flushes = _take(self.inbox, None)
+            try:
+                write_handoff(self.folder, records)
+            except Exception:
+                _log.warning("MLflow logging for run %s: could not hand %d records to the driver "
+                             "(%s); dropped", self.run_id, len(records), self.folder, exc_info=True)
+            for flush in flushes:
+                flush.done.set()
+            if any(flush.stop for flush in flushes):
+                return
+
+    def unsent(self) -> bool:
+        return False  # handed over: sending is the driver's
 
 
 def _never_raises(method):
@@ -305,14 +355,18 @@ class RunLogger:
     a step stays and every metric's steps strictly increase.
     """
 
-    def __init__(self, uri: str, run_id: str, spool_dir: str | os.PathLike | None = None):
+    def __init__(self, uri: str, run_id: str, spool_dir: str | os.PathLike | None = None,
+                 handoff: bool = False):
         fail_fast_http()
         self.uri, self.run_id = uri, run_id
         root = Path(spool_dir) if spool_dir is not None else (
             Path(tempfile.gettempdir()) / "gentrain-mlflow-spool")
         self._run_dir = root / run_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / PENDING_FILE, uri))
+        if handoff:  # the driver sends (its Relay reads <spool>/<run_id>/handoff/)
+            self._sender = _Handoff(run_id, self._inbox, self._run_dir / HANDOFF_DIR)
+        else:
+            self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / PENDING_FILE, uri))
         self._thread = threading.Thread(target=self._sender.run, daemon=True,
                                         name=f"mlflow-run-{run_id[:8]}")
         self._closed = False
@@ -395,15 +449,31 @@ class RunLogger:
         if self._accepting("set_tag"):
             self._inbox.put({"op": "tag", "key": str(key), "value": str(value)[:_TAG_VALUE_LIMIT]})
 
+    def forward(self, records: list[dict]) -> None:
+        """Records another logger checked and staged (a Relay's: rank 0's), sent in order
+        with this logger's own."""
+        if self._accepting("forward"):
+            for record in records:
+                self._inbox.put(record)
+
+    def mark(self, done: threading.Event) -> bool:
+        """Set `done` once everything logged before this call is sent or spooled; False (and
+        `done` never set) when the logger is closed."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        self._inbox.put(_Flush(done))
+        return True
+
     @_never_raises
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait up to `timeout` s for what was logged so far; True when all of it was sent."""
+        """Wait up to `timeout` s for what was logged so far; True when all of it was sent
+        (handoff: handed to the driver)."""
         if not self._closed and self._thread.is_alive():
             done = threading.Event()
             self._inbox.put(_Flush(done))
             if not done.wait(timeout):
                 return False
-        return not self._sender.spool.exists()
+        return not self._sender.unsent()
 
     @_never_raises
     def close(self, timeout: float = 30.0) -> bool:
@@ -416,9 +486,9 @@ class RunLogger:
         if self._thread.is_alive():
             _log.warning("MLflow at %s still busy after %ss; unsent logs for run %s stay in %s "
                          "for the next RunLogger", self.uri, timeout, self.run_id,
-                         self._sender.spool.path)
+                         self._sender.where)
             return False
-        return not self._sender.spool.exists()
+        return not self._sender.unsent()
 
     def _close_at_exit(self) -> None:
         # Unsent records are on disk before the last send, so exit need not wait long.

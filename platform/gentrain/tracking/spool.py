@@ -4,6 +4,9 @@
     <spool_dir>/<run_id>/final_status.json  {"status": "FINISHED", "tracking_uri": ...}
     <spool_dir>/<run_id>/model.json         {"checkpoint": ..., "register_as": ...}: the
                                             trained model the driver could not log
+    <spool_dir>/<run_id>/handoff/*.jsonl    rank 0's batches for the driver to send (a
+                                            RunLogger with handoff=True; gentrain.tracking.relay),
+                                            one file each, oldest name first
 
 The driver's spool_dir is `<run dir>/mlflow-spool` (spool_dir_for); `gentrain sync RUN_DIR`
 sends what is there (gentrain.tracking.ending.sync_run).
@@ -11,6 +14,7 @@ sends what is there (gentrain.tracking.ending.sync_run).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -23,6 +27,8 @@ PENDING_FILE = "pending.jsonl"
 FINAL_STATUS_FILE = "final_status.json"
 TARGET_FILE = "tracking_uri"
 MODEL_FILE = "model.json"
+HANDOFF_DIR = "handoff"
+_handoff_numbers = itertools.count()
 
 
 def spool_dir_for(run_dir: str) -> str | None:
@@ -84,6 +90,38 @@ def _units(records: list[dict]):
         yield index + 1, record
     if items:
         yield len(records), {"op": "metrics", "items": items}
+
+
+def write_handoff(folder: Path, records: list[dict]) -> None:
+    """One batch for the driver: a file named by time, process and count (names sort in
+    the order written, also across a restarted worker), appearing whole."""
+    if not records:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns():020d}-{os.getpid()}-{next(_handoff_numbers):08d}.jsonl"
+    partial = folder / (name + ".partial")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    os.replace(partial, folder / name)
+
+
+def handoff_files(folder: Path) -> list[Path]:
+    """The batches waiting in a handoff folder, oldest first."""
+    try:
+        return sorted(folder.glob("*.jsonl"))
+    except OSError:
+        return []
+
+
+def absorb_handoff(run_folder: Path) -> int:
+    """Move the batches a driver did not send (it was killed) into the run's spool, in
+    order, for `sync_run`; the number of records moved."""
+    moved = 0
+    for path in handoff_files(run_folder / HANDOFF_DIR):
+        records = _Spool(path).read()
+        _Spool(run_folder / PENDING_FILE).append(records)
+        path.unlink()
+        moved += len(records)
+    return moved
 
 
 def record_final_status(folder: Path, status: str, uri: str) -> None:
@@ -150,4 +188,4 @@ def spooled_runs(spool_dir: str | Path) -> list[str]:
         return []
     return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and (
         (folder / PENDING_FILE).exists() or (folder / MODEL_FILE).exists()
-        or read_final_status(folder) is not None))
+        or read_final_status(folder) is not None or handoff_files(folder / HANDOFF_DIR)))

@@ -5,10 +5,13 @@
     ...
     monitor.stop()          # one last sample, so even a short run has a point
 
-The readings are MLflow's own (mlflow.system_metrics' CPU, disk, network and NVIDIA/AMD
-GPU monitors; GPU ones need `nvidia-ml-py` or `pyrsmi`), under MLflow's names
+The readings are those of MLflow's monitors, under MLflow's names
 (`system/cpu_utilization_percentage`, `system/gpu_0_utilization_percentage`, ...), so the
-run's "System metrics" tab shows them. They go through the RunLogger, not MLflow's own
+run's "System metrics" tab shows them. CPU, memory, disk and network are read here with
+psutil, as MLflow's monitors read them: importing those would import MLflow into a worker
+that hands its records to the driver (tracking.relay) and otherwise never imports it. The
+NVIDIA and AMD GPU monitors are MLflow's, tried only where their library (`nvidia-ml-py`,
+`pyrsmi`) is installed. They go through the RunLogger, not MLflow's own
 SystemMetricsMonitor: that one sends from its thread and stops for good at the first
 failed call, while the RunLogger queues, spools while the server is away and never
 blocks or raises; training keeps its guarantee. Where NVML is missing and the run trains
@@ -20,7 +23,9 @@ reruns of the same run (the logger drops a point whose step is not above the las
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import threading
 import time
 
@@ -54,15 +59,52 @@ class _TorchGPUMemory:
         self.samples = {}
 
 
-def _monitors(torch_gpu: bool) -> list:
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+class _Host:
+    """CPU, memory, disk and network, read as MLflow's CPU, disk and network monitors read
+    them: means over the samples of an interval; network bytes since the monitor started."""
 
-    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        network = psutil.net_io_counters()
+        self.received0, self.sent0 = network.bytes_recv / 1e6, network.bytes_sent / 1e6
+        self.samples: dict[str, list[float]] = {}
+        self.network: dict[str, float] = {}
+
+    def collect_metrics(self) -> None:
+        psutil, add = self.psutil, self._add
+        add("cpu_utilization_percentage", psutil.cpu_percent())
+        memory = psutil.virtual_memory()
+        add("system_memory_usage_megabytes", memory.used / 1e6)
+        add("system_memory_usage_percentage", memory.used / memory.total * 100)
+        disk = psutil.disk_usage(os.sep)
+        add("disk_usage_percentage", disk.percent)
+        add("disk_usage_megabytes", disk.used / 1e6)
+        add("disk_available_megabytes", disk.free / 1e6)
+        network = psutil.net_io_counters()
+        self.network = {"network_receive_megabytes": network.bytes_recv / 1e6 - self.received0,
+                        "network_transmit_megabytes": network.bytes_sent / 1e6 - self.sent0}
+
+    def _add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    def aggregate_metrics(self) -> dict[str, float]:
+        means = {key: round(sum(values) / len(values), 1) for key, values in self.samples.items() if values}
+        return {**means, **self.network}
+
+    def clear_metrics(self) -> None:
+        self.samples, self.network = {}, {}
+
+
+def _monitors(torch_gpu: bool) -> list:
+    monitors: list = [_Host()]
     gpu = None
+    # MLflow's GPU monitors only where their library is there (importing them imports MLflow);
     # torch's reading opens a CUDA context: only where this rank trains on the GPU anyway.
-    for loader in (_nvidia, _amd, *((_TorchGPUMemory,) if torch_gpu else ())):
+    loaders = [loader for loader, library in ((_nvidia, "pynvml"), (_amd, "pyrsmi"))
+               if importlib.util.find_spec(library) is not None]
+    for loader in (*loaders, *((_TorchGPUMemory,) if torch_gpu else ())):
         try:
             gpu = loader()
             break
