@@ -110,3 +110,24 @@ def test_what_a_killed_driver_left_is_sent_by_sync(sqlite_uri, tmp_path):
     run = MlflowClient(tracking_uri=sqlite_uri).get_run(run_id)
     assert (run.data.metrics, run.info.status) == ({"loss": 0.25}, "KILLED")
     assert spooled_runs(spool) == [] and not handoff_files(spool / run_id / HANDOFF_DIR)
+
+
+def test_a_handoff_folder_it_cannot_write_makes_rank_0_send_itself(sqlite_uri, tmp_path, caplog):
+    """A full or read-only run folder: nothing is lost and nothing is printed as a traceback;
+    rank 0 sends from then on, as it does without handoff."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gentrain.tracking")
+    run_id = open_run(sqlite_uri, "handoff", "unwritable")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the spool folder would be", encoding="utf-8")
+    worker = RunLogger(sqlite_uri, run_id, spool_dir=blocker, handoff=True)
+    worker.log_metrics({"loss": 2.0}, step=1)
+    assert worker.flush(timeout=30) is True
+    worker.log_metrics({"loss": 1.0}, step=2)
+    assert worker.close(timeout=30) is True
+    history = MlflowClient(tracking_uri=sqlite_uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0)]
+    said = [record for record in caplog.records if record.name == "gentrain.tracking"]
+    assert [record.levelname for record in said] == ["INFO"], [r.getMessage() for r in said]
+    assert "rank 0 sends them itself from now on" in said[0].getMessage() and said[0].exc_info is None

@@ -300,27 +300,44 @@ def _take(inbox: queue.SimpleQueue, wait: float | None) -> tuple[list[dict], lis
 class _Handoff:
     """The background thread of a handoff RunLogger: each batch becomes one file in
     `<spool>/<run_id>/handoff/`, written whole (a reader never sees half of one), for the
-    driver's Relay to send. No MLflow here."""
+    driver's Relay to send. No MLflow here, unless the folder cannot be written (a full or
+    read-only disk): rank 0 then sends itself from that batch on, as without handoff."""
 
-    def __init__(self, run_id: str, inbox: queue.SimpleQueue, folder: Path):
-        self.run_id, self.inbox, self.folder = run_id, inbox, folder
-        self.where = folder  # what close() names when the thread does not finish in time
+    def __init__(self, uri: str, run_id: str, inbox: queue.SimpleQueue, folder: Path, spool: _Spool):
+        self.uri, self.run_id, self.inbox, self.folder, self.spool = uri, run_id, inbox, folder, spool
+        self.direct: _Sender | None = None
+
+    @property
+    def where(self) -> Path:  # what close() names when the thread does not finish in time
+        return self.spool.path if self.direct else self.folder
 
     def run(self) -> None:
         while True:
             records, flushes = _take(self.inbox, None)
             try:
-                write_handoff(self.folder, records)
-            except Exception:
-                _log.warning("MLflow logging for run %s: could not hand %d records to the driver "
-                             "(%s); dropped", self.run_id, len(records), self.folder, exc_info=True)
+                self._hand_over(records, force=bool(flushes))
+            except Exception as error:  # noqa: BLE001 - tracking never takes the run down
+                _log.warning("MLflow logging for run %s dropped %d records: %s", self.run_id,
+                             len(records), _first_line(error))
             for flush in flushes:
                 flush.done.set()
             if any(flush.stop for flush in flushes):
                 return
 
+    def _hand_over(self, records: list[dict], force: bool) -> None:
+        if self.direct is None:
+            try:
+                write_handoff(self.folder, records)
+                return
+            except OSError as error:
+                _log.info("MLflow logging for run %s: cannot hand records to the driver in %s (%s); "
+                          "rank 0 sends them itself from now on", self.run_id, self.folder, error)
+                self.direct = _Sender(self.uri, self.run_id, self.inbox, self.spool)
+        self.direct._deliver(records, force=force)
+
     def unsent(self) -> bool:
-        return False  # handed over: sending is the driver's
+        # Handed over: sending is the driver's; sent directly: as a _Sender's.
+        return self.direct.unsent() if self.direct else False
 
 
 def _never_raises(method):
@@ -364,7 +381,8 @@ class RunLogger:
         self._run_dir = root / run_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         if handoff:  # the driver sends (its Relay reads <spool>/<run_id>/handoff/)
-            self._sender = _Handoff(run_id, self._inbox, self._run_dir / HANDOFF_DIR)
+            self._sender = _Handoff(uri, run_id, self._inbox, self._run_dir / HANDOFF_DIR,
+                                    _Spool(self._run_dir / PENDING_FILE, uri))
         else:
             self._sender = _Sender(uri, run_id, self._inbox, _Spool(self._run_dir / PENDING_FILE, uri))
         self._thread = threading.Thread(target=self._sender.run, daemon=True,

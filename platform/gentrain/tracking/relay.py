@@ -18,6 +18,7 @@ a step), and `gentrain sync` moves them into the spool (spool.absorb_handoff).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -35,6 +36,7 @@ class Relay:
         self.logger = RunLogger(uri, run_id, spool_dir=spool_dir)
         self._taken: set[Path] = set()  # forwarded, not yet sent or spooled: never forwarded twice
         self._waiting: list[tuple[threading.Event, list[Path]]] = []
+        self._warned = False
         self._lock = threading.Lock()  # forward() runs in the thread and in close()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"mlflow-relay-{run_id[:8]}")
@@ -66,9 +68,11 @@ class Relay:
             done.wait(timeout)
             self._settle()
             return len(records)
-        except Exception:  # noqa: BLE001 - tracking never takes the run down
-            _log.warning("MLflow relay: could not forward rank 0's records from %s", self.folder,
-                         exc_info=True)
+        except Exception as error:  # noqa: BLE001 - tracking never takes the run down
+            if not self._warned:
+                self._warned = True
+                _log.warning("MLflow relay: could not forward rank 0's records from %s: %s",
+                             self.folder, error)
             return 0
 
     def _settle(self) -> None:
@@ -76,8 +80,12 @@ class Relay:
             done, files = entry
             if done.is_set():
                 for path in files:
-                    path.unlink(missing_ok=True)
-                self._taken.difference_update(files)
+                    # Read-only now: it stays (and stays taken: not forwarded twice by this
+                    # driver); the run's next driver forwards it again, and MLflow keeps a
+                    # metric's first value at a step.
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                        self._taken.discard(path)
                 self._waiting.remove(entry)
 
     def close(self, timeout: float = 30.0) -> bool:

@@ -100,8 +100,12 @@ def write_handoff(folder: Path, records: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}-{next(_handoff_numbers):08d}.jsonl"
     partial = folder / (name + ".partial")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    os.replace(partial, folder / name)
+    try:
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        os.replace(partial, folder / name)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk: no half file left behind
+        raise
 
 
 def handoff_files(folder: Path) -> list[Path]:
