@@ -250,30 +250,30 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
         check_shared_paths(spec)  # a no-op on the embedded Ray's one node
     from gentrain import tracking
     from gentrain.launch.trainer import build_trainer
+    from gentrain.tracking.relay import Relay
 
     pointer = tracking.run_url(uri, run_id) if run_id else None  # now, while the server is up
     spool = tracking.spool_dir_for(spec.run_dir)
     # On the embedded Ray, rank 0 hands its records to this process, which has MLflow
     # imported and the run open: the worker never imports MLflow (gentrain.tracking.relay).
-    relay = None
-    if run_id and spool and cluster_address() is None:
-        from gentrain.tracking.relay import Relay
-
-        relay = Relay(uri, run_id, spool)
+    handoff = bool(run_id and spool and cluster_address() is None)
     trainer = build_trainer(job, run_id, uri, announced=tuple(choice.rejection_lines()),
                             run_started_ms=attempt.run_started_ms if attempt else None,
                             callbacks=callbacks, report_evaluations=report_evaluations,
-                            handoff=relay is not None)
+                            handoff=handoff)
     clear_stop(spec.run_dir)
     mark("trainer_built")
     try:
-        with _sigterm_as_interrupt():
-            result = trainer.fit()
+        relay = Relay(uri, run_id, spool) if handoff else None
+        try:
+            with _sigterm_as_interrupt():
+                result = trainer.fit()
+        finally:
+            if relay is not None:
+                relay.close()  # sent or spooled, before end_run sends the spool
         mark("trainer_done")
         raise_if_stopped(spec.run_dir)  # a non-finite stop: the workers hand it over, not retried
     except BaseException:
-        if relay is not None:
-            relay.close()  # sent or spooled, before end_run sends the spool
         if run_id:  # bounded and never raising: the training error is the one to see
             tracking.end_attempt(uri, run_id, attempt, spool)
             status = "KILLED" if _interrupted() else "FAILED"
@@ -283,8 +283,6 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
             if not ending.marked:
                 print(unsent_message(ending, spec.run_dir), file=sys.stderr, flush=True)
         raise
-    if relay is not None:
-        relay.close()
     if run_id:
         if spec.tracking.log_model:
             from gentrain.tracking.model import log_trained_model

@@ -116,16 +116,13 @@ def handoff_files(folder: Path) -> list[Path]:
         return []
 
 
-def absorb_handoff(run_folder: Path) -> int:
+def absorb_handoff(run_folder: Path) -> None:
     """Move the batches a driver did not send (it was killed) into the run's spool, in
-    order, for `sync_run`; the number of records moved."""
-    moved = 0
+    order, for `sync_run`."""
+    spool = _Spool(run_folder / PENDING_FILE)
     for path in handoff_files(run_folder / HANDOFF_DIR):
-        records = _Spool(path).read()
-        _Spool(run_folder / PENDING_FILE).append(records)
+        spool.append(_Spool(path).read())
         path.unlink()
-        moved += len(records)
-    return moved
 
 
 def record_final_status(folder: Path, status: str, uri: str) -> None:
