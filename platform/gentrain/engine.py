@@ -139,6 +139,12 @@ class Engine:
         spec = self.spec
         save = save or save_into_run_dir
         if self.step >= spec.train.steps:
+            if self.on_evaluation is not None:
+                # A sweep's trial stopped after its last checkpoint (Ctrl-C before its final
+                # evaluation reached Tune): the scheduler and the sweep's table need that model's.
+                self.print(f"already trained {self.step} of {spec.train.steps} steps; evaluating it for the sweep")
+                self._evaluate_in_fit()
+                return
             self.print(f"already trained {self.step} of {spec.train.steps} steps; nothing to do")
             return
         if not self.resumed:

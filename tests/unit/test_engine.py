@@ -50,6 +50,28 @@ def test_fit_restore_continue_equals_uninterrupted(spec, capsys):
     assert grids == [f"{step_dir_name(0)}.png", f"{step_dir_name(STEPS)}.png"]
 
 
+def test_a_sweep_trial_trained_to_the_end_still_reports_its_evaluation(spec, capsys):
+    """A sweep's trial resumed from its final checkpoint (its sweep was interrupted before
+    Tune had the final evaluation) evaluates that model and hands it on; without a sweep
+    there is nothing to do."""
+    Engine(spec).fit()
+    final = f"{spec.run_dir}/{step_dir_name(STEPS)}"
+    capsys.readouterr()
+
+    plain = Engine(spec)
+    plain.restore(final)
+    plain.fit()
+    assert "nothing to do" in capsys.readouterr().out
+
+    trial = Engine(spec)
+    trial.restore(final)
+    reported = []
+    trial.on_evaluation = lambda engine, metrics: reported.append((engine.step, metrics))
+    trial.fit()
+    assert [step for step, _ in reported] == [STEPS] and "eval/elbo" in reported[0][1]
+    assert trial.step == STEPS and f"already trained {STEPS} of {STEPS} steps; evaluating it" in capsys.readouterr().out
+
+
 def test_optimizer_steps_accumulate_and_report_grad_norms(spec):
     import dataclasses
 

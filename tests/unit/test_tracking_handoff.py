@@ -131,3 +131,42 @@ def test_a_handoff_folder_it_cannot_write_makes_rank_0_send_itself(sqlite_uri, t
     said = [record for record in caplog.records if record.name == "gentrain.tracking"]
     assert [record.levelname for record in said] == ["INFO"], [r.getMessage() for r in said]
     assert "rank 0 sends them itself from now on" in said[0].getMessage() and said[0].exc_info is None
+
+
+def test_a_file_forwarded_again_sends_nothing_twice_and_the_ended_run_leaves_no_copies(sqlite_uri, tmp_path, caplog):
+    """A driver killed after its logger sent a handoff file's artifact but before it deleted
+    the file: the next driver forwards the file again, whose artifact's staged copy is gone
+    (sent) — no warning, no second copy. A copy staged by a worker killed before it wrote its
+    record is removed once the run has ended with nothing left to send."""
+    import logging
+    import shutil
+
+    from gentrain.tracking import end_run
+    from gentrain.tracking.spool import STAGED_DIR
+
+    caplog.set_level(logging.WARNING, logger="gentrain.tracking")
+    run_id = open_run(sqlite_uri, "handoff", "forwarded-again")
+    spool = tmp_path / "spool"
+    grid = tmp_path / "grid.txt"
+    grid.write_text("step 3", encoding="utf-8")
+    worker = RunLogger(sqlite_uri, run_id, spool_dir=spool, handoff=True)
+    worker.log_metrics({"loss": 0.5}, step=3)
+    worker.log_artifact(grid, "samples")
+    assert worker.close() is True
+    kept = tmp_path / "kept"
+    shutil.copytree(spool / run_id / HANDOFF_DIR, kept)  # what the killed driver had not deleted
+
+    assert Relay(sqlite_uri, run_id, str(spool), interval=0.05).close(timeout=30) is True
+    shutil.copytree(kept, spool / run_id / HANDOFF_DIR, dirs_exist_ok=True)
+    orphan = spool / run_id / STAGED_DIR / "0123abcd"
+    orphan.mkdir(parents=True)
+    (orphan / "step-00000030.png").write_bytes(b"never recorded")
+
+    assert Relay(sqlite_uri, run_id, str(spool), interval=0.05).close(timeout=30) is True
+    ending = end_run(sqlite_uri, run_id, "FINISHED", str(spool))
+    assert ending.marked, ending
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    assert [artifact.path for artifact in client.list_artifacts(run_id, "samples")] == ["samples/grid.txt"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5)]
+    assert [record.getMessage() for record in caplog.records] == []
+    assert not (spool / run_id / STAGED_DIR).exists() and spooled_runs(spool) == []

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from gentrain.tracking.logger import _Sender, fail_fast_http
 from gentrain.tracking.logger import short_reason as _reason
 from gentrain.tracking.spool import (
-    MODEL_FILE, PENDING_FILE, _Spool, absorb_handoff, clear_final_status, pending_count, read_final_status,
+    MODEL_FILE, PENDING_FILE, STAGED_DIR, _Spool, absorb_handoff, clear_final_status, pending_count, read_final_status,
     read_model, record_final_status,
 )
 
@@ -94,6 +95,11 @@ def sync_run(uri: str, run_id: str, spool_dir: str | Path, status: str | None = 
                 clear_final_status(folder)
     unsent = pending_count(folder)
     marked = error is None and unsent == 0
+    if marked and status:
+        # The run has ended and nothing of it waits: a staged copy left now is one whose
+        # record a killed worker never wrote (it was lost with the worker), not sendable.
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder / STAGED_DIR)
     return Ending(run_id, status, marked=marked, sent=before - unsent, unsent=unsent,
                   folder=None if marked else folder,
                   error=None if error is None else _reason(error))

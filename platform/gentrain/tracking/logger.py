@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gentrain.tracking._limits import _KEY_LIMIT, _METRICS_PER_BATCH, _TAG_VALUE_LIMIT
-from gentrain.tracking.spool import HANDOFF_DIR, PENDING_FILE, _Spool, _units, write_handoff
+from gentrain.tracking.spool import HANDOFF_DIR, PENDING_FILE, STAGED_DIR, _Spool, _units, write_handoff
 
 # The package's logger, as before the split: records keep the name "gentrain.tracking".
 _log = logging.getLogger("gentrain.tracking")
@@ -83,8 +83,6 @@ def short_reason(error: BaseException) -> str:
 
 def _is_rejection(error: Exception) -> bool:
     """The server answered and refused these data: retrying would never succeed."""
-    if isinstance(error, _Rejected):
-        return True
     from mlflow.exceptions import MlflowException
 
     if isinstance(error, MlflowException):
@@ -93,10 +91,6 @@ def _is_rejection(error: Exception) -> bool:
         # 408/429 say "later".
         return 400 <= status < 500 and status not in (401, 403, 408, 429)
     return False
-
-
-class _Rejected(Exception):
-    pass
 
 
 @dataclass
@@ -205,6 +199,14 @@ class _Sender:
         """Send in order; (records done, the transient error that stopped it, if any)."""
         done = 0
         for consumed, unit in _units(records):
+            if unit["op"] in ("artifact", "model") and not os.path.exists(unit["local"]):
+                # A staged copy goes only once sent (or rejected): this is a resend of a
+                # record that reached MLflow before a driver was killed (a handoff file
+                # forwarded again, gentrain.tracking.relay), not a loss.
+                _log.debug("run %s: %s already sent (its staged copy %s is gone)", self.run_id,
+                           unit["op"], unit["local"])
+                done = consumed
+                continue
             try:
                 self._send_unit(unit)
             except Exception as error:
@@ -245,8 +247,6 @@ class _Sender:
             self._send_metrics(unit["items"])
         elif unit["op"] == "tag":
             self.client.set_tag(self.run_id, unit["key"], unit["value"])
-        elif not os.path.exists(unit["local"]):
-            raise _Rejected(f"its staged copy {unit['local']} is gone")
         elif unit["op"] == "model":
             from gentrain.tracking.model import log_model_from_checkpoint
 
@@ -513,7 +513,7 @@ class RunLogger:
         self.close(timeout=5.0)
 
     def _staging_dir(self) -> Path:
-        folder = self._run_dir / "staged" / uuid.uuid4().hex
+        folder = self._run_dir / STAGED_DIR / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder
 

@@ -7,6 +7,8 @@
     <spool_dir>/<run_id>/handoff/*.jsonl    rank 0's batches for the driver to send (a
                                             RunLogger with handoff=True; gentrain.tracking.relay),
                                             one file each, oldest name first
+    <spool_dir>/<run_id>/staged/<id>/...    the copies the records above send (an artifact,
+                                            a model): each goes once sent
 
 The driver's spool_dir is `<run dir>/mlflow-spool` (spool_dir_for); `gentrain sync RUN_DIR`
 sends what is there (gentrain.tracking.ending.sync_run).
@@ -28,6 +30,7 @@ FINAL_STATUS_FILE = "final_status.json"
 TARGET_FILE = "tracking_uri"
 MODEL_FILE = "model.json"
 HANDOFF_DIR = "handoff"
+STAGED_DIR = "staged"  # copies of artifacts and models a RunLogger has yet to send
 _handoff_numbers = itertools.count()
 
 
