@@ -221,10 +221,10 @@ def run(job: ValidatedJob, tags: dict | None = None, callbacks: tuple = (),
     for line in choice.rejection_lines():
         print(f"[gentrain] {line}", flush=True)
     previous = (choice.folder, choice.meta) if choice.folder else None
+    # Decided before Ray and MLflow start. A sweep's trial trained to the end goes on: it still
+    # reports that model's evaluation (Engine.fit), which Tune lost when the sweep was stopped.
     if previous and int(previous[1].get("step", 0)) >= spec.train.steps and not report_evaluations:
-        return _nothing_to_do(spec, *previous)  # decided before Ray and MLflow start
-    # A sweep's trial trained to the end still reports that model's evaluation (Engine.fit):
-    # its sweep was interrupted after the trial's last checkpoint, before Tune had the result.
+        return _nothing_to_do(spec, *previous)
     check_writable(spec.storage_path, spec.run_dir)  # full or read-only: refused before MLflow opens a run
     forget_ray_snapshot(spec.run_dir)  # why: gentrain.checkpoint.forget_ray_snapshot
     spec = prepare_data(spec)
